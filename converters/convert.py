@@ -1,0 +1,197 @@
+"""Checkpoint -> ONNX bundle -> library, one step at a time, atomically."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from converters.checkpoint import Checkpoint, inspect_checkpoint
+from converters.progress import Progress
+from converters.quantize import PRECISIONS
+from converters.source import ResolvedSource, resolve_source
+from ortserve.errors import ConversionError, InvalidRequest
+from ortserve.library import Library, ModelInfo, ModelName
+from ortserve.library import bundle as bundles
+
+log = logging.getLogger("ortserve.convert")
+PROVIDERS = ("cpu", "cuda", "dml")
+STEPS = ["download", "export", "quantize", "assemble", "verify", "add to library"]
+# An fp32 bundle that agrees less than this with transformers is a broken export.
+_FP32_MIN_COSINE = 0.999
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    precision: str = "int4"
+    block_size: int = 32
+    provider: str = "cpu"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    verify: bool = True
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise InvalidRequest(
+                f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}",
+                param="precision",
+            )
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise InvalidRequest(
+                f"block size {self.block_size} must be a power of two, at least 16",
+                param="block_size",
+            )
+        if self.provider not in PROVIDERS:
+            raise InvalidRequest(
+                f"provider {self.provider!r} is not one of {', '.join(PROVIDERS)}",
+                param="provider",
+            )
+
+    def recorded(self) -> dict[str, Any]:
+        """The options that shape the bundle, as recorded in its manifest."""
+        return {k: asdict(self)[k] for k in ("precision", "block_size", "provider")}
+
+
+def convert(
+    source: str | Path,
+    name: str,
+    precision: str = "int4",
+    *,
+    library: Library | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> ModelInfo:
+    """Convert a checkpoint directory or Hugging Face repo id into a library model."""
+    opts = ConvertOptions(precision=precision, **options)
+    opts.validate()
+    model_name = ModelName.parse(name)  # a bad name fails before any heavy work
+    library = library or Library()
+    reporter = Progress(STEPS, f"convert {model_name.display}", enabled=progress)
+    try:
+        with reporter.step("download"):
+            resolved = resolve_source(
+                str(source), revision=opts.revision, allow_pickle=opts.allow_pickle
+            )
+            checkpoint = inspect_checkpoint(resolved.path, allow_pickle=opts.allow_pickle)
+        return _build(checkpoint, resolved, model_name, opts, library, reporter)
+    finally:
+        reporter.close()
+
+
+def _build(
+    checkpoint: Checkpoint,
+    resolved: ResolvedSource,
+    name: ModelName,
+    opts: ConvertOptions,
+    library: Library,
+    reporter: Progress,
+) -> ModelInfo:
+    from converters.export import export_onnx
+    from converters.quantize import apply_precision
+
+    with library.staging("convert") as staged:
+        exported, bundle = staged / "export", staged / "bundle"
+        bundle.mkdir()
+        with reporter.step("export"):
+            model = export_onnx(checkpoint, exported, trust_remote_code=opts.trust_remote_code)
+        with reporter.step("quantize"):
+            apply_precision(
+                model, bundle / "model.onnx", opts.precision,
+                block_size=opts.block_size, kind=checkpoint.kind,
+            )  # fmt: skip
+            shutil.rmtree(exported)
+        with reporter.step("assemble"):
+            assemble_bundle(checkpoint, bundle, opts.provider)
+        with reporter.step("verify"):
+            verification = _verify(checkpoint, bundle, opts) if opts.verify else {}
+        with reporter.step("add to library"):
+            manifest = build_manifest(checkpoint, resolved, bundle, opts, verification)
+            return library.add(name, bundle, manifest)
+
+
+def assemble_bundle(checkpoint: Checkpoint, bundle: Path, provider: str) -> None:
+    """Copy tokenizer, templates and configs beside the model; write genai_config.json."""
+    from converters.genai_config import write_genai_config
+
+    for name in (*bundles.SUPPORT_FILES, *bundles.LICENSE_FILES):
+        src = checkpoint.path / name
+        if src.is_file():
+            (bundle / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, bundle / name)
+    if checkpoint.kind == "decoder":
+        write_genai_config(bundle, checkpoint.path, provider)
+
+
+def build_manifest(
+    checkpoint: Checkpoint,
+    resolved: ResolvedSource,
+    bundle: Path,
+    opts: ConvertOptions,
+    verification: dict[str, Any],
+) -> dict[str, Any]:
+    from converters.genai_config import read_generation_config
+
+    count = checkpoint.parameter_count
+    return {
+        "details": {
+            **bundles.describe(bundle),
+            "parameter_count": count,
+            "parameter_size": parameter_size(count),
+            "quantization": opts.precision,
+        },
+        "capabilities": bundles.capabilities(bundle),
+        "template": bundles.chat_template(bundle),
+        "parameters": default_parameters(read_generation_config(checkpoint.path)),
+        "system": None,
+        "license": bundles.license_text(checkpoint.path),
+        "messages": [],
+        "adapters": [],
+        "source": {
+            "source": resolved.source,
+            "revision": resolved.revision,
+            "options": opts.recorded(),
+        },
+        "verification": verification,
+    }
+
+
+def default_parameters(generation: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's sampling defaults, under Ollama's parameter names."""
+    if not generation.get("do_sample"):
+        return {}
+    names = {
+        "temperature": "temperature",
+        "top_p": "top_p",
+        "top_k": "top_k",
+        "repetition_penalty": "repeat_penalty",
+    }
+    return {ours: generation[theirs] for theirs, ours in names.items() if theirs in generation}
+
+
+def parameter_size(count: int) -> str:
+    """494032768 -> '494.03M', as Ollama prints parameter sizes."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return str(count)
+
+
+def _verify(checkpoint: Checkpoint, bundle: Path, opts: ConvertOptions) -> dict[str, Any]:
+    from converters.verify import verify_decoder, verify_encoder
+
+    if checkpoint.kind == "encoder":
+        figures = verify_encoder(checkpoint.path, bundle)
+        cosine = figures["embedding_cosine_min"]
+    else:
+        figures = verify_decoder(checkpoint.path, bundle)
+        cosine = figures["logits_cosine"]
+    if opts.precision == "fp32" and cosine < _FP32_MIN_COSINE:
+        raise ConversionError(
+            f"verification failed: the fp32 bundle's outputs differ from transformers "
+            f"(cosine {cosine:.4f} < {_FP32_MIN_COSINE}); the export is wrong: {figures}"
+        )
+    log.info("verification: %s", figures)
+    return figures

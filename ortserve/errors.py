@@ -1,0 +1,62 @@
+"""Errors with an HTTP status and a type, mapped to responses in one place (api/app.py)."""
+
+from __future__ import annotations
+
+
+class OrtServeError(Exception):
+    """Base error: a message safe to show a client, an HTTP status and an error type."""
+
+    status = 500
+    type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class InvalidRequest(OrtServeError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class InvalidName(InvalidRequest):
+    """A model name that is malformed or could leave the library root."""
+
+
+class ModelNotFound(OrtServeError):
+    status = 404
+    type = "not_found_error"
+
+    def __init__(self, name: str):
+        super().__init__(f'model "{name}" not found, try pulling it first', code="model_not_found")
+        self.name = name
+
+
+class ModelExists(OrtServeError):
+    status = 409
+    type = "conflict_error"
+
+
+class UnsupportedModel(InvalidRequest):
+    """A checkpoint whose architecture or files the converter cannot handle."""
+
+
+class SourceUnavailable(OrtServeError):
+    """A model source that cannot be reached (no network, unknown repository)."""
+
+    status = 502
+    type = "source_error"
+
+
+class ConversionError(OrtServeError):
+    status = 500
+    type = "conversion_error"
+
+
+class LibraryCorrupt(OrtServeError):
+    """On-disk state that does not match its digest or manifest."""
+
+    status = 500
+    type = "library_error"

@@ -1,0 +1,99 @@
+"""What a bundle directory holds: its kind, chat template, capabilities and shape.
+
+Read from the bundle's own files, so a converted bundle and a downloaded one are described
+the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+GENAI_CONFIG = "genai_config.json"
+SENTENCE_CONFIG = "sentence_bert_config.json"
+POOLING_CONFIG = "1_Pooling/config.json"
+# Files a bundle keeps from its checkpoint besides the ONNX model.
+SUPPORT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "modules.json",
+    SENTENCE_CONFIG,
+    "config_sentence_transformers.json",
+    POOLING_CONFIG,
+)
+LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE")
+
+
+def bundle_kind(bundle: Path) -> str:
+    """'generate' for an ORT GenAI decoder bundle, 'embedding' for an encoder bundle."""
+    if (bundle / GENAI_CONFIG).is_file():
+        return "generate"
+    if (bundle / "modules.json").is_file() and (bundle / "model.onnx").is_file():
+        return "embedding"
+    raise ValueError(f"{bundle} is neither an ONNX GenAI bundle nor an embedding bundle")
+
+
+def chat_template(bundle: Path) -> str | None:
+    """The Hugging Face chat template: chat_template.jinja, .json, or tokenizer_config.json."""
+    jinja = bundle / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        template = _read_json(bundle / name).get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default") or next(iter(named.values()), None)
+        if template:
+            return template
+    return None
+
+
+def capabilities(bundle: Path) -> list[str]:
+    if bundle_kind(bundle) == "embedding":
+        return ["embedding"]
+    template = chat_template(bundle) or ""
+    return ["completion", "tools"] if "tools" in template else ["completion"]
+
+
+def describe(bundle: Path) -> dict[str, Any]:
+    """Shape details (family, context, embedding length, format) from the bundle's files."""
+    config = _read_json(bundle / "config.json")
+    if bundle_kind(bundle) == "generate":
+        model = _read_json(bundle / GENAI_CONFIG)["model"]
+        return {
+            "format": "onnx-genai",
+            "family": model["type"],
+            "context_length": model["context_length"],
+            "embedding_length": model["decoder"]["hidden_size"],
+        }
+    sentence = _read_json(bundle / SENTENCE_CONFIG)
+    pooling = _read_json(bundle / POOLING_CONFIG)
+    return {
+        "format": "onnx-embedding",
+        "family": config.get("model_type", "unknown"),
+        "context_length": sentence.get("max_seq_length") or config.get("max_position_embeddings"),
+        "embedding_length": pooling.get("word_embedding_dimension") or config.get("hidden_size"),
+    }
+
+
+def license_text(directory: Path) -> str | None:
+    for name in LICENSE_FILES:
+        path = directory / name
+        if path.is_file():
+            return path.read_text(encoding="utf-8", errors="replace")
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

@@ -1,0 +1,370 @@
+"""Manifests and content-addressed bundle directories, written atomically.
+
+Layout under the root (ORTSERVE_MODELS, default ~/.ortserve/models):
+
+    manifests/<namespace>/<model>/<tag>.json   one per name:tag (lower-cased path)
+    bundles/sha256-<hex>/                      immutable bundle, named by its digest
+    tmp/<random>/                              staging; renamed into bundles/ when complete
+
+A bundle's digest is the sha256 of its file index (every file's path, size and sha256), and
+the index is kept in the bundle as `ortserve-files.json`. Every write lands in a temporary
+place first and is renamed into place, so a process killed at any moment leaves either the
+old state or the new one: `list` only ever reads complete manifests, and a manifest is only
+written once its bundle is in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ortserve.errors import InvalidName, LibraryCorrupt, ModelNotFound
+from ortserve.library.names import ModelName
+
+INDEX_FILE = "ortserve-files.json"
+MANIFEST_VERSION = 1
+_CHUNK = 1 << 20
+_STALE_STAGING_S = 24 * 3600
+
+
+@dataclass
+class ModelInfo:
+    """One library entry: its name, its bundle directory and its manifest."""
+
+    name: str
+    path: Path
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def digest(self) -> str:
+        return self.manifest["bundle"]
+
+    @property
+    def short_id(self) -> str:
+        return self.digest.removeprefix("sha256-")[:12]
+
+    @property
+    def details(self) -> dict[str, Any]:
+        return self.manifest.get("details", {})
+
+    @property
+    def capabilities(self) -> list[str]:
+        return self.manifest.get("capabilities", [])
+
+    @property
+    def size(self) -> int:
+        return self.manifest.get("size", 0)
+
+    @property
+    def modified(self) -> datetime:
+        return datetime.fromisoformat(self.manifest["modified"])
+
+
+@dataclass
+class VerifyResult:
+    digest: str
+    names: list[str]
+    problem: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+class Library:
+    """The local model library rooted at one directory."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None):
+        if root is None:
+            from ortserve.config import Settings
+
+            root = Settings.from_env().models
+        self.root = Path(root).expanduser()
+        self.manifests_dir = self.root / "manifests"
+        self.bundles_dir = self.root / "bundles"
+        self.tmp_dir = self.root / "tmp"
+
+    # ---- staging and bundles -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def staging(self, label: str = "stage") -> Iterator[Path]:
+        """A scratch directory on the library's filesystem, removed on exit unless consumed."""
+        self._remove_stale_staging()
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix=f"{label}-{os.getpid()}-", dir=self.tmp_dir))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def add_bundle(self, staged: Path) -> str:
+        """Index a staged directory and rename it into bundles/; return its digest."""
+        index = index_files(staged)
+        digest = index_digest(index)
+        _write_json_atomic(staged / INDEX_FILE, index)
+        target = self.bundle_path(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(staged, ignore_errors=True)  # same content is already there
+            return digest
+        try:
+            os.rename(staged, target)
+        except OSError:
+            if not target.exists():
+                raise
+            shutil.rmtree(staged, ignore_errors=True)  # a concurrent writer won the rename
+        return digest
+
+    def bundle_path(self, digest: str) -> Path:
+        if not digest.startswith("sha256-") or not all(
+            c in "0123456789abcdef" for c in digest[7:]
+        ):
+            raise LibraryCorrupt(f"invalid bundle digest {digest!r}")
+        return self.bundles_dir / digest
+
+    # ---- manifests -----------------------------------------------------------------------
+
+    def save(self, name: str | ModelName, manifest: dict[str, Any]) -> ModelInfo:
+        """Write the manifest of `name` (replacing any), pointing at an existing bundle."""
+        model_name = _parse(name)
+        bundle = self.bundle_path(manifest["bundle"])
+        if not bundle.is_dir():
+            raise LibraryCorrupt(f"bundle {manifest['bundle']} is not in the library")
+        previous = self._read_manifest(model_name)
+        now = _now()
+        record = {
+            **manifest,
+            "schema_version": MANIFEST_VERSION,
+            "name": model_name.display,
+            "size": manifest.get("size") or bundle_size(bundle),
+            "created": manifest.get("created") or now,
+            "modified": now,
+        }
+        _write_json_atomic(self._manifest_path(model_name), record)
+        if previous and previous["bundle"] != record["bundle"]:
+            self._remove_bundle_if_unused(previous["bundle"])
+        return ModelInfo(model_name.display, bundle, record)
+
+    def add(self, name: str | ModelName, staged: Path, manifest: dict[str, Any]) -> ModelInfo:
+        """Move a staged bundle into the library and name it."""
+        model_name = _parse(name)  # validate before the bundle moves anywhere
+        digest = self.add_bundle(staged)
+        return self.save(model_name, {**manifest, "bundle": digest})
+
+    def get(self, name: str | ModelName) -> ModelInfo:
+        model_name = _parse(name)
+        manifest = self._read_manifest(model_name)
+        if manifest is None:
+            raise ModelNotFound(model_name.display)
+        return ModelInfo(manifest["name"], self.bundle_path(manifest["bundle"]), manifest)
+
+    def exists(self, name: str | ModelName) -> bool:
+        return self._read_manifest(_parse(name)) is not None
+
+    def list(self) -> list[ModelInfo]:
+        """Every model, newest first."""
+        models = []
+        for path in sorted(self.manifests_dir.rglob("*.json")) if self.manifests_dir.is_dir() else []:
+            manifest = _read_json(path)
+            if manifest and "bundle" in manifest:
+                models.append(
+                    ModelInfo(manifest["name"], self.bundle_path(manifest["bundle"]), manifest)
+                )
+        return sorted(models, key=lambda m: m.manifest["modified"], reverse=True)
+
+    def copy(self, source: str, destination: str) -> ModelInfo:
+        """Give a model a second name; both share one bundle."""
+        src = self.get(source)
+        manifest = {k: v for k, v in src.manifest.items() if k not in ("created", "modified")}
+        return self.save(destination, manifest)
+
+    def update(self, name: str, **fields: Any) -> ModelInfo:
+        """Change manifest fields (system, parameters, template, ...) of one model."""
+        model = self.get(name)
+        return self.save(name, {**model.manifest, **fields})
+
+    def delete(self, name: str | ModelName) -> None:
+        model_name = _parse(name)
+        manifest = self._read_manifest(model_name)
+        if manifest is None:
+            raise ModelNotFound(model_name.display)
+        self._manifest_path(model_name).unlink()
+        _remove_empty_parents(self._manifest_path(model_name).parent, self.manifests_dir)
+        self._remove_bundle_if_unused(manifest["bundle"])
+
+    # ---- maintenance ---------------------------------------------------------------------
+
+    def prune(self) -> list[str]:
+        """Remove bundles no manifest uses and staging left by dead processes."""
+        used = self._used_digests()
+        removed = []
+        for bundle in self._bundle_dirs():
+            if bundle.name not in used:
+                shutil.rmtree(bundle, ignore_errors=True)
+                removed.append(bundle.name)
+        self._remove_stale_staging()
+        return removed
+
+    def verify(self, name: str | None = None) -> list[VerifyResult]:
+        """Re-hash bundles (all, or the one `name` uses) and compare with their digests."""
+        users: dict[str, list[str]] = {}
+        for model in self.list():
+            users.setdefault(model.digest, []).append(model.name)
+        digests = [self.get(name).digest] if name else sorted(users)
+        return [VerifyResult(d, users.get(d, []), self._bundle_problem(d)) for d in digests]
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _manifest_path(self, name: ModelName) -> Path:
+        *folders, tag = name.key
+        return self.manifests_dir.joinpath(*folders, f"{tag}.json")
+
+    def _read_manifest(self, name: ModelName) -> dict[str, Any] | None:
+        return _read_json(self._manifest_path(name))
+
+    def _used_digests(self) -> set[str]:
+        return {m.digest for m in self.list()}
+
+    def _bundle_dirs(self) -> list[Path]:
+        if not self.bundles_dir.is_dir():
+            return []
+        return [p for p in self.bundles_dir.iterdir() if p.is_dir()]
+
+    def _remove_bundle_if_unused(self, digest: str) -> None:
+        if digest not in self._used_digests():
+            shutil.rmtree(self.bundle_path(digest), ignore_errors=True)
+
+    def _remove_stale_staging(self) -> None:
+        if not self.tmp_dir.is_dir():
+            return
+        for entry in self.tmp_dir.iterdir():
+            if _staging_is_stale(entry):
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def _bundle_problem(self, digest: str) -> str | None:
+        path = self.bundle_path(digest)
+        if not path.is_dir():
+            return "bundle directory is missing"
+        recorded = _read_json(path / INDEX_FILE)
+        if recorded is None:
+            return f"{INDEX_FILE} is missing or unreadable"
+        actual = index_files(path)
+        if index_digest(recorded) != digest:
+            return "file index does not match the bundle's digest"
+        if actual != recorded:
+            changed = _index_difference(recorded, actual)
+            return f"files differ from the index: {', '.join(changed[:5])}"
+        return None
+
+
+# ---- helpers (module level: also used by the converter and tests) -----------------------------
+
+
+def index_files(directory: Path) -> dict[str, Any]:
+    """Path, size and sha256 of every file below `directory` except the index itself."""
+    files = []
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = path.relative_to(directory).as_posix()
+        if rel == INDEX_FILE:
+            continue
+        files.append({"path": rel, "size": path.stat().st_size, "sha256": file_sha256(path)})
+    return {"files": files}
+
+
+def index_digest(index: dict[str, Any]) -> str:
+    canonical = json.dumps(index, sort_keys=True, separators=(",", ":")).encode()
+    return "sha256-" + hashlib.sha256(canonical).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bundle_size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def _parse(name: str | ModelName) -> ModelName:
+    if isinstance(name, ModelName):
+        return name
+    if not isinstance(name, str):
+        raise InvalidName("model name must be a string", param="model")
+    return ModelName.parse(name)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise LibraryCorrupt(f"cannot read {path}: {exc}") from exc
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _remove_empty_parents(folder: Path, stop: Path) -> None:
+    while folder != stop and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
+
+
+def _staging_is_stale(entry: Path) -> bool:
+    """A staging dir whose owner process is gone (or that is a day old) is garbage."""
+    parts = entry.name.split("-")
+    pid = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+    if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+        return True
+    return time.time() - entry.stat().st_mtime > _STALE_STAGING_S
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would signal the process there; rely on age instead
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _index_difference(recorded: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    a = {f["path"]: f for f in recorded["files"]}
+    b = {f["path"]: f for f in actual["files"]}
+    return sorted(p for p in a.keys() | b.keys() if a.get(p) != b.get(p))
