@@ -1,8 +1,8 @@
 """Hugging Face checkpoint -> ONNX GenAI bundle in the ortserve library.
 
-    from converters import convert
-    info = convert("path/to/checkpoint", "mymodel:int4", precision="int4")
-    info.name, info.path
+from converters import convert
+info = convert("path/to/checkpoint", "mymodel:int4", precision="int4")
+info.name, info.path
 """
 
 from converters.checkpoint import supported_architectures

@@ -90,16 +90,20 @@ def _build(
     reporter: Progress,
 ) -> ModelInfo:
     from converters.export import export_onnx
+    from converters.isolated import run_isolated
     from converters.quantize import apply_precision
 
     with library.staging("convert") as staged:
         exported, bundle = staged / "export", staged / "bundle"
         bundle.mkdir()
         with reporter.step("export"):
-            model = export_onnx(checkpoint, exported, trust_remote_code=opts.trust_remote_code)
+            model = run_isolated(
+                "export", export_onnx, checkpoint, exported,
+                trust_remote_code=opts.trust_remote_code,
+            )  # fmt: skip
         with reporter.step("quantize"):
-            apply_precision(
-                model, bundle / "model.onnx", opts.precision,
+            run_isolated(
+                "quantize", apply_precision, model, bundle / "model.onnx", opts.precision,
                 block_size=opts.block_size, kind=checkpoint.kind,
             )  # fmt: skip
             shutil.rmtree(exported)

@@ -31,6 +31,10 @@ def export_onnx(checkpoint: Checkpoint, out: Path, *, trust_remote_code: bool = 
             trust_remote_code=trust_remote_code,
             do_validation=False,
             local_files_only=True,
+            # optimum's post-processing re-loads the whole graph to merge tied weights: +30%
+            # peak memory and a fp32 lm_head sharing the embedding (which MatMulNBits then
+            # cannot quantize). Without it the lm_head keeps its own weight and is quantized.
+            no_post_process=True,
         )
     return out / "model.onnx"
 

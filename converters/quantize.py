@@ -33,9 +33,18 @@ def _to_nbits(model, *, bits: int, block_size: int):
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     # accuracy_level=4 (int8 activations) is the fast CPU kernel; symmetric matches the
-    # ORT GenAI model builder's default.
+    # ORT GenAI model builder's default. At 4 bits the embedding table (Gather) is quantized
+    # too (GatherBlockQuantized, which has no 8-bit form): in small models it is a quarter of
+    # the weights.
+    op_types = ("MatMul", "Gather") if bits == 4 else ("MatMul",)
     quantizer = MatMulNBitsQuantizer(
-        model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4
+        model,
+        bits=bits,
+        block_size=block_size,
+        is_symmetric=True,
+        accuracy_level=4,
+        op_types_to_quantize=op_types,
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
     quantizer.process()
     return quantizer.model.model

@@ -68,7 +68,7 @@ def _reject_unsafe(text: str) -> None:
         if bad in text:
             what = {"\\": "a backslash", "\0": "a NUL byte", "..": "'..'"}[bad]
             raise InvalidName(f"invalid model name {text!r}: it contains {what}", param="model")
-    if text.startswith("/") or re.match(r"^[A-Za-z]:", text):
+    if text.startswith("/") or re.match(r"^[A-Za-z]:[/\\]", text):
         raise InvalidName(
             f"invalid model name {text!r}: it must not be an absolute path", param="model"
         )

@@ -126,9 +126,7 @@ class Library:
         return digest
 
     def bundle_path(self, digest: str) -> Path:
-        if not digest.startswith("sha256-") or not all(
-            c in "0123456789abcdef" for c in digest[7:]
-        ):
+        if not digest.startswith("sha256-") or not all(c in "0123456789abcdef" for c in digest[7:]):
             raise LibraryCorrupt(f"invalid bundle digest {digest!r}")
         return self.bundles_dir / digest
 
@@ -146,7 +144,7 @@ class Library:
             **manifest,
             "schema_version": MANIFEST_VERSION,
             "name": model_name.display,
-            "size": manifest.get("size") or bundle_size(bundle),
+            "size": bundle_size(bundle),
             "created": manifest.get("created") or now,
             "modified": now,
         }
@@ -174,7 +172,9 @@ class Library:
     def list(self) -> list[ModelInfo]:
         """Every model, newest first."""
         models = []
-        for path in sorted(self.manifests_dir.rglob("*.json")) if self.manifests_dir.is_dir() else []:
+        for path in (
+            sorted(self.manifests_dir.rglob("*.json")) if self.manifests_dir.is_dir() else []
+        ):
             manifest = _read_json(path)
             if manifest and "bundle" in manifest:
                 models.append(
@@ -295,7 +295,10 @@ def file_sha256(path: Path) -> str:
 
 
 def bundle_size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    """Bytes of the bundle's files (the index is bookkeeping, not model)."""
+    return sum(
+        p.stat().st_size for p in directory.rglob("*") if p.is_file() and p.name != INDEX_FILE
+    )
 
 
 def _parse(name: str | ModelName) -> ModelName:

@@ -1,0 +1,41 @@
+# ortserve: developer tasks. `make install` once, then any of the others.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: install test lint format serve demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	# torch first and pinned: the local CPU wheel, not GBs of CUDA packages
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[convert,dev]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check ortserve converters tests benchmarks
+	$(VENV)/bin/ruff format --check ortserve converters tests benchmarks
+
+format: install
+	$(VENV)/bin/ruff check --fix ortserve converters tests benchmarks
+	$(VENV)/bin/ruff format ortserve converters tests benchmarks
+
+# The main job: build the demo models offline if the library lacks them, then list them.
+# (Serving them over HTTP arrives with the server.)
+demo: install
+	$(PY) -m converters.demo
+	$(VENV)/bin/ortserve list
+
+serve: demo
+
+bench: install
+	$(PY) benchmarks/convert_bench.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache build *.egg-info

