@@ -1,12 +1,18 @@
-"""Settings: one typed object read once from ORTSERVE_* variables."""
+"""Settings: one typed object read once from ORTSERVE_* variables, validated at start-up."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ortserve.errors import OrtServeError
+
+PROVIDERS = ("auto", "cpu", "cuda", "dml", "webgpu", "coreml")
+_DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 class SettingsError(OrtServeError):
@@ -17,15 +23,102 @@ def default_models_dir() -> Path:
     return Path.home() / ".ortserve" / "models"
 
 
+def parse_duration(value: str | int | float) -> float:
+    """'5m', '30s', '1h', '250ms', '300' or 300 -> seconds; negative means forever."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    # Go-style compound durations Ollama accepts, like "1h30m"
+    parts = re.findall(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)", text)
+    if parts and "".join(n + u for n, u in parts) == text:
+        return sum(float(n) * _UNITS[u] for n, u in parts)
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"invalid duration {value!r} (use e.g. 5m, 30s, 1h, or seconds)")
+    return float(match[1]) * _UNITS[match[2]]
+
+
+def parse_host(value: str) -> tuple[str, int]:
+    """'127.0.0.1:11434', ':8080', '0.0.0.0', 'http://host:port' -> (host, port)."""
+    text = value.strip()
+    text = re.sub(r"^https?://", "", text).rstrip("/")
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, "11434"
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"invalid port in {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
 @dataclass(frozen=True)
 class Settings:
     models: Path
+    host: str = "127.0.0.1"
+    port: int = 11434
+    keep_alive: float = 300.0  # seconds; negative: forever
+    max_loaded_models: int = 3
+    num_parallel: int = 8  # turns generating at once per model
+    engine_lanes: int = 2  # og.Engine instances per model; num_parallel is split across them
+    max_queue: int = 512
+    provider: str = "auto"
+    threads: int = 32  # gunicorn gthread threads
+    grace_period: float = 30.0  # seconds in-flight requests get on SIGTERM
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read and validate every ORTSERVE_* variable; raise SettingsError naming a bad one."""
         env = os.environ if env is None else env
-        return cls(models=_models_dir(env.get("ORTSERVE_MODELS")))
+        values: dict[str, object] = {"models": _models_dir(env.get("ORTSERVE_MODELS"))}
+        if env.get("ORTSERVE_HOST"):
+            values["host"], values["port"] = _read(env, "ORTSERVE_HOST", parse_host)
+        readers = {
+            "keep_alive": parse_duration,
+            "max_loaded_models": _positive_int,
+            "num_parallel": _positive_int,
+            "engine_lanes": _positive_int,
+            "max_queue": _positive_int,
+            "provider": _provider,
+            "threads": _positive_int,
+            "grace_period": lambda v: max(0.0, parse_duration(v)),
+        }
+        for name, reader in readers.items():
+            variable = f"ORTSERVE_{name.upper()}"
+            if env.get(variable):
+                values[name] = _read(env, variable, reader)
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def variables(self) -> list[str]:
+        return [f"ORTSERVE_{f.name.upper()}" for f in fields(self)]
+
+
+def _read(env: Mapping[str, str], variable: str, reader):
+    value = env[variable]
+    try:
+        return reader(value)
+    except ValueError as exc:
+        raise SettingsError(f"{variable}={value!r} is invalid: {exc}") from exc
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be a whole number >= 1")
+    return number
+
+
+def _provider(value: str) -> str:
+    value = value.strip().lower()
+    if value not in PROVIDERS:
+        raise ValueError(f"must be one of {', '.join(PROVIDERS)}")
+    return value
 
 
 def _models_dir(value: str | None) -> Path:
