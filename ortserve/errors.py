@@ -60,3 +60,31 @@ class LibraryCorrupt(OrtServeError):
 
     status = 500
     type = "library_error"
+
+
+class NotSupportedYet(InvalidRequest):
+    """A field a later version handles: refused rather than silently ignored."""
+
+
+class ServerBusy(OrtServeError):
+    status = 503
+    type = "server_busy"
+
+    def __init__(
+        self, message: str = "server busy, please try again.  maximum pending requests exceeded"
+    ):
+        super().__init__(message)
+
+
+class ModelLoadError(OrtServeError):
+    """A model that cannot be loaded; every other model keeps serving."""
+
+    status = 500
+    type = "model_load_error"
+
+
+class ProviderUnavailable(OrtServeError):
+    """An explicitly requested execution provider that this machine does not have."""
+
+    status = 500
+    type = "provider_error"

@@ -1,0 +1,271 @@
+"""Loaded models: load on first use, keep-alive timers, a bound on how many stay loaded.
+
+In the spirit of Ollama's server/sched.go: one owner (the Runtime) decides what is loaded;
+each loaded model has its own Scheduler thread; an idle model is unloaded when its
+keep-alive expires, or evicted (least recently used first) to make room for another.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ortserve.config import Settings
+from ortserve.engine.providers import bundle_target, choose_provider
+from ortserve.engine.scheduler import Scheduler
+from ortserve.engine.turns import Turn
+from ortserve.engine.types import GenerationOptions
+from ortserve.errors import InvalidRequest, ModelLoadError, OrtServeError
+from ortserve.library import Library, ModelInfo
+
+log = logging.getLogger("ortserve.engine")
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A model in memory: its scheduler, tokenizer and chat template."""
+
+    info: ModelInfo
+    provider: str
+    scheduler: Scheduler
+    tokenizer: object  # tokenizers.Tokenizer: thread-safe, unlike og.Tokenizer
+    template: object | None  # prompts.ChatTemplate
+    load_duration_ns: int = 0
+    active: int = 0
+    expires_at: float | None = None  # time.time(); None while in use or kept forever
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def capabilities(self) -> list[str]:
+        return self.info.capabilities
+
+    @property
+    def context_length(self) -> int:
+        return int(self.info.details.get("context_length") or 2048)
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt text -> ids; the chat template already wrote any special tokens."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def generate(self, tokens: list[int], options: GenerationOptions) -> Turn:
+        from ortserve.engine.text import TextDecoder
+
+        if len(tokens) >= options.num_ctx:
+            raise InvalidRequest(
+                f"prompt is too long: {len(tokens)} tokens exceed the context length of "
+                f"{options.num_ctx}",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        job = self.scheduler.submit(tokens, options)
+        return Turn(self.scheduler, job, TextDecoder(self.tokenizer, options.stop))
+
+
+class Runtime:
+    """Every loaded model, and the rules for loading and unloading them."""
+
+    def __init__(self, settings: Settings, library: Library | None = None):
+        self.settings = settings
+        self.library = library or Library(settings.models)
+        self._models: dict[str, LoadedModel] = {}
+        self._loading: dict[str, threading.Event] = {}
+        self._lock = threading.Condition()
+        self._closed = False
+        self._reaper = threading.Thread(target=self._reap, name="keep-alive", daemon=True)
+        self._reaper.start()
+
+    # ---- acquire / release ---------------------------------------------------------------
+
+    def acquire(self, name: str, keep_alive: float | None = None) -> LoadedModel:
+        """The loaded model for `name`, loading it first if needed; marks it in use."""
+        info = self.library.get(name)
+        if "completion" not in info.capabilities:
+            raise InvalidRequest(f'"{info.name}" does not support generate', param="model")
+        with self._lock:
+            while True:
+                loaded = self._models.get(info.name)
+                if loaded is not None and loaded.info.digest == info.digest:
+                    loaded.active += 1
+                    loaded.expires_at = None
+                    loaded.load_duration_ns = 0
+                    return loaded
+                if info.name not in self._loading:
+                    break
+                self._lock.wait()  # another request is loading it: share that load
+            self._loading[info.name] = threading.Event()
+            stale = self._models.pop(info.name, None)  # replaced on disk since it loaded
+        try:
+            if stale is not None:
+                stale.scheduler.stop()
+            loaded = self._load(info)
+        finally:
+            with self._lock:
+                self._loading.pop(info.name).set()
+                self._lock.notify_all()
+        with self._lock:
+            loaded.active = 1
+            self._models[info.name] = loaded
+            self._evict_over_limit(keep=info.name)
+        return loaded
+
+    def release(self, loaded: LoadedModel, keep_alive: float | None = None) -> None:
+        """The request is done with `loaded`: start its keep-alive (0 unloads it now)."""
+        keep = self.settings.keep_alive if keep_alive is None else keep_alive
+        with self._lock:
+            loaded.active = max(0, loaded.active - 1)
+            loaded.last_used = time.monotonic()
+            if loaded.active:
+                return
+            if keep < 0:
+                loaded.expires_at = None
+            else:
+                loaded.expires_at = time.time() + keep
+            self._lock.notify_all()
+        if keep == 0:
+            self._unload_if_idle(loaded)
+
+    def unload(self, name: str) -> bool:
+        """Unload now (running turns are cancelled). True if it was loaded."""
+        info = self.library.get(name)
+        with self._lock:
+            loaded = self._models.pop(info.name, None)
+        if loaded is None:
+            return False
+        loaded.scheduler.stop()
+        log.info("unloaded %s", info.name)
+        return True
+
+    def ps(self) -> list[dict]:
+        with self._lock:
+            models = list(self._models.values())
+        return [_ps_entry(m) for m in sorted(models, key=lambda m: -m.last_used)]
+
+    def loaded(self, name: str) -> LoadedModel | None:
+        info = self.library.get(name)
+        with self._lock:
+            return self._models.get(info.name)
+
+    def shutdown(self, grace: float = 0.0) -> None:
+        """Wait up to `grace` seconds for in-flight turns, then cancel the rest and unload."""
+        deadline = time.monotonic() + grace
+        with self._lock:
+            self._closed = True
+            while any(m.active for m in self._models.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._lock.wait(left)
+            models = list(self._models.values())
+            self._models.clear()
+            self._lock.notify_all()
+        for loaded in models:
+            loaded.scheduler.stop()
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _load(self, info: ModelInfo) -> LoadedModel:
+        from tokenizers import Tokenizer
+
+        from ortserve.engine.prompts import ChatTemplate
+
+        started = time.perf_counter()
+        bundle = Path(info.path)
+        try:
+            provider = choose_provider(self.settings.provider, bundle_target(bundle))
+            tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+            template = ChatTemplate.from_bundle(bundle)
+        except OrtServeError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f'failed to load model "{info.name}": {exc}') from exc
+        lanes = self.settings.engine_lanes
+        scheduler = Scheduler(
+            bundle,
+            provider,
+            batch_size=max(1, math.ceil(self.settings.num_parallel / lanes)),
+            lanes=lanes,
+            max_queue=self.settings.max_queue,
+            name=info.name,
+        )
+        scheduler.start()
+        duration = int((time.perf_counter() - started) * 1e9)
+        log.info("loaded %s on %s in %.2fs", info.name, provider, duration / 1e9)
+        return LoadedModel(info, provider, scheduler, tokenizer, template, duration)
+
+    def _evict_over_limit(self, keep: str) -> None:
+        """Unload idle models, least recently used first, while over the limit (lock held)."""
+        while len(self._models) > self.settings.max_loaded_models:
+            idle = [m for m in self._models.values() if not m.active and m.name != keep]
+            if not idle:
+                return  # everything is busy: stay over the limit rather than fail requests
+            victim = min(idle, key=lambda m: m.last_used)
+            del self._models[victim.name]
+            threading.Thread(target=victim.scheduler.stop, daemon=True).start()
+            log.info("evicted %s to stay within %d loaded models", victim.name,
+                     self.settings.max_loaded_models)  # fmt: skip
+
+    def _unload_if_idle(self, loaded: LoadedModel) -> None:
+        with self._lock:
+            if loaded.active or self._models.get(loaded.name) is not loaded:
+                return
+            del self._models[loaded.name]
+        loaded.scheduler.stop()
+
+    def _reap(self) -> None:
+        """Unload models whose keep-alive has expired."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                now = time.time()
+                expired = [m for m in self._models.values()
+                           if not m.active and m.expires_at is not None and m.expires_at <= now]  # fmt: skip
+                deadlines = [m.expires_at for m in self._models.values() if m.expires_at]
+                if not expired:
+                    timeout = min(deadlines) - now if deadlines else None
+                    self._lock.wait(timeout if timeout is None else max(0.01, timeout))
+                    continue
+            for loaded in expired:
+                self._unload_if_idle(loaded)
+
+
+def _ps_entry(loaded: LoadedModel) -> dict:
+    info = loaded.info
+    expires = loaded.expires_at
+    if loaded.active or expires is None:
+        # in use, or kept forever: Ollama shows a far-future time for "forever"
+        stamp = (
+            datetime(2318, 1, 1, tzinfo=timezone.utc)
+            if not loaded.active
+            else datetime.now(timezone.utc)
+        )
+    else:
+        stamp = datetime.fromtimestamp(expires, tz=timezone.utc)
+    details = info.details
+    return {
+        "name": info.name,
+        "model": info.name,
+        "size": info.size,
+        "digest": info.digest.removeprefix("sha256-"),
+        "details": {
+            "parent_model": "",
+            "format": details.get("format", ""),
+            "family": details.get("family", ""),
+            "families": [details.get("family", "")],
+            "parameter_size": details.get("parameter_size", ""),
+            "quantization_level": details.get("quantization", ""),
+        },
+        "expires_at": stamp.isoformat().replace("+00:00", "Z"),
+        "size_vram": info.size if loaded.provider != "cpu" else 0,
+        "context_length": loaded.context_length,
+        "provider": loaded.provider,
+    }

@@ -1,0 +1,329 @@
+"""One thread per loaded model owns its og.Model and og.Engines; requests talk to it by queue.
+
+onnxruntime-genai is not thread-safe, so every call into og for a model happens on that
+model's scheduler thread. Request threads submit a Job (prompt tokens + options) and read
+its events from the Job's own queue.
+
+Batching. ORT GenAI 0.18's Engine batches statically for graphs exported by optimum (its
+dynamic batching needs the model builder's packed, paged-KV graph): a batch forms from the
+requests waiting when it starts and runs until every member finishes. To let a request
+start while another batch is still running, the scheduler keeps several Engines ("lanes")
+over one og.Model (the weights are shared) and admits waiting jobs, up to a lane's batch
+size, to whichever lane is idle. Lanes step in turn on this one thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ortserve.engine.types import GenerationOptions, Usage
+from ortserve.errors import ModelLoadError, OrtServeError, ServerBusy
+
+log = logging.getLogger("ortserve.engine")
+_EVENT_BUFFER = 256
+_warned: set[str] = set()
+
+
+@dataclass(eq=False)
+class Job:
+    """One turn: what to generate, and the queue its events go to."""
+
+    tokens: list[int]
+    options: GenerationOptions
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    submitted_at: float = field(default_factory=time.perf_counter)
+    begun_at: float = 0.0
+    first_token_at: float = 0.0
+    finished_at: float = 0.0
+    request: Any = None
+    turn_id: int | None = None
+    finished: bool = False
+
+    def finish(self, reason: str, usage: Usage) -> None:
+        self.finished_at = time.perf_counter()
+        self.finished = True
+        self.events.put(("done", reason, usage))
+
+    def fail(self, error: OrtServeError) -> None:
+        self.finished = True
+        self.events.put(("error", error))
+
+
+@dataclass(eq=False)
+class Lane:
+    """One og.Engine and the jobs in its current batch."""
+
+    engine: Any
+    buffer: Any
+    jobs: dict[Any, Job] = field(default_factory=dict)
+
+
+class Scheduler:
+    """Owns one model's og objects on a thread of its own."""
+
+    def __init__(
+        self,
+        bundle: Path,
+        provider: str,
+        *,
+        batch_size: int = 4,
+        lanes: int = 2,
+        max_queue: int = 512,
+        name: str = "model",
+    ):
+        self.bundle = bundle
+        self.provider = provider
+        self.batch_size = batch_size
+        self.lane_count = lanes
+        self.max_queue = max_queue
+        self.name = name
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._lanes: list[Lane] = []
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._unfinished = 0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
+
+    # ---- called from request threads -------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the model on the scheduler thread; raise ModelLoadError if it fails."""
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise ModelLoadError(f'failed to load model "{self.name}": {self._error}')
+
+    def submit(self, tokens: list[int], options: GenerationOptions) -> Job:
+        job = Job(list(tokens), options)
+        with self._lock:
+            if self._stopping:
+                raise ModelLoadError(f'model "{self.name}" is unloading; try again')
+            if self._unfinished >= self.max_queue + self.batch_size * self.lane_count:
+                raise ServerBusy()
+            self._unfinished += 1
+        self._inbox.put(("submit", job))
+        return job
+
+    def cancel(self, job: Job) -> None:
+        self._inbox.put(("cancel", job))
+
+    def pending(self) -> int:
+        """Jobs submitted and not finished yet (queued or generating)."""
+        with self._lock:
+            return self._unfinished
+
+    def stop(self) -> None:
+        """Cancel every job, release the og objects and end the thread."""
+        with self._lock:
+            self._stopping = True
+        if self._thread.is_alive():
+            self._inbox.put(("stop", None))
+            self._thread.join()
+
+    # ---- the scheduler thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._load()
+        except BaseException as exc:  # reported to start(); the thread ends
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while self._drain_inbox(block=not self._busy()):
+                self._admit()
+                for lane in self._lanes:
+                    if lane.jobs:
+                        self._step(lane)
+        finally:
+            self._cancel_everything()
+
+    def _load(self) -> None:
+        import onnxruntime_genai as og
+
+        from ortserve.engine.providers import configure
+
+        config = og.Config(str(self.bundle))
+        configure(config, self.provider)
+        # Engine turns carry their own limits: no session-wide minimum length, one beam.
+        overlay = {
+            "engine": {"static_batching": {"max_batch_size": self.batch_size}},
+            "search": {"min_length": 0, "num_beams": 1},
+        }
+        config.overlay(json.dumps(overlay))
+        self._model = og.Model(config)
+        for _ in range(self.lane_count):
+            engine = og.Engine(self._model)
+            self._lanes.append(Lane(engine, engine.create_event_buffer(_EVENT_BUFFER)))
+
+    def _busy(self) -> bool:
+        return bool(self._waiting) or any(lane.jobs for lane in self._lanes)
+
+    def _drain_inbox(self, *, block: bool) -> bool:
+        """Apply queued commands; wait for one when idle. False once told to stop."""
+        try:
+            command = self._inbox.get() if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            kind, job = command
+            if kind == "stop":
+                return False
+            if kind == "submit":
+                self._waiting.append(job)
+            else:
+                self._cancel(job)
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _admit(self) -> None:
+        """Start waiting jobs on idle lanes: each idle lane takes up to one batch."""
+        for lane in self._lanes:
+            if lane.jobs or not self._waiting:
+                continue
+            while self._waiting and len(lane.jobs) < self.batch_size:
+                job = self._waiting.popleft()
+                try:
+                    self._begin(lane, job)
+                except Exception as exc:  # a bad turn fails alone
+                    self._complete_with_error(job, OrtServeError(f"cannot start generation: {exc}"))
+
+    def _begin(self, lane: Lane, job: Job) -> None:
+        import onnxruntime_genai as og
+
+        options = og.RequestOptions()
+        options.set_max_session_tokens(job.options.num_ctx)
+        request = lane.engine.create_request(options=options)
+        turn = og.TurnOptions(request)
+        apply_turn_options(turn, job.options, len(job.tokens))
+        job.begun_at = time.perf_counter()
+        job.turn_id = request.begin_turn(np.asarray(job.tokens, dtype=np.int32), turn)
+        job.request = request
+        lane.jobs[request] = job
+
+    def _step(self, lane: Lane) -> None:
+        import onnxruntime_genai as og
+
+        try:
+            events = list(lane.engine.run(lane.buffer))
+        except Exception as exc:  # the whole batch failed: tell each member, keep serving
+            log.exception("engine step failed for %s", self.name)
+            for job in list(lane.jobs.values()):
+                self._complete_with_error(job, OrtServeError(f"generation failed: {exc}"))
+            lane.jobs.clear()
+            return
+        token_flag = int(og.EngineEventFlags.TOKEN)
+        finished_flag = int(og.EngineEventFlags.TURN_FINISHED)
+        failed_flag = int(og.EngineEventFlags.FAILED)
+        for event in events:
+            job = lane.jobs.get(event.request)
+            if job is None:
+                continue
+            flags = int(event.flags)
+            reason = event.finish_reason
+            if flags & token_flag and reason != og.FinishReason.CANCELLED:
+                if not job.first_token_at:
+                    job.first_token_at = time.perf_counter()
+                job.events.put(("token", int(event.token)))
+            if flags & failed_flag or reason == og.FinishReason.FAILED:
+                error = OrtServeError(f"generation failed (engine error {event.error_code})")
+                self._retire(lane, job, error=error)
+            elif flags & finished_flag or reason != og.FinishReason.NONE:
+                self._retire(lane, job, reason=_REASONS.get(reason.name, "stop"), usage=event.usage)
+
+    def _retire(self, lane: Lane, job: Job, *, reason: str = "stop", usage=None, error=None):
+        lane.jobs.pop(job.request, None)
+        job.request.close()
+        if error is not None:
+            self._complete_with_error(job, error)
+            return
+        measured = Usage(
+            prompt_tokens=getattr(usage, "prompt_tokens", len(job.tokens)),
+            generated_tokens=getattr(usage, "generated_tokens", 0),
+            cached_prompt_tokens=getattr(usage, "cached_prompt_tokens", 0),
+        )
+        self._complete(job, reason, measured)
+
+    def _cancel(self, job: Job) -> None:
+        if job.finished:
+            return
+        if job in self._waiting:
+            self._waiting.remove(job)
+            self._complete(job, "cancelled", Usage(prompt_tokens=len(job.tokens)))
+        elif job.request is not None:
+            job.request.cancel_turn(job.turn_id)  # a CANCELLED event retires it
+
+    def _complete(self, job: Job, reason: str, usage: Usage) -> None:
+        job.finish(reason, usage)
+        with self._lock:
+            self._unfinished -= 1
+
+    def _complete_with_error(self, job: Job, error: OrtServeError) -> None:
+        job.fail(error)
+        with self._lock:
+            self._unfinished -= 1
+
+    def _cancel_everything(self) -> None:
+        """On stop: every job still here ends as cancelled; og objects are released."""
+        for lane in self._lanes:
+            for request, job in list(lane.jobs.items()):
+                request.close()
+                self._complete(job, "cancelled", Usage(prompt_tokens=len(job.tokens)))
+            lane.jobs.clear()
+        while self._waiting:
+            job = self._waiting.popleft()
+            self._complete(job, "cancelled", Usage(prompt_tokens=len(job.tokens)))
+        while True:  # submissions that raced with stop
+            try:
+                kind, job = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "submit":
+                self._complete(job, "cancelled", Usage(prompt_tokens=len(job.tokens)))
+        self._lanes.clear()
+        self._model = None
+
+
+_REASONS = {
+    "EOS": "stop",
+    "STOP_STRING": "stop",
+    "MAX_GENERATED_TOKENS": "length",
+    "MAX_SESSION_TOKENS": "length",
+    "CANCELLED": "cancelled",
+}
+
+
+def apply_turn_options(turn, options: GenerationOptions, prompt_tokens: int) -> None:
+    """GenerationOptions -> og.TurnOptions, within what the static-batching Engine honours."""
+    room = max(1, options.num_ctx - prompt_tokens)
+    limit = room if options.num_predict < 0 else min(options.num_predict, room)
+    turn.set_max_generated_tokens(max(1, limit))
+    turn.set_do_sample(not options.greedy)
+    if not options.greedy:
+        turn.set_temperature(options.temperature)
+        turn.set_top_k(options.top_k)
+        turn.set_top_p(options.top_p)
+    if options.repeat_penalty != 1.0:
+        turn.set_repetition_penalty(options.repeat_penalty)
+    if options.seed is not None and "seed" not in _warned:
+        # og 0.18 takes a per-turn seed only in dynamic batching, which optimum-exported
+        # graphs cannot use: say so once rather than pretend.
+        _warned.add("seed")
+        log.warning("option seed is not honoured by the static-batching engine; ignored")
