@@ -36,6 +36,7 @@ serve: demo
 
 bench: install
 	$(PY) benchmarks/convert_bench.py
+	$(PY) benchmarks/serve_bench.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache build *.egg-info

@@ -237,6 +237,103 @@ def verify(model):
         sys.exit(1)
 
 
+# ---- serving -----------------------------------------------------------------------------
+
+
+def _settings():
+    from ortserve.config import Settings
+
+    return Settings.from_env()
+
+
+@cli.command()
+@click.option("--waitress", is_flag=True, help="Serve with waitress (the Windows server).")
+def serve(waitress):
+    """Serve the library over Ollama's API (ORTSERVE_HOST, default 127.0.0.1:11434)."""
+    from ortserve.serve import serve as run_server
+
+    run_server(_settings(), server="waitress" if waitress else None)
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("prompt", nargs=-1)
+@click.option("--verbose", is_flag=True, help="Print timings and tokens/s after each answer.")
+@click.option("--keepalive", help="How long the model stays loaded (e.g. 5m, 1h, -1).")
+def run(model, prompt, verbose, keepalive):
+    """Chat with MODEL: one answer for PROMPT (or piped stdin), else an interactive session."""
+    from ortserve import client, interactive
+
+    backend = client.connect(_settings())
+    try:
+        session = interactive.Session(backend, model, keep_alive=keepalive, verbose=verbose)
+        text = " ".join(prompt)
+        if not text and not sys.stdin.isatty():
+            text = sys.stdin.read().strip()
+        if text:
+            session.ask(text)
+            return
+        session.load()
+        interactive.repl(session, _read_line())
+    finally:
+        if isinstance(backend, client.InProcessBackend):
+            backend.close()
+
+
+def _read_line():
+    import contextlib
+
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+    return input
+
+
+@cli.command()
+def ps():
+    """List the models a running server has loaded."""
+    from ortserve import client
+
+    backend = client.connect(_settings(), in_process=False)
+    if not backend.is_running():
+        _fail(f"no ortserve server is running at {backend.base_url}")
+    rows = [
+        [m["name"], m["digest"][:12], humanize.size(m["size"]), _processor(m),
+         str(m.get("context_length", "")), _until(m["expires_at"])]
+        for m in backend.get("/api/ps").get("models", [])
+    ]  # fmt: skip
+    click.echo(humanize.table(["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"], rows))
+
+
+def _processor(entry: dict) -> str:
+    provider = entry.get("provider", "cpu")
+    return "100% CPU" if provider == "cpu" else f"100% {provider.upper()}"
+
+
+def _until(stamp: str) -> str:
+    from datetime import datetime, timezone
+
+    when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    if seconds > 3600 * 24 * 365:
+        return "Forever"
+    if seconds <= 1:
+        return "Now" if seconds > -1 else "Stopping..."
+    return humanize.ago(datetime.now(timezone.utc), when).replace(" ago", " from now")
+
+
+@cli.command()
+@click.argument("model")
+def stop(model):
+    """Unload MODEL from a running server now."""
+    from ortserve import client
+
+    backend = client.connect(_settings(), in_process=False)
+    if not backend.is_running():
+        _fail(f"no ortserve server is running at {backend.base_url}")
+    for _ in backend.stream("/api/generate", {"model": model, "keep_alive": 0}):
+        pass
+
+
 def main() -> None:
     cli(prog_name="ortserve")
 

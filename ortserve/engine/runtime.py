@@ -268,4 +268,5 @@ def _ps_entry(loaded: LoadedModel) -> dict:
         "size_vram": info.size if loaded.provider != "cpu" else 0,
         "context_length": loaded.context_length,
         "provider": loaded.provider,
+        "pending": loaded.scheduler.pending(),  # turns queued or generating (not Ollama's)
     }

@@ -1,0 +1,116 @@
+"""How the CLI talks to a server: over HTTP when one runs, else to an in-process app.
+
+Both backends speak the same native API, so `ortserve run` behaves the same with or without
+a server; the in-process one drives the real Flask app through its test client (no port).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+from ortserve.config import Settings
+from ortserve.errors import OrtServeError
+
+
+class ServerError(OrtServeError):
+    """An error the server answered with."""
+
+
+class HTTPBackend:
+    """A running ortserve (or Ollama) server."""
+
+    def __init__(self, base_url: str):
+        self.base_url = base_url.rstrip("/")
+
+    def is_running(self, timeout: float = 0.5) -> bool:
+        try:
+            with urllib.request.urlopen(self.base_url + "/", timeout=timeout) as response:
+                return response.status == 200
+        except (OSError, ValueError):
+            return False
+
+    def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        request = urllib.request.Request(
+            self.base_url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request) as response:
+                for line in response:
+                    if line.strip():
+                        yield _checked(json.loads(line))
+        except urllib.error.HTTPError as exc:
+            raise ServerError(_error_message(exc.read(), exc.code)) from None
+        except urllib.error.URLError as exc:
+            raise ServerError(f"cannot reach the server at {self.base_url}: {exc.reason}") from None
+
+    def get(self, path: str) -> dict[str, Any]:
+        try:
+            with urllib.request.urlopen(self.base_url + path) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            raise ServerError(_error_message(exc.read(), exc.code)) from None
+
+
+class InProcessBackend:
+    """The real app, in this process: models load here and are freed on exit."""
+
+    def __init__(self, settings: Settings):
+        from ortserve.api import create_app
+
+        self.app = create_app(settings)
+        self.client = self.app.test_client()
+
+    def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        response = self.client.post(path, json=body, buffered=False)
+        try:
+            if response.status_code >= 400:
+                raise ServerError(_error_message(response.get_data(), response.status_code))
+            for line in response.response:
+                for part in (line.decode() if isinstance(line, bytes) else line).splitlines():
+                    if part.strip():
+                        yield _checked(json.loads(part))
+        finally:
+            response.close()
+
+    def get(self, path: str) -> dict[str, Any]:
+        response = self.client.get(path)
+        if response.status_code >= 400:
+            raise ServerError(_error_message(response.get_data(), response.status_code))
+        return response.get_json()
+
+    def close(self) -> None:
+        runtime = self.app.extensions.get("ortserve")
+        if runtime is not None and hasattr(runtime, "shutdown"):
+            runtime.shutdown(0)
+
+
+def connect(settings: Settings, *, in_process: bool = True):
+    """The running server at ORTSERVE_HOST if there is one, else the app in this process."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    http = HTTPBackend(f"http://{host}:{settings.port}")
+    if http.is_running() or not in_process:
+        return http
+    return InProcessBackend(settings)
+
+
+def _checked(obj: dict[str, Any]) -> dict[str, Any]:
+    if "error" in obj:
+        raise ServerError(str(obj["error"]))
+    return obj
+
+
+def _error_message(raw: bytes, status: int) -> str:
+    try:
+        error = json.loads(raw).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict):
+        error = error.get("message")
+    return str(error or f"server answered {status}")

@@ -1,0 +1,217 @@
+"""`ortserve run`: one-shot or interactive chat, streamed, over a client backend."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Callable
+from typing import Any
+
+HELP = """Available Commands:
+  /set parameter NAME VALUE   Set a parameter (temperature, top_k, num_predict, stop, ...)
+  /set system TEXT            Set the system message
+  /set verbose | quiet        Show or hide timings after each answer
+  /show info                  Show details of this model
+  /show parameters | system   Show the parameters or system message in use
+  /clear                      Clear the conversation
+  /bye                        Exit
+  /?, /help                   This help
+
+Use \"\"\" to begin and end a multi-line message."""
+
+
+class Session:
+    """A conversation with one model: history, options, system prompt."""
+
+    def __init__(self, backend, model: str, *, keep_alive: str | None, verbose: bool,
+                 out: Callable[[str], None] | None = None):  # fmt: skip
+        self.backend = backend
+        self.model = model
+        self.keep_alive = keep_alive
+        self.verbose = verbose
+        self.messages: list[dict[str, Any]] = []
+        self.options: dict[str, Any] = {}
+        self.system: str | None = None
+        self.out = out or _write
+
+    def load(self) -> None:
+        """Load the model up front (an empty chat), as Ollama does before the prompt."""
+        for _ in self.backend.stream("/api/chat", self._body([])):
+            pass
+
+    def ask(self, prompt: str) -> str:
+        """Send one user message, stream the answer, remember both."""
+        self.messages.append({"role": "user", "content": prompt})
+        answer, final = [], {}
+        for chunk in self.backend.stream("/api/chat", self._body(self._history())):
+            text = chunk.get("message", {}).get("content", "")
+            if text:
+                answer.append(text)
+                self.out(text)
+            if chunk.get("done"):
+                final = chunk
+        self.out("\n")
+        self.messages.append({"role": "assistant", "content": "".join(answer)})
+        if self.verbose:
+            self.out(timings(final))
+        return "".join(answer)
+
+    def _history(self) -> list[dict[str, Any]]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.messages
+
+    def _body(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "stream": True}
+        if self.options:
+            body["options"] = self.options
+        if self.keep_alive is not None:
+            body["keep_alive"] = self.keep_alive
+        return body
+
+    # ---- slash commands --------------------------------------------------------------------
+
+    def command(self, line: str) -> bool:
+        """Run a /command; False when the session should end."""
+        words = line.split(maxsplit=3)
+        head = words[0].lower()
+        if head in ("/bye", "/exit"):
+            return False
+        if head in ("/?", "/help"):
+            self.out(HELP + "\n")
+        elif head == "/clear":
+            self.messages.clear()
+            self.out("Cleared session context\n")
+        elif head == "/set":
+            self._set(line)
+        elif head == "/show":
+            self._show(words[1] if len(words) > 1 else "")
+        else:
+            self.out(f"Unknown command '{words[0]}'. Type /? for help\n")
+        return True
+
+    def _set(self, line: str) -> None:
+        words = line.split(maxsplit=2)
+        what = words[1].lower() if len(words) > 1 else ""
+        rest = words[2] if len(words) > 2 else ""
+        if what == "parameter":
+            name, _, value = rest.partition(" ")
+            if not name or not value:
+                self.out("Usage: /set parameter NAME VALUE\n")
+                return
+            self.options[name] = parse_value(name, value.strip(), self.options.get(name))
+            self.out(f"Set parameter '{name}' to '{value.strip()}'\n")
+        elif what == "system":
+            self.system = _unquote(rest)
+            self.out("Set system message.\n")
+        elif what in ("verbose", "quiet"):
+            self.verbose = what == "verbose"
+            self.out(f"Set '{what}' mode.\n")
+        else:
+            self.out("Usage: /set parameter NAME VALUE | /set system TEXT | /set verbose|quiet\n")
+
+    def _show(self, what: str) -> None:
+        if what == "parameters":
+            self.out(
+                "".join(f"{k:<20}{v}\n" for k, v in self.options.items()) or "No parameters set.\n"
+            )
+        elif what == "system":
+            self.out((self.system or "No system message was specified for this model.") + "\n")
+        elif what == "info":
+            shown = next(iter(self.backend.stream("/api/show", {"model": self.model})))
+            info = {k: shown.get(k) for k in ("details", "capabilities", "model_info")}
+            self.out(json.dumps(info, indent=2) + "\n")
+        else:
+            self.out("Usage: /show info | parameters | system\n")
+
+
+def parse_value(name: str, value: str, previous: Any) -> Any:
+    """'0.7' -> 0.7, '40' -> 40, stop values accumulate into a list, as in Ollama."""
+    if name == "stop":
+        items = previous if isinstance(previous, list) else []
+        return [*items, _unquote(value)]
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return _unquote(value)
+
+
+def timings(final: dict[str, Any]) -> str:
+    """Ollama's --verbose block."""
+
+    def seconds(key: str) -> float:
+        return final.get(key, 0) / 1e9
+
+    def rate(count: str, duration: str) -> str:
+        d = seconds(duration)
+        return f"{final.get(count, 0) / d:.2f} tokens/s" if d else "n/a"
+
+    rows = [
+        ("total duration", f"{seconds('total_duration'):.6f}s"),
+        ("load duration", f"{seconds('load_duration'):.6f}s"),
+        ("prompt eval count", f"{final.get('prompt_eval_count', 0)} token(s)"),
+        ("prompt eval duration", f"{seconds('prompt_eval_duration'):.6f}s"),
+        ("prompt eval rate", rate("prompt_eval_count", "prompt_eval_duration")),
+        ("eval count", f"{final.get('eval_count', 0)} token(s)"),
+        ("eval duration", f"{seconds('eval_duration'):.6f}s"),
+        ("eval rate", rate("eval_count", "eval_duration")),
+    ]
+    return "".join(f"{k + ':':<22}{v}\n" for k, v in rows)
+
+
+def read_message(read_line: Callable[[str], str]) -> str | None:
+    """One user message; a line starting with \"\"\" opens a multi-line one. None at EOF."""
+    try:
+        line = read_line(">>> ")
+    except EOFError:
+        return None
+    if not line.lstrip().startswith('"""'):
+        return line
+    text = line.lstrip()[3:]
+    if text.rstrip().endswith('"""') and text.strip() != "":
+        return text.rstrip()[:-3]
+    lines = [text] if text else []
+    while True:
+        try:
+            more = read_line("... ")
+        except EOFError:
+            return "\n".join(lines)
+        if more.rstrip().endswith('"""'):
+            lines.append(more.rstrip()[:-3])
+            return "\n".join(lines).strip("\n")
+        lines.append(more)
+
+
+def repl(session: Session, read_line: Callable[[str], str] = input) -> None:
+    """The interactive loop: messages, /commands, Ctrl-D or /bye to leave."""
+    while True:
+        message = read_message(read_line)
+        if message is None:
+            session.out("\n")
+            return
+        if not message.strip():
+            continue
+        if message.startswith("/"):
+            if not session.command(message.strip()):
+                return
+            continue
+        session.ask(message)
+
+
+def _unquote(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        try:
+            return shlex.split(text)[0]
+        except ValueError:
+            return text[1:-1]
+    return text
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()

@@ -1,0 +1,87 @@
+"""The `ortserve run` session: slash commands, multi-line input, what it sends."""
+
+from ortserve import interactive
+
+
+class RecordingBackend:
+    """Answers every chat with 'ok' in two chunks and remembers the bodies (plumbing only)."""
+
+    def __init__(self):
+        self.bodies = []
+
+    def stream(self, path, body):
+        self.bodies.append((path, body))
+        yield {"message": {"role": "assistant", "content": "o"}, "done": False}
+        yield {"message": {"role": "assistant", "content": "k"}, "done": True,
+               "eval_count": 2, "eval_duration": 1_000_000_000}  # fmt: skip
+
+
+def session(verbose=False):
+    out = []
+    s = interactive.Session(RecordingBackend(), "m", keep_alive="1m", verbose=verbose,
+                            out=out.append)  # fmt: skip
+    return s, out
+
+
+def feed(lines):
+    items = iter(lines)
+
+    def read_line(prompt):
+        try:
+            return next(items)
+        except StopIteration:
+            raise EOFError from None
+
+    return read_line
+
+
+def test_conversation_history_system_and_parameters_are_sent():
+    s, out = session()
+    interactive.repl(s, feed(["/set system Be brief.", "/set parameter temperature 0.2",
+                              "/set parameter stop END", "hello", "again", "/bye", "ignored"]))  # fmt: skip
+    path, body = s.backend.bodies[-1]
+    assert path == "/api/chat"
+    assert body["keep_alive"] == "1m"
+    assert body["options"] == {"temperature": 0.2, "stop": ["END"]}
+    assert body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "again"},
+    ]
+    assert "".join(out).count("ok\n") == 2
+
+
+def test_clear_forgets_the_conversation():
+    s, _ = session()
+    interactive.repl(s, feed(["first", "/clear", "second"]))
+    assert s.backend.bodies[-1][1]["messages"] == [{"role": "user", "content": "second"}]
+
+
+def test_multi_line_messages():
+    read = feed(['"""line one', "line two", 'end"""'])
+    assert interactive.read_message(read) == "line one\nline two\nend"
+    assert interactive.read_message(feed(['"""one line"""'])) == "one line"
+
+
+def test_verbose_prints_ollama_timings():
+    s, out = session(verbose=True)
+    s.ask("hi")
+    text = "".join(out)
+    assert "eval count:           2 token(s)" in text
+    assert "eval rate:            2.00 tokens/s" in text
+
+
+def test_unknown_command_and_help():
+    s, out = session()
+    assert s.command("/nonsense")
+    assert "Unknown command '/nonsense'" in out[-1]
+    assert s.command("/?")
+    assert "/set parameter" in out[-1]
+    assert not s.command("/exit")
+
+
+def test_parse_value():
+    assert interactive.parse_value("temperature", "0.5", None) == 0.5
+    assert interactive.parse_value("top_k", "40", None) == 40
+    assert interactive.parse_value("stop", '"<|end|>"', ["a"]) == ["a", "<|end|>"]
