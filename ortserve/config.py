@@ -62,7 +62,7 @@ class Settings:
     keep_alive: float = 300.0  # seconds; negative: forever
     max_loaded_models: int = 3
     num_parallel: int = 8  # turns generating at once per model
-    engine_lanes: int = 2  # og.Engine instances per model; num_parallel is split across them
+    engine_lanes: int = 4  # og.Engine instances per model (batches that run side by side)
     max_queue: int = 512
     provider: str = "auto"
     threads: int = 32  # gunicorn gthread threads

@@ -8,7 +8,6 @@ keep-alive expires, or evicted (least recently used first) to make room for anot
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -187,12 +186,12 @@ class Runtime:
             raise
         except Exception as exc:
             raise ModelLoadError(f'failed to load model "{info.name}": {exc}') from exc
-        lanes = self.settings.engine_lanes
         scheduler = Scheduler(
             bundle,
             provider,
-            batch_size=max(1, math.ceil(self.settings.num_parallel / lanes)),
-            lanes=lanes,
+            batch_size=self.settings.num_parallel,
+            lanes=self.settings.engine_lanes,
+            parallel=self.settings.num_parallel,
             max_queue=self.settings.max_queue,
             name=info.name,
         )

@@ -8,8 +8,13 @@ Batching. ORT GenAI 0.18's Engine batches statically for graphs exported by opti
 dynamic batching needs the model builder's packed, paged-KV graph): a batch forms from the
 requests waiting when it starts and runs until every member finishes. To let a request
 start while another batch is still running, the scheduler keeps several Engines ("lanes")
-over one og.Model (the weights are shared) and admits waiting jobs, up to a lane's batch
-size, to whichever lane is idle. Lanes step in turn on this one thread.
+over one og.Model (the weights are shared) and admits waiting jobs to whichever lane is
+idle. Lanes step in turn on this one thread.
+
+Only prompts of the same length share a batch: measured with og 0.18, rows of a static
+batch that are padded (shorter prompts) decode different tokens than the same prompt alone,
+although the graph itself handles padding correctly. Equal lengths need no padding, and
+greedy results then match the lone request exactly.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ class Scheduler:
         *,
         batch_size: int = 4,
         lanes: int = 2,
+        parallel: int | None = None,
         max_queue: int = 512,
         name: str = "model",
     ):
@@ -85,6 +91,7 @@ class Scheduler:
         self.provider = provider
         self.batch_size = batch_size
         self.lane_count = lanes
+        self.parallel = parallel or batch_size * lanes  # turns generating at once, at most
         self.max_queue = max_queue
         self.name = name
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -112,7 +119,7 @@ class Scheduler:
         with self._lock:
             if self._stopping:
                 raise ModelLoadError(f'model "{self.name}" is unloading; try again')
-            if self._unfinished >= self.max_queue + self.batch_size * self.lane_count:
+            if self._unfinished >= self.max_queue + self.parallel:
                 raise ServerBusy()
             self._unfinished += 1
         self._inbox.put(("submit", job))
@@ -194,16 +201,24 @@ class Scheduler:
                 return True
 
     def _admit(self) -> None:
-        """Start waiting jobs on idle lanes: each idle lane takes up to one batch."""
+        """Start waiting jobs on idle lanes: the oldest job and others of its prompt length."""
         for lane in self._lanes:
-            if lane.jobs or not self._waiting:
+            room = self.parallel - sum(len(other.jobs) for other in self._lanes)
+            if lane.jobs or not self._waiting or room <= 0:
                 continue
-            while self._waiting and len(lane.jobs) < self.batch_size:
-                job = self._waiting.popleft()
+            for job in self._same_length_group(min(room, self.batch_size)):
                 try:
                     self._begin(lane, job)
                 except Exception as exc:  # a bad turn fails alone
                     self._complete_with_error(job, OrtServeError(f"cannot start generation: {exc}"))
+
+    def _same_length_group(self, limit: int) -> list[Job]:
+        """Take the oldest waiting job and up to limit-1 more with the same prompt length."""
+        length = len(self._waiting[0].tokens)
+        group = [job for job in self._waiting if len(job.tokens) == length][:limit]
+        for job in group:
+            self._waiting.remove(job)
+        return group
 
     def _begin(self, lane: Lane, job: Job) -> None:
         import onnxruntime_genai as og

@@ -1,0 +1,115 @@
+"""A served library: tiny models converted once per session, and real `ortserve serve`s."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from converters import convert
+from ortserve.library import Library
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served_library(tmp_path_factory, tiny_checkpoint, minilm_dir) -> Library:
+    """tiny-chat (qwen2, int4), tiny-llama (fp32), all-minilm, and a model that cannot load."""
+    library = Library(tmp_path_factory.mktemp("served") / "models")
+    convert(tiny_checkpoint("qwen2"), "tiny-chat", precision="int4", library=library, progress=False)
+    convert(tiny_checkpoint("llama"), "tiny-llama", precision="fp32", library=library,
+            progress=False)  # fmt: skip
+    convert(minilm_dir, "all-minilm", precision="fp32", library=library, progress=False)
+    _add_broken_model(library)
+    return library
+
+
+def _add_broken_model(library: Library) -> None:
+    """A bundle whose graph is garbage: its load must fail alone."""
+    good = library.get("tiny-chat").path
+    with library.staging("broken") as staged:
+        bundle = staged / "bundle"
+        shutil.copytree(good, bundle)
+        (bundle / "model.onnx").write_bytes(b"this is not an onnx graph")
+        (bundle / "ortserve-files.json").unlink()
+        library.add("broken", bundle, {**library.get("tiny-chat").manifest, "bundle": None})
+
+
+class Server:
+    """`ortserve serve` in a subprocess on a free port."""
+
+    def __init__(self, library: Library, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "ORTSERVE_MODELS": str(library.root),
+            "ORTSERVE_HOST": f"127.0.0.1:{self.port}",
+            **env,
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ortserve", "serve"],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.process.stdout.read()}")
+            try:
+                with urllib.request.urlopen(self.url + "/", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not start in time")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def server(served_library):
+    """One server for the session (default settings, keep-alive 5m)."""
+    running = Server(served_library)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def make_server(served_library):
+    """Servers with particular settings, stopped at the end of the test."""
+    started: list[Server] = []
+
+    def start(**env: str) -> Server:
+        started.append(Server(served_library, **env))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+def models_dir(library: Library) -> Path:
+    return library.root

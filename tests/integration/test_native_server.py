@@ -1,0 +1,191 @@
+"""The official `ollama` client against `ortserve serve` (real gunicorn, real port, real models)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import ollama
+import pytest
+
+pytestmark = pytest.mark.slow
+
+GREEDY = {"temperature": 0, "num_predict": 24}
+
+
+@pytest.fixture
+def client(server):
+    return ollama.Client(host=server.url)
+
+
+def test_generate_streamed_and_not(client):
+    whole = client.generate(model="tiny-chat", prompt="Hello there", options=GREEDY, stream=False)
+    assert whole.done and whole.done_reason == "length"
+    assert whole.eval_count == 24
+    assert whole.prompt_eval_count > 5
+    assert whole.total_duration > 0 and whole.eval_duration > 0
+    assert whole.response
+
+    chunks = list(client.generate(model="tiny-chat", prompt="Hello there", options=GREEDY, stream=True))
+    assert all(not c.done for c in chunks[:-1]) and chunks[-1].done
+    assert "".join(c.response for c in chunks) == whole.response
+    assert chunks[-1].eval_count == 24
+
+
+def test_chat_streamed_and_not(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    whole = client.chat(model="tiny-chat", messages=messages, options=GREEDY, stream=False)
+    assert whole.message.role == "assistant"
+    assert whole.message.content
+    streamed = list(client.chat(model="tiny-chat", messages=messages, options=GREEDY, stream=True))
+    assert "".join(c.message.content for c in streamed) == whole.message.content
+    assert streamed[-1].done_reason == "length"
+
+
+def test_stop_strings_are_cut(client):
+    full = client.generate(model="tiny-chat", prompt="Hello", options=GREEDY, stream=False).response
+    cut_at = full[len(full) // 2 :][:3]  # a stop string that occurs in the greedy answer
+    assert cut_at
+    stopped = client.generate(model="tiny-chat", prompt="Hello", stream=False,
+                              options={**GREEDY, "stop": [cut_at]})  # fmt: skip
+    assert stopped.done_reason == "stop"
+    assert stopped.response == full[: full.index(cut_at)]
+
+
+def test_list_show_copy_delete(client):
+    names = {m.model for m in client.list().models}
+    assert {"tiny-chat:latest", "tiny-llama:latest", "all-minilm:latest"} <= names
+    shown = client.show("tiny-chat")
+    assert shown.details.family == "qwen2"
+    assert shown.details.quantization_level == "int4"
+    assert "completion" in shown.capabilities
+    assert "<|im_start|>" in shown.template
+
+    client.copy("tiny-chat", "copied-chat")
+    assert "copied-chat:latest" in {m.model for m in client.list().models}
+    client.delete("copied-chat")
+    assert "copied-chat:latest" not in {m.model for m in client.list().models}
+    with pytest.raises(ollama.ResponseError) as info:
+        client.delete("copied-chat")
+    assert info.value.status_code == 404
+
+
+def test_unknown_model_is_404_with_ollamas_message(client):
+    with pytest.raises(ollama.ResponseError) as info:
+        client.generate(model="nope", prompt="x")
+    assert info.value.status_code == 404
+    assert info.value.error == 'model "nope:latest" not found, try pulling it first'
+
+
+def test_load_and_unload_by_keep_alive(client):
+    loaded = client.generate(model="tiny-llama", prompt="", keep_alive="10m")
+    assert loaded.done_reason == "load"
+    assert "tiny-llama:latest" in {m.model for m in client.ps().models}
+    unloaded = client.generate(model="tiny-llama", prompt="", keep_alive=0)
+    assert unloaded.done_reason == "unload"
+    assert "tiny-llama:latest" not in {m.model for m in client.ps().models}
+    client.chat(model="tiny-llama", messages=[{"role": "user", "content": "hi"}],
+                options=GREEDY, keep_alive=0)  # fmt: skip
+    assert "tiny-llama:latest" not in {m.model for m in client.ps().models}
+
+
+def test_concurrent_greedy_streams_equal_the_lone_answer(client):
+    # equal and different prompt lengths: some share a batch, some run in other lanes
+    prompts = [f"Request {i % 4}: " + "tell me about rivers " * (1 + i % 3) for i in range(8)]
+    options = {"temperature": 0, "num_predict": 48}
+
+    def ask(prompt):
+        return "".join(c.response for c in client.generate(model="tiny-llama", prompt=prompt,
+                                                             options=options, stream=True))  # fmt: skip
+
+    alone = [ask(p) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, prompts))
+    assert together == alone
+    assert len(set(alone)) > 1  # different prompts, different answers: the check can fail
+
+
+def _pending(server, model="tiny-chat:latest") -> int:
+    with urllib.request.urlopen(server.url + "/api/ps") as response:
+        models = json.loads(response.read())["models"]
+    return sum(m.get("pending", 0) for m in models if m["name"] == model)
+
+
+def test_dropped_stream_frees_the_engine_within_a_second(server, client):
+    body = json.dumps({"model": "tiny-chat", "prompt": "Go on", "options": {"num_predict": 5000}})
+    request = urllib.request.Request(server.url + "/api/generate", data=body.encode(), method="POST")
+    response = urllib.request.urlopen(request)
+    response.readline()
+    response.readline()
+    assert _pending(server) == 1
+    response.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 1.0
+    while _pending(server) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _pending(server) == 0
+
+
+def test_full_queue_gives_503(make_server):
+    busy = make_server(ORTSERVE_MAX_QUEUE="1", ORTSERVE_NUM_PARALLEL="1", ORTSERVE_ENGINE_LANES="1")
+    body = json.dumps({"model": "tiny-chat", "prompt": "Go on", "stream": False,
+                       "options": {"num_predict": 900}}).encode()  # fmt: skip
+    statuses, errors = [], []
+    lock = threading.Lock()
+
+    def post():
+        request = urllib.request.Request(busy.url + "/api/generate", data=body, method="POST")
+        try:
+            with urllib.request.urlopen(request) as response:
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+            errors.append(json.loads(exc.read())["error"])
+        with lock:
+            statuses.append(status)
+
+    urllib.request.urlopen(urllib.request.Request(
+        busy.url + "/api/generate", data=json.dumps({"model": "tiny-chat"}).encode(), method="POST"
+    )).read()  # load first, so every request meets a loaded model  # fmt: skip
+    threads = [threading.Thread(target=post) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert 503 in statuses and 200 in statuses
+    assert "server busy, please try again.  maximum pending requests exceeded" in errors
+
+
+def test_a_model_that_fails_to_load_leaves_the_others_serving(client):
+    with pytest.raises(ollama.ResponseError) as info:
+        client.generate(model="broken", prompt="hello")
+    assert info.value.status_code == 500
+    assert 'failed to load model "broken:latest"' in info.value.error
+    assert client.generate(model="tiny-chat", prompt="hi", options=GREEDY).done
+
+
+def test_embedding_model_cannot_generate(client):
+    with pytest.raises(ollama.ResponseError) as info:
+        client.generate(model="all-minilm", prompt="hello")
+    assert info.value.status_code == 400
+    assert "does not support generate" in info.value.error
+
+
+def test_sigterm_lets_inflight_requests_finish(make_server):
+    running = make_server(ORTSERVE_GRACE_PERIOD="20s")
+    client = ollama.Client(host=running.url)
+    client.generate(model="tiny-chat", prompt="")  # loaded
+    stream = client.generate(model="tiny-chat", prompt="Go on", stream=True,
+                             options={"temperature": 0, "num_predict": 1000})  # fmt: skip
+    first = next(stream)  # the request is in flight ...
+    stopper = threading.Thread(target=running.stop)
+    stopper.start()  # ... when SIGTERM arrives
+    rest = list(stream)
+    stopper.join()
+    assert running.process.returncode == 0
+    assert first.response is not None
+    assert rest[-1].done and rest[-1].done_reason == "length"
+    assert rest[-1].eval_count == 1000
