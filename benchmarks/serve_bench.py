@@ -118,7 +118,6 @@ def http_stream(url: str) -> dict:
     return {"ttft_s": first - begun, "tokens": tokens, "decode_s": end - first, "end": end}
 
 
-
 def concurrent_streams(url: str, clients: int) -> float:
     """Aggregate generated tokens per second with `clients` streams at once."""
     started = time.perf_counter()

@@ -28,7 +28,9 @@ def free_port() -> int:
 def served_library(tmp_path_factory, tiny_checkpoint, minilm_dir) -> Library:
     """tiny-chat (qwen2, int4), tiny-llama (fp32), all-minilm, and a model that cannot load."""
     library = Library(tmp_path_factory.mktemp("served") / "models")
-    convert(tiny_checkpoint("qwen2"), "tiny-chat", precision="int4", library=library, progress=False)
+    convert(
+        tiny_checkpoint("qwen2"), "tiny-chat", precision="int4", library=library, progress=False
+    )
     convert(tiny_checkpoint("llama"), "tiny-llama", precision="fp32", library=library,
             progress=False)  # fmt: skip
     convert(minilm_dir, "all-minilm", precision="fp32", library=library, progress=False)

@@ -30,7 +30,9 @@ def test_generate_streamed_and_not(client):
     assert whole.total_duration > 0 and whole.eval_duration > 0
     assert whole.response
 
-    chunks = list(client.generate(model="tiny-chat", prompt="Hello there", options=GREEDY, stream=True))
+    chunks = list(
+        client.generate(model="tiny-chat", prompt="Hello there", options=GREEDY, stream=True)
+    )
     assert all(not c.done for c in chunks[:-1]) and chunks[-1].done
     assert "".join(c.response for c in chunks) == whole.response
     assert chunks[-1].eval_count == 24
@@ -117,7 +119,9 @@ def _pending(server, model="tiny-chat:latest") -> int:
 
 def test_dropped_stream_frees_the_engine_within_a_second(server, client):
     body = json.dumps({"model": "tiny-chat", "prompt": "Go on", "options": {"num_predict": 5000}})
-    request = urllib.request.Request(server.url + "/api/generate", data=body.encode(), method="POST")
+    request = urllib.request.Request(
+        server.url + "/api/generate", data=body.encode(), method="POST"
+    )
     response = urllib.request.urlopen(request)
     response.readline()
     response.readline()

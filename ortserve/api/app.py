@@ -1,0 +1,178 @@
+"""The Flask application: blueprints, the runtime they share, and errors mapped to JSON."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from typing import Any
+
+from flask import Flask, current_app, request
+from werkzeug.exceptions import HTTPException
+
+from ortserve.api.streaming import json_response
+from ortserve.api.validation import MAX_BODY_BYTES
+from ortserve.config import Settings
+from ortserve.errors import OrtServeError
+
+log = logging.getLogger("ortserve.api")
+
+EXTENSION = "ortserve"
+# Paths whose errors are ortserve's to shape when it is mounted in another app.
+_API_PATHS = ("/api/", "/v1/")
+
+
+class ServerState:
+    """What the blueprints share, kept in app.extensions["ortserve"]."""
+
+    def __init__(self, settings: Settings, runtime: Any = None, *, url_prefix: str = ""):
+        self.settings = settings
+        self.url_prefix = url_prefix.rstrip("/")
+        self.owns_app = False
+        self._runtime = runtime
+        self._lock = threading.Lock()
+
+    @property
+    def runtime(self):
+        """The engine runtime, created on first use (loading onnxruntime is not free)."""
+        with self._lock:  # two threads' first requests must not build two runtimes
+            if self._runtime is None:
+                from ortserve.engine.runtime import Runtime
+                from ortserve.library import Library
+
+                self._runtime = Runtime(self.settings, Library(self.settings.models))
+            return self._runtime
+
+    @property
+    def library(self):
+        """The runtime's library; no runtime is created just to read the library."""
+        if self._runtime is not None:
+            return self._runtime.library
+        from ortserve.library import Library
+
+        return Library(self.settings.models)
+
+    @property
+    def started_runtime(self):
+        """The runtime if one exists; None rather than creating one."""
+        return self._runtime
+
+    def shutdown(self, grace: float = 0.0) -> None:
+        """Let in-flight turns finish for `grace` seconds, then cancel what is left."""
+        runtime = self._runtime
+        if runtime is not None:
+            runtime.shutdown(grace)
+
+
+def create_app(settings: Settings | None = None, *, runtime: Any = None) -> Flask:
+    """The ortserve application (gunicorn 'ortserve.api:create_app()')."""
+    app = Flask("ortserve")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    state = init_app(app, settings=settings, runtime=runtime)
+    state.owns_app = True  # every error on this app is answered in ortserve's shapes
+    return app
+
+
+def init_app(
+    app: Flask, settings: Settings | None = None, runtime: Any = None, *, url_prefix: str = ""
+) -> ServerState:
+    """Mount ortserve's blueprints and error handlers into `app` (yours or create_app's)."""
+    from ortserve.api.native import native_bp
+    from ortserve.api.ops import ops_bp
+
+    state = ServerState(settings or Settings.from_env(), runtime, url_prefix=url_prefix)
+    app.extensions[EXTENSION] = state
+    for blueprint in (native_bp, ops_bp):
+        app.register_blueprint(blueprint, url_prefix=url_prefix or None)
+    register_error_handlers(app)
+    return state
+
+
+def current_state() -> ServerState:
+    """The ServerState of the current app; a bare runtime placed there is wrapped."""
+    state = current_app.extensions.get(EXTENSION)
+    if state is None:
+        raise RuntimeError("ortserve is not set up on this app: call ortserve.api.init_app(app)")
+    if not isinstance(state, ServerState):
+        state = ServerState(Settings.from_env(), state)
+        current_app.extensions[EXTENSION] = state
+    return state
+
+
+def current_runtime():
+    return current_state().runtime
+
+
+# ---- errors: the one place they become HTTP responses ------------------------------------------
+
+
+def register_error_handlers(app: Flask) -> None:
+    """JSON errors on ortserve's requests; a host app's other requests keep its own handlers."""
+    for error_class in (OrtServeError, HTTPException, Exception):
+        previous = app.error_handler_spec[None][None].get(error_class)
+        if getattr(previous, "ortserve", False):
+            previous = None  # init_app called twice: do not chain to ourselves
+        handler = functools.partial(_handle_error, previous=previous)
+        handler.ortserve = True  # type: ignore[attr-defined]
+        app.register_error_handler(error_class, handler)
+
+
+def _handle_error(error: Exception, previous=None):
+    if not _is_ours():
+        if previous is not None:
+            return previous(error)
+        if isinstance(error, HTTPException):
+            return error  # Flask's default page
+        raise error  # Flask's default 500 handling, as if we were not here
+    if isinstance(error, OrtServeError):
+        return error_response(error.status, error.message, error.type, error.param, error.code)
+    if isinstance(error, HTTPException):
+        response = error_response(error.code or 500, _http_message(error), _http_type(error))
+        if getattr(error, "valid_methods", None):
+            response.headers["Allow"] = ", ".join(error.valid_methods)
+        return response
+    log.exception("unexpected error in %s %s", request.method, request.path)
+    return error_response(500, "internal error", "server_error")
+
+
+def error_response(status: int, message: str, type_: str, param=None, code=None):
+    """`{"error": msg}` on Ollama's paths, `{"error": {message, type, param, code}}` on /v1."""
+    if _is_openai():
+        body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    else:
+        body = {"error": message}
+    return json_response(body, status)
+
+
+def _is_ours() -> bool:
+    state = current_app.extensions.get(EXTENSION)
+    if not isinstance(state, ServerState) or state.owns_app:
+        return True
+    if request.blueprint in ("native", "ops", "openai"):
+        return True
+    return request.path.startswith(tuple(state.url_prefix + p for p in _API_PATHS))
+
+
+def _is_openai() -> bool:
+    state = current_app.extensions.get(EXTENSION)
+    prefix = state.url_prefix if isinstance(state, ServerState) else ""
+    path = request.path
+    return path == f"{prefix}/v1" or path.startswith(f"{prefix}/v1/")
+
+
+def _http_message(error: HTTPException) -> str:
+    if error.code == 404:
+        return "404 page not found"  # what Ollama (gin) says for an unknown path
+    if error.code == 405:
+        return f"405 method not allowed: {request.method} {request.path}"
+    if error.code == 413:
+        limit = current_app.config.get("MAX_CONTENT_LENGTH") or MAX_BODY_BYTES
+        size = f"{limit / 2**20:g} MiB" if limit >= 2**20 else f"{limit} bytes"
+        return f"request body too large (the limit is {size})"
+    return f"{error.code} {(error.name or '').lower()}: {error.description}"
+
+
+def _http_type(error: HTTPException) -> str:
+    return {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error"}.get(
+        error.code or 500, "api_error"
+    )

@@ -1,0 +1,63 @@
+"""Writers: one JSON body, NDJSON streams (Ollama) and SSE streams (OpenAI)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from flask import Response, stream_with_context
+
+NDJSON = "application/x-ndjson"
+SSE = "text/event-stream"
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON in the order the fields were built (as Go writes them), UTF-8 kept."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    """One application/json body."""
+    return Response(dumps(obj) + "\n", status=status, mimetype="application/json")
+
+
+def ndjson_line(obj: Any) -> str:
+    return dumps(obj) + "\n"
+
+
+def sse_event(obj: Any) -> str:
+    return f"data: {dumps(obj)}\n\n"
+
+
+def sse_events(events: Iterable[Any]) -> Iterator[str]:
+    """`data: {...}` per event, then `data: [DONE]`, as OpenAI streams end."""
+    for event in events:
+        yield sse_event(event)
+    yield "data: [DONE]\n\n"
+
+
+def stream_response(
+    chunks: Iterable[str], mimetype: str = NDJSON, on_close: Callable[[], None] | None = None
+) -> Response:
+    """A streamed response, sent chunk by chunk; `on_close` runs however the stream ends.
+
+    The WSGI server closes the response when the client goes away or the stream ends, and a
+    generator that never started would skip its own `finally`: `on_close` always runs.
+    """
+    response = Response(stream_with_context(chunks), mimetype=mimetype)
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"  # nginx: pass each chunk on as it comes
+    if on_close is not None:
+        response.call_on_close(on_close)
+    return response
+
+
+def rfc3339(ns: int | None = None) -> str:
+    """Nanoseconds since the epoch (default now) as Go's RFC3339Nano in UTC."""
+    ns = time.time_ns() if ns is None else ns
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    digits = f"{fraction:09d}".rstrip("0")  # Go trims trailing zeros, and the dot with them
+    return f"{stamp}.{digits}Z" if digits else f"{stamp}Z"

@@ -1,0 +1,113 @@
+"""Request bodies: read within a size limit, parse as JSON, check against a JSON Schema."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flask import request
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError, best_match
+from referencing import Registry, Resource
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from ortserve.errors import InvalidRequest
+
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+@functools.lru_cache(maxsize=1)
+def _registry() -> Registry:
+    """Every schema in schemas/, addressable by its $id (they refer to each other)."""
+    resources = []
+    for path in sorted(SCHEMA_DIR.glob("*.json")):
+        contents = json.loads(path.read_text(encoding="utf-8"))
+        resources.append((contents["$id"], Resource.from_contents(contents)))
+    return Registry().with_resources(resources)
+
+
+@functools.cache
+def validator(name: str) -> Draft202012Validator:
+    """The validator of schemas/<name>.json."""
+    schema = _registry().contents(f"{name}.json")
+    return Draft202012Validator(schema, registry=_registry())
+
+
+def read_json(limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
+    """The request body as a JSON object; 413 over `limit`, 400 when it is not JSON."""
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestEntityTooLarge(f"request body is larger than {limit} bytes")
+    # A chunked body has no Content-Length: read one byte past the limit to notice.
+    raw = request.stream.read(limit + 1)
+    if len(raw) > limit:
+        raise RequestEntityTooLarge(f"request body is larger than {limit} bytes")
+    if not raw.strip():
+        raise InvalidRequest("missing request body")
+    try:
+        body = json.loads(raw, parse_constant=_not_json)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("invalid JSON body") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return body
+
+
+def validate(name: str, body: dict[str, Any]) -> dict[str, Any]:
+    """`body` with JSON nulls dropped, checked against schemas/<name>.json."""
+    body = _normalise(body)
+    error = best_match(validator(name).iter_errors(body))
+    if error is not None:
+        raise schema_error(error)
+    return body
+
+
+def parsed_body(name: str) -> dict[str, Any]:
+    """The request's JSON body checked against schemas/<name>.json."""
+    return validate(name, read_json())
+
+
+def schema_error(error: ValidationError) -> InvalidRequest:
+    """A 400 naming the failing field: `messages[0].role: 'robot' is not one of [...]`."""
+    path = list(error.absolute_path)
+    if error.validator == "required":
+        # jsonschema reports a missing field at its parent; name the field itself.
+        missing = next(f for f in error.validator_value if f not in error.instance)
+        param = field_path([*path, missing])
+        return InvalidRequest(f"{param} is required", param=param)
+    param = field_path(path)
+    message = f"{param}: {error.message}" if param else error.message
+    return InvalidRequest(message, param=param or None)
+
+
+def field_path(parts: Iterable[str | int]) -> str:
+    """['messages', 0, 'role'] -> 'messages[0].role'."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _not_json(constant: str) -> Any:
+    """Python's json accepts NaN and Infinity; JSON (and Go) do not."""
+    raise ValueError(f"{constant} is not valid JSON")
+
+
+def _normalise(body: dict[str, Any]) -> dict[str, Any]:
+    """Read the body as Ollama's Go structs do: null means "not given", roles lower-cased."""
+    body = {k: v for k, v in body.items() if v is not None}
+    if isinstance(body.get("messages"), list):
+        body["messages"] = [_message(m) for m in body["messages"]]
+    return body
+
+
+def _message(message: Any) -> Any:
+    if not isinstance(message, dict):
+        return message
+    message = {k: v for k, v in message.items() if v is not None}
+    if isinstance(message.get("role"), str):
+        message["role"] = message["role"].lower()
+    return message

@@ -1,0 +1,293 @@
+"""serve(): waitress in a thread, gunicorn in a subprocess, both over real HTTP and sockets."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import waitress
+from test_api_native import FakeRuntime, FakeTurn, add_model
+from waitress import wasyncore
+
+from ortserve import __version__
+from ortserve.config import Settings
+from ortserve.engine.types import Finished, TextChunk
+from ortserve.serve import gunicorn_options, serve
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen | None = None, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"server exited early: {process.stdout.read()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                return response.read()
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"{url} did not answer within {timeout}s")
+
+
+def post(url: str, body: dict):
+    data = json.dumps(body).encode()
+    return urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST"), timeout=10)
+
+
+class GatedTurn(FakeTurn):
+    """Yields its first chunk, then waits for `gate` before the rest."""
+
+    def __init__(self, gate: threading.Event):
+        super().__init__(["first", "second"])
+        self.gate = gate
+
+    def __iter__(self):
+        yield TextChunk("first")
+        assert self.gate.wait(10)
+        yield TextChunk("second")
+        yield Finished("stop")
+
+
+# ---- waitress --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def waitress_servers(monkeypatch):
+    """The waitress servers serve() creates, so that the test can stop them."""
+    created = []
+    create = waitress.create_server
+
+    def capture(app, **kwargs):
+        created.append(create(app, **kwargs))
+        return created[-1]
+
+    monkeypatch.setattr(waitress, "create_server", capture)
+    return created
+
+
+def test_waitress_serves_and_streams_over_http(library, waitress_servers, capsys):
+    add_model(library, "tiny")
+    runtime = FakeRuntime(library)
+    port = free_port()
+    settings = Settings(models=library.root, port=port, threads=4)
+    thread = threading.Thread(
+        target=serve, args=(settings,), kwargs={"server": "waitress", "runtime": runtime}
+    )
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert wait_until_up(url + "/") == b"ortserve is running"
+        assert f"ortserve listening on {url} (models: {library.root})" in capsys.readouterr().out
+
+        gate = threading.Event()
+        runtime.next_turn = GatedTurn(gate)
+        with post(url + "/api/generate", {"model": "tiny", "prompt": "x"}) as response:
+            assert response.headers["Content-Type"] == "application/x-ndjson"
+            # the first line arrives while the turn is still waiting: chunks are not buffered
+            assert json.loads(response.readline())["response"] == "first"
+            gate.set()
+            rest = [json.loads(line) for line in response]
+        assert rest[0]["response"] == "second"
+        assert rest[-1]["done"] is True and rest[-1]["done_reason"] == "stop"
+    finally:
+        server = waitress_servers[0]
+        # close every channel from inside waitress's own loop, which then returns
+        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+        thread.join(10)
+    assert not thread.is_alive()
+    assert runtime.shutdowns == [0]  # what was left is cancelled when the server stops
+
+
+def test_unknown_server_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown server"):
+        serve(Settings(models=tmp_path), server="flask-dev")
+
+
+# ---- gunicorn ---------------------------------------------------------------------------------------
+
+
+def test_gunicorn_options():
+    options = gunicorn_options(Settings(models=Path("m"), host="::1", port=8080, threads=7,
+                                        grace_period=12.5))  # fmt: skip
+    assert options["bind"] == ["[::1]:8080"]
+    assert (options["workers"], options["threads"], options["timeout"]) == (1, 7, 0)
+    assert options["worker_class"].__mro__[1].__name__ == "ThreadWorker"  # gthread
+    assert options["graceful_timeout"] >= 12.5  # the worker must outlive the grace period
+    assert options["keepalive"] == 5
+
+
+def _start_server(home: Path, port: int, *, grace: float, server: str = "gunicorn",
+                  fake_runtime: bool = False):  # fmt: skip
+    """serve() in `python -c`, its library at home/models (the `library` fixture's root)."""
+    models = home / "models"
+    runtime = ", runtime=fake_runtime.SlowRuntime(Library(models))" if fake_runtime else ""
+    code = textwrap.dedent(f"""
+        from pathlib import Path
+        from ortserve.config import Settings
+        from ortserve.library import Library
+        from ortserve.serve import serve
+        import fake_runtime
+        models = Path({str(models)!r})
+        settings = Settings(models=models, port={port}, threads=4, grace_period={grace})
+        serve(settings, server={server!r}{runtime})
+    """)
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={"PYTHONPATH": f"{home}:{ROOT}", "PATH": "/usr/bin:/bin", "HOME": str(home)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.fixture
+def gunicorn(tmp_path):
+    """Start serve() in a subprocess (gunicorn by default); kill whatever is left at the end."""
+    (tmp_path / "fake_runtime.py").write_text(SLOW_RUNTIME)
+    started = []
+
+    def start(**kwargs):
+        port = free_port()
+        process = _start_server(tmp_path, port, **kwargs)
+        started.append(process)
+        return process, f"http://127.0.0.1:{port}"
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("server", ["gunicorn", "waitress"])
+def test_serves_and_exits_0_on_sigterm(gunicorn, server):
+    process, url = gunicorn(grace=1, server=server)
+    body = wait_until_up(url + "/api/version", process)
+    assert json.loads(body) == {"version": __version__}
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 0
+    output = process.stdout.read()
+    assert f"ortserve listening on {url}" in output
+    assert "Traceback" not in output
+
+
+def test_sigterm_gives_a_running_stream_the_grace_period(gunicorn, library):
+    add_model(library, "tiny")
+    process, url = gunicorn(grace=8, fake_runtime=True)
+    wait_until_up(url + "/", process)
+    with post(url + "/api/generate", {"model": "tiny", "prompt": "x", "options": {
+            "num_predict": 10}}) as response:  # fmt: skip
+        first = json.loads(response.readline())
+        process.send_signal(signal.SIGTERM)
+        rest = [json.loads(line) for line in response]
+    assert first["response"] == "t0"
+    assert rest[-1]["done"] is True and rest[-1]["eval_count"] == 10  # finished, not cut
+    assert process.wait(timeout=10) == 0
+
+
+def test_sigterm_cancels_what_outlives_the_grace_period(gunicorn, library):
+    add_model(library, "tiny")
+    process, url = gunicorn(grace=1, fake_runtime=True)
+    wait_until_up(url + "/", process)
+    started = time.monotonic()
+    with post(url + "/api/generate", {"model": "tiny", "prompt": "x"}) as response:
+        response.readline()
+        process.send_signal(signal.SIGTERM)
+        rest = [json.loads(line) for line in response]
+    assert "cancelled" in rest[-1]["error"]  # the stream ends with a line, not a cut
+    assert process.wait(timeout=10) == 0
+    assert time.monotonic() - started < 6  # cancelled after the grace, not killed later
+
+
+# A runtime for the gunicorn subprocess: slow endless turns, and Runtime's shutdown contract
+# (wait up to `grace` for requests in flight, then cancel them).
+SLOW_RUNTIME = """
+import threading
+import time
+
+from ortserve.engine.types import Finished, TextChunk, Usage
+
+
+class SlowTurn:
+    def __init__(self, limit):
+        self.limit = limit
+        self.cancelled = threading.Event()
+
+    def __iter__(self):
+        count = 0
+        while count != self.limit:
+            if self.cancelled.wait(0.2):
+                yield Finished("cancelled", Usage(0, count))
+                return
+            yield TextChunk(f"t{count}")
+            count += 1
+        yield Finished("length", Usage(1, count))
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+class Loaded:
+    template = None
+    load_duration_ns = 0
+    context_length = 4096
+
+    def __init__(self, runtime, info):
+        self.runtime, self.info, self.name = runtime, info, info.name
+        self.capabilities = info.capabilities
+
+    def encode(self, text):
+        return [1] * len(text)
+
+    def generate(self, tokens, options):
+        turn = SlowTurn(options.num_predict)
+        self.runtime.turns.append(turn)
+        return turn
+
+
+class SlowRuntime:
+    def __init__(self, library):
+        self.library = library
+        self.turns = []
+        self.active = 0
+        self.lock = threading.Condition()
+
+    def acquire(self, name, keep_alive=None):
+        with self.lock:
+            self.active += 1
+        return Loaded(self, self.library.get(name))
+
+    def release(self, loaded, keep_alive=None):
+        with self.lock:
+            self.active -= 1
+            self.lock.notify_all()
+
+    def ps(self):
+        return []
+
+    def unload(self, name):
+        return False
+
+    def shutdown(self, grace=0.0):
+        with self.lock:
+            self.lock.wait_for(lambda: self.active == 0, timeout=grace)
+        for turn in self.turns:
+            turn.cancel()
+"""
