@@ -26,13 +26,15 @@ format: install
 	$(VENV)/bin/ruff check --fix ortserve converters tests benchmarks
 	$(VENV)/bin/ruff format ortserve converters tests benchmarks
 
-# The main job: build the demo models offline if the library lacks them, then list them.
-# (Serving them over HTTP arrives with the server.)
+# The main job: build the demo models offline if the library lacks them, then serve them
+# (ORTSERVE_HOST, default 127.0.0.1:11434; Ctrl-C stops).
 demo: install
 	$(PY) -m converters.demo
 	$(VENV)/bin/ortserve list
+	$(VENV)/bin/ortserve serve
 
-serve: demo
+serve: install
+	$(VENV)/bin/ortserve serve
 
 bench: install
 	$(PY) benchmarks/convert_bench.py

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from ortserve.errors import OrtServeError
@@ -94,9 +94,6 @@ class Settings:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
-
-    def variables(self) -> list[str]:
-        return [f"ORTSERVE_{f.name.upper()}" for f in fields(self)]
 
 
 def _read(env: Mapping[str, str], variable: str, reader):
