@@ -54,8 +54,12 @@ _EXTRA: dict[str, dict[str, Any]] = {
 }
 
 
-def build_tokenizer(out: Path) -> None:
-    """Train a byte-level BPE tokenizer on the bundled corpus and save it HF-style."""
+def build_tokenizer(out: Path, vocab_size: int = VOCAB_SIZE) -> None:
+    """Train a byte-level BPE tokenizer on the bundled corpus and save it HF-style.
+
+    A larger `vocab_size` than the corpus supports is filled with plain word tokens, so
+    that every id a random model of that vocabulary generates decodes to some text.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -74,6 +78,28 @@ def build_tokenizer(out: Path) -> None:
     )
     wrapped.chat_template = CHAT_TEMPLATE
     wrapped.save_pretrained(str(out))
+    if vocab_size > len(wrapped):
+        _fill_vocabulary(out / "tokenizer.json", vocab_size)
+
+
+def _fill_vocabulary(path: Path, vocab_size: int) -> None:
+    """Add tokens 'Ġwa', 'Ġwb', ... (a space and letters) up to `vocab_size` ids."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    next_id = max(vocab.values()) + 1
+    n = 0
+    while next_id < vocab_size:
+        word, k = "", n
+        while True:
+            word = chr(ord("a") + k % 26) + word
+            k = k // 26 - 1
+            if k < 0:
+                break
+        n += 1
+        if f"\u0120w{word}" not in vocab:
+            vocab[f"\u0120w{word}"] = next_id
+            next_id += 1
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
 
 def build_checkpoint(architecture: str, out: Path, *, seed: int = 0, **shape: Any) -> Path:
@@ -82,9 +108,9 @@ def build_checkpoint(architecture: str, out: Path, *, seed: int = 0, **shape: An
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     out.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(out)
-    eos = SPECIAL_TOKENS.index("<|im_end|>")
     config = AutoConfig.for_model(architecture, **{**tiny_shape(architecture), **shape})
+    build_tokenizer(out, vocab_size=config.vocab_size)
+    eos = SPECIAL_TOKENS.index("<|im_end|>")
     config.eos_token_id, config.pad_token_id, config.bos_token_id = eos, 0, 0
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

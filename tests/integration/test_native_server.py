@@ -193,3 +193,47 @@ def test_sigterm_lets_inflight_requests_finish(make_server):
     assert first.response is not None
     assert rest[-1].done and rest[-1].done_reason == "length"
     assert rest[-1].eval_count == 1000
+
+
+def test_keep_alive_expiry_and_max_loaded_models(make_server):
+    running = make_server(ORTSERVE_KEEP_ALIVE="1s", ORTSERVE_MAX_LOADED_MODELS="1")
+    client = ollama.Client(host=running.url)
+    client.generate(model="tiny-chat", prompt="hi", options=GREEDY)
+    assert [m.model for m in client.ps().models] == ["tiny-chat:latest"]
+    client.generate(model="tiny-llama", prompt="hi", options=GREEDY, keep_alive=-1)
+    # one model at most: the idle tiny-chat made room for tiny-llama
+    assert [m.model for m in client.ps().models] == ["tiny-llama:latest"]
+    client.generate(model="tiny-chat", prompt="hi", options=GREEDY, keep_alive="1s")
+    deadline = time.monotonic() + 5
+    while "tiny-chat:latest" in {m.model for m in client.ps().models}:
+        assert time.monotonic() < deadline, "keep-alive did not expire"
+        time.sleep(0.1)
+
+
+def test_an_unavailable_provider_is_a_clear_error(make_server):
+    running = make_server(ORTSERVE_PROVIDER="cuda")
+    with pytest.raises(ollama.ResponseError) as info:
+        ollama.Client(host=running.url).generate(model="tiny-chat", prompt="hi")
+    assert info.value.status_code == 500
+    assert "execution provider 'cuda' is not available on this machine; available:" in (
+        info.value.error
+    )
+
+
+def test_long_history_is_truncated_or_refused(server, client):
+    history = []
+    for i in range(30):
+        history += [{"role": "user", "content": f"question {i} " + "word " * 20},
+                    {"role": "assistant", "content": "answer " * 20}]  # fmt: skip
+    messages = [{"role": "system", "content": "Be brief."}, *history,
+                {"role": "user", "content": "last question"}]  # fmt: skip
+    options = {**GREEDY, "num_ctx": 256}
+    answer = client.chat(model="tiny-chat", messages=messages, options=options, stream=False)
+    assert answer.done and answer.prompt_eval_count <= 256
+    body = {"model": "tiny-chat", "messages": messages, "options": options, "truncate": False}
+    request = urllib.request.Request(server.url + "/api/chat", data=json.dumps(body).encode(),
+                                     method="POST")  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request)
+    assert info.value.code == 400
+    assert "exceed the context length of 256" in json.loads(info.value.read())["error"]

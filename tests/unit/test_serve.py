@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import waitress
-from test_api_native import FakeRuntime, FakeTurn, add_model
+from tests.unit.test_api_native import FakeRuntime, FakeTurn, add_model
 from waitress import wasyncore
 
 from ortserve import __version__
