@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import waitress
-from tests.unit.test_api_native import FakeRuntime, FakeTurn, add_model
 from waitress import wasyncore
 
 from ortserve import __version__
 from ortserve.config import Settings
 from ortserve.engine.types import Finished, TextChunk
 from ortserve.serve import gunicorn_options, serve
+from tests.unit.test_api_native import FakeRuntime, FakeTurn, add_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
