@@ -77,12 +77,14 @@ def init_app(
     app: Flask, settings: Settings | None = None, runtime: Any = None, *, url_prefix: str = ""
 ) -> ServerState:
     """Mount ortserve's blueprints and error handlers into `app` (yours or create_app's)."""
+    from ortserve.api.embeddings import embeddings_bp
     from ortserve.api.native import native_bp
+    from ortserve.api.openai import openai_bp
     from ortserve.api.ops import ops_bp
 
     state = ServerState(settings or Settings.from_env(), runtime, url_prefix=url_prefix)
     app.extensions[EXTENSION] = state
-    for blueprint in (native_bp, ops_bp):
+    for blueprint in (native_bp, ops_bp, embeddings_bp, openai_bp):
         app.register_blueprint(blueprint, url_prefix=url_prefix or None)
     register_error_handlers(app)
     return state

@@ -1,7 +1,8 @@
 """Loaded models: load on first use, keep-alive timers, a bound on how many stay loaded.
 
 In the spirit of Ollama's server/sched.go: one owner (the Runtime) decides what is loaded;
-each loaded model has its own Scheduler thread; an idle model is unloaded when its
+each loaded generation model has its own Scheduler thread, each embedding model an
+onnxruntime session (engine/embeddings.py); an idle model is unloaded when its
 keep-alive expires, or evicted (least recently used first) to make room for another.
 """
 
@@ -10,11 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 from ortserve.config import Settings
+from ortserve.engine.embeddings import LoadedEmbedder, load_embedder
 from ortserve.engine.providers import bundle_target, choose_provider
 from ortserve.engine.scheduler import Scheduler
 from ortserve.engine.turns import Turn
@@ -51,6 +55,14 @@ class LoadedModel:
     def context_length(self) -> int:
         return int(self.info.details.get("context_length") or 2048)
 
+    def pending(self) -> int:
+        """Turns queued or generating."""
+        return self.scheduler.pending()
+
+    def stop(self) -> None:
+        """Unload: cancel running turns and stop the scheduler thread."""
+        self.scheduler.stop()
+
     def encode(self, text: str) -> list[int]:
         """Prompt text -> ids; the chat template already wrote any special tokens."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -67,6 +79,10 @@ class LoadedModel:
             )
         job = self.scheduler.submit(tokens, options)
         return Turn(self.scheduler, job, TextDecoder(self.tokenizer, options.stop))
+
+
+# Either kind of loaded model: both have the same bookkeeping, stop() and pending().
+Loaded = TypeVar("Loaded", LoadedModel, LoadedEmbedder)
 
 
 class Runtime:
@@ -89,34 +105,18 @@ class Runtime:
         info = self.library.get(name)
         if "completion" not in info.capabilities:
             raise InvalidRequest(f'"{info.name}" does not support generate', param="model")
-        with self._lock:
-            while True:
-                loaded = self._models.get(info.name)
-                if loaded is not None and loaded.info.digest == info.digest:
-                    loaded.active += 1
-                    loaded.expires_at = None
-                    loaded.load_duration_ns = 0
-                    return loaded
-                if info.name not in self._loading:
-                    break
-                self._lock.wait()  # another request is loading it: share that load
-            self._loading[info.name] = threading.Event()
-            stale = self._models.pop(info.name, None)  # replaced on disk since it loaded
-        try:
-            if stale is not None:
-                stale.scheduler.stop()
-            loaded = self._load(info)
-        finally:
-            with self._lock:
-                self._loading.pop(info.name).set()
-                self._lock.notify_all()
-        with self._lock:
-            loaded.active = 1
-            self._models[info.name] = loaded
-            self._evict_over_limit(keep=info.name)
-        return loaded
+        return self._acquire(info, self._load)
 
-    def release(self, loaded: LoadedModel, keep_alive: float | None = None) -> None:
+    def acquire_embedder(self, name: str, keep_alive: float | None = None) -> LoadedEmbedder:
+        """The loaded embedding model for `name`, loading it first if needed; marks it in use."""
+        info = self.library.get(name)
+        if "embedding" not in info.capabilities:
+            raise InvalidRequest(f'"{info.name}" does not support embeddings', param="model")
+        return self._acquire(info, self._load_embedder)
+
+    def release(
+        self, loaded: LoadedModel | LoadedEmbedder, keep_alive: float | None = None
+    ) -> None:
         """The request is done with `loaded`: start its keep-alive (0 unloads it now)."""
         keep = self.settings.keep_alive if keep_alive is None else keep_alive
         with self._lock:
@@ -139,7 +139,7 @@ class Runtime:
             loaded = self._models.pop(info.name, None)
         if loaded is None:
             return False
-        loaded.scheduler.stop()
+        loaded.stop()
         log.info("unloaded %s", info.name)
         return True
 
@@ -148,7 +148,7 @@ class Runtime:
             models = list(self._models.values())
         return [_ps_entry(m) for m in sorted(models, key=lambda m: -m.last_used)]
 
-    def loaded(self, name: str) -> LoadedModel | None:
+    def loaded(self, name: str) -> LoadedModel | LoadedEmbedder | None:
         info = self.library.get(name)
         with self._lock:
             return self._models.get(info.name)
@@ -167,9 +167,41 @@ class Runtime:
             self._models.clear()
             self._lock.notify_all()
         for loaded in models:
-            loaded.scheduler.stop()
+            loaded.stop()
 
     # ---- internals -----------------------------------------------------------------------
+
+    def _acquire(self, info: ModelInfo, load: Callable[[ModelInfo], Loaded]) -> Loaded:
+        """Share a loaded model, or load it once however many requests ask at the same time."""
+        with self._lock:
+            while True:
+                loaded = self._models.get(info.name)
+                if loaded is not None and loaded.info.digest == info.digest:
+                    loaded.active += 1
+                    loaded.expires_at = None
+                    loaded.load_duration_ns = 0
+                    return loaded
+                if info.name not in self._loading:
+                    break
+                self._lock.wait()  # another request is loading it: share that load
+            self._loading[info.name] = threading.Event()
+            stale = self._models.pop(info.name, None)  # replaced on disk since it loaded
+        try:
+            if stale is not None:
+                stale.stop()
+            loaded = load(info)
+        finally:
+            with self._lock:
+                self._loading.pop(info.name).set()
+                self._lock.notify_all()
+        with self._lock:
+            loaded.active = 1
+            self._models[info.name] = loaded
+            self._evict_over_limit(keep=info.name)
+        return loaded
+
+    def _load_embedder(self, info: ModelInfo) -> LoadedEmbedder:
+        return load_embedder(info, self.settings.provider)
 
     def _load(self, info: ModelInfo) -> LoadedModel:
         from tokenizers import Tokenizer
@@ -208,16 +240,16 @@ class Runtime:
                 return  # everything is busy: stay over the limit rather than fail requests
             victim = min(idle, key=lambda m: m.last_used)
             del self._models[victim.name]
-            threading.Thread(target=victim.scheduler.stop, daemon=True).start()
+            threading.Thread(target=victim.stop, daemon=True).start()
             log.info("evicted %s to stay within %d loaded models", victim.name,
                      self.settings.max_loaded_models)  # fmt: skip
 
-    def _unload_if_idle(self, loaded: LoadedModel) -> None:
+    def _unload_if_idle(self, loaded: LoadedModel | LoadedEmbedder) -> None:
         with self._lock:
             if loaded.active or self._models.get(loaded.name) is not loaded:
                 return
             del self._models[loaded.name]
-        loaded.scheduler.stop()
+        loaded.stop()
 
     def _reap(self) -> None:
         """Unload models whose keep-alive has expired."""
@@ -237,7 +269,7 @@ class Runtime:
                 self._unload_if_idle(loaded)
 
 
-def _ps_entry(loaded: LoadedModel) -> dict:
+def _ps_entry(loaded: LoadedModel | LoadedEmbedder) -> dict:
     info = loaded.info
     expires = loaded.expires_at
     if loaded.active or expires is None:
@@ -267,5 +299,5 @@ def _ps_entry(loaded: LoadedModel) -> dict:
         "size_vram": info.size if loaded.provider != "cpu" else 0,
         "context_length": loaded.context_length,
         "provider": loaded.provider,
-        "pending": loaded.scheduler.pending(),  # turns queued or generating (not Ollama's)
+        "pending": loaded.pending(),  # turns queued or generating (not Ollama's)
     }

@@ -1,0 +1,115 @@
+"""Embeddings on both APIs: /api/embed and /api/embeddings (Ollama), /v1/embeddings (OpenAI)."""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+import numpy as np
+from flask import Blueprint
+
+from ortserve.api.app import current_state
+from ortserve.api.streaming import json_response
+from ortserve.api.validation import read_json, validate
+from ortserve.config import parse_duration
+from ortserve.errors import InvalidRequest
+
+embeddings_bp = Blueprint("embeddings", __name__)
+
+
+@embeddings_bp.post("/api/embed")
+def embed():
+    """Ollama: one vector per input text, with timings and the tokens read."""
+    started = time.perf_counter_ns()
+    body = validate("embed", _texts_only(read_json()))
+    result, load_ns = _run(body, _texts(body["input"]), keep_alive=_keep_alive(body))
+    return json_response(
+        {
+            "model": body["model"],
+            "embeddings": result.vectors.tolist(),
+            "total_duration": time.perf_counter_ns() - started,
+            "load_duration": load_ns,
+            "prompt_eval_count": result.prompt_tokens,
+        }
+    )
+
+
+@embeddings_bp.post("/api/embeddings")
+def embeddings_legacy():
+    """Ollama's older endpoint: `prompt` -> `embedding`; an empty prompt just loads the model."""
+    body = validate("embeddings", read_json())
+    prompt = body.get("prompt", "")
+    texts = [prompt] if prompt else []
+    result, _ = _run(body, texts, keep_alive=_keep_alive(body))
+    vector = result.vectors[0].tolist() if texts else []
+    return json_response({"embedding": vector})
+
+
+@embeddings_bp.post("/v1/embeddings")
+def openai_embeddings():
+    """OpenAI: `data[i].embedding` as floats or base64 float32, and token usage."""
+    body = validate("openai_embeddings", _texts_only(read_json()))
+    info = current_state().library.get(body["model"])  # 404 model_not_found first
+    if "embedding" not in info.capabilities:
+        raise InvalidRequest("model does not support embeddings", param="model")
+    result, _ = _run(body, _texts(body["input"]), keep_alive=None)
+    encode = _base64 if body.get("encoding_format") == "base64" else _floats
+    data = [
+        {"object": "embedding", "index": i, "embedding": encode(row)}
+        for i, row in enumerate(result.vectors)
+    ]
+    usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+    return json_response({"object": "list", "data": data, "model": body["model"], "usage": usage})
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def _run(body: dict[str, Any], texts: list[str], *, keep_alive: float | None):
+    """Embed `texts` with the body's model: (EmbeddingResult, load duration in ns)."""
+    runtime = current_state().runtime
+    loaded = runtime.acquire_embedder(body["model"], keep_alive)
+    try:
+        load_ns = loaded.load_duration_ns  # read now: the next request resets it
+        result = loaded.embed(
+            texts, truncate=body.get("truncate", True), dimensions=body.get("dimensions")
+        )
+    finally:
+        runtime.release(loaded, keep_alive)
+    return result, load_ns
+
+
+def _texts_only(body: dict[str, Any]) -> dict[str, Any]:
+    """Token arrays ([1, 2] or [[1, 2]]) are refused by name rather than as a type error."""
+    value = body.get("input")
+    if isinstance(value, list) and any(isinstance(v, (int, list)) for v in value):
+        raise InvalidRequest(
+            "input: token arrays are not supported; send a string or a list of strings",
+            param="input",
+        )
+    return body
+
+
+def _texts(value: str | list[str]) -> list[str]:
+    """One text or a list (the schema has refused an empty list)."""
+    return [value] if isinstance(value, str) else value
+
+
+def _keep_alive(body: dict[str, Any]) -> float | None:
+    """Seconds (negative: forever), or None for the server's default."""
+    if "keep_alive" not in body:
+        return None
+    try:
+        return parse_duration(body["keep_alive"])
+    except ValueError as exc:
+        raise InvalidRequest(f"keep_alive: {exc}", param="keep_alive") from None
+
+
+def _floats(row: np.ndarray) -> list[float]:
+    return row.tolist()
+
+
+def _base64(row: np.ndarray) -> str:
+    """Little-endian float32 bytes, base64: what the openai SDK decodes with numpy."""
+    return base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
