@@ -11,8 +11,7 @@ from flask import Blueprint
 
 from ortserve.api.app import current_state
 from ortserve.api.streaming import json_response
-from ortserve.api.validation import read_json, validate
-from ortserve.config import parse_duration
+from ortserve.api.validation import keep_alive_seconds, read_json, validate
 from ortserve.errors import InvalidRequest
 
 embeddings_bp = Blueprint("embeddings", __name__)
@@ -23,7 +22,7 @@ def embed():
     """Ollama: one vector per input text, with timings and the tokens read."""
     started = time.perf_counter_ns()
     body = validate("embed", _texts_only(read_json()))
-    result, load_ns = _run(body, _texts(body["input"]), keep_alive=_keep_alive(body))
+    result, load_ns = _run(body, _texts(body["input"]), keep_alive=keep_alive_seconds(body))
     return json_response(
         {
             "model": body["model"],
@@ -41,7 +40,7 @@ def embeddings_legacy():
     body = validate("embeddings", read_json())
     prompt = body.get("prompt", "")
     texts = [prompt] if prompt else []
-    result, _ = _run(body, texts, keep_alive=_keep_alive(body))
+    result, _ = _run(body, texts, keep_alive=keep_alive_seconds(body))
     vector = result.vectors[0].tolist() if texts else []
     return json_response({"embedding": vector})
 
@@ -94,16 +93,6 @@ def _texts_only(body: dict[str, Any]) -> dict[str, Any]:
 def _texts(value: str | list[str]) -> list[str]:
     """One text or a list (the schema has refused an empty list)."""
     return [value] if isinstance(value, str) else value
-
-
-def _keep_alive(body: dict[str, Any]) -> float | None:
-    """Seconds (negative: forever), or None for the server's default."""
-    if "keep_alive" not in body:
-        return None
-    try:
-        return parse_duration(body["keep_alive"])
-    except ValueError as exc:
-        raise InvalidRequest(f"keep_alive: {exc}", param="keep_alive") from None
 
 
 def _floats(row: np.ndarray) -> list[float]:

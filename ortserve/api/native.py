@@ -15,8 +15,7 @@ from flask import Blueprint, Response
 from ortserve import __version__
 from ortserve.api.app import current_state
 from ortserve.api.streaming import json_response, ndjson_line, rfc3339, stream_response
-from ortserve.api.validation import parsed_body, read_json, validate
-from ortserve.config import parse_duration
+from ortserve.api.validation import keep_alive_seconds, parsed_body, read_json, validate
 from ortserve.engine.types import Finished, TextChunk
 from ortserve.errors import (
     InvalidRequest,
@@ -99,7 +98,7 @@ def generate():
     if body.get("raw") and any(body.get(k) for k in ("template", "system", "context")):
         raise InvalidRequest("raw mode does not support template, system, or context")
     _refuse_later(body)
-    keep_alive = _keep_alive(body)
+    keep_alive = keep_alive_seconds(body)
     if not body.get("prompt"):
         return _load_or_unload(body, keep_alive, "generate")
     return _run(body, keep_alive, "generate", _generate_tokens)
@@ -109,7 +108,7 @@ def generate():
 def chat():
     body = parsed_body("chat")
     _refuse_later(body)
-    keep_alive = _keep_alive(body)
+    keep_alive = keep_alive_seconds(body)
     if not body.get("messages"):
         return _load_or_unload(body, keep_alive, "chat")
     return _run(body, keep_alive, "chat", _chat_tokens)
@@ -134,16 +133,6 @@ def _refuse_later(body: dict[str, Any]) -> None:
             if message.get(field):
                 param = f"messages[{i}].{field}"
                 raise NotSupportedYet(f'"{param}" is not supported yet', param=param)
-
-
-def _keep_alive(body: dict[str, Any]) -> float | None:
-    """Seconds (negative: forever), or None for the server's default."""
-    if "keep_alive" not in body:
-        return None
-    try:
-        return parse_duration(body["keep_alive"])
-    except ValueError as exc:
-        raise InvalidRequest(f"keep_alive: {exc}", param="keep_alive") from None
 
 
 def _require_completion(library: Library, name: str, kind: str) -> ModelInfo:

@@ -14,6 +14,7 @@ from jsonschema.exceptions import ValidationError, best_match
 from referencing import Registry, Resource
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from ortserve.config import parse_duration
 from ortserve.errors import InvalidRequest
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
@@ -111,3 +112,13 @@ def _message(message: Any) -> Any:
     if isinstance(message.get("role"), str):
         message["role"] = message["role"].lower()
     return message
+
+
+def keep_alive_seconds(body: dict[str, Any]) -> float | None:
+    """A request's keep_alive in seconds (negative: forever), None for the server default."""
+    if "keep_alive" not in body:
+        return None
+    try:
+        return parse_duration(body["keep_alive"])
+    except ValueError as exc:
+        raise InvalidRequest(f"keep_alive: {exc}", param="keep_alive") from None

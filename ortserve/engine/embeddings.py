@@ -11,12 +11,13 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ortserve.engine.providers import choose_provider
+from ortserve.engine.resident import Resident
 from ortserve.errors import InvalidRequest, ModelLoadError, ServerBusy
 from ortserve.library import ModelInfo
 
@@ -150,26 +151,12 @@ def shorten(vectors: np.ndarray, dimensions: int) -> np.ndarray:
     return cut / np.clip(norms, 1e-12, None)  # an all-zero prefix stays zero, not NaN
 
 
-@dataclass(eq=False)
-class LoadedEmbedder:
-    """An embedding model in memory, with the bookkeeping the Runtime keeps for every model."""
+@dataclass(eq=False, kw_only=True)
+class LoadedEmbedder(Resident):
+    """An embedding model in memory."""
 
-    info: ModelInfo
-    provider: str
     embedder: Embedder
-    load_duration_ns: int = 0
-    active: int = 0
-    expires_at: float | None = None  # time.time(); None while in use or kept forever
-    last_used: float = field(default_factory=time.monotonic)
     stopped: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def capabilities(self) -> list[str]:
-        return self.info.capabilities
 
     @property
     def context_length(self) -> int:
@@ -199,7 +186,9 @@ def load_embedder(info: ModelInfo, requested_provider: str) -> LoadedEmbedder:
         raise ModelLoadError(f'failed to load model "{info.name}": {exc}') from exc
     duration = int((time.perf_counter() - started) * 1e9)
     log.info("loaded %s on %s in %.2fs", info.name, embedder.provider, duration / 1e9)
-    return LoadedEmbedder(info, embedder.provider, embedder, duration)
+    return LoadedEmbedder(
+        info=info, provider=embedder.provider, embedder=embedder, load_duration_ns=duration
+    )
 
 
 def _untruncated_length(encoding) -> int:

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
@@ -20,6 +20,7 @@ from typing import TypeVar
 from ortserve.config import Settings
 from ortserve.engine.embeddings import LoadedEmbedder, load_embedder
 from ortserve.engine.providers import bundle_target, choose_provider
+from ortserve.engine.resident import Resident
 from ortserve.engine.scheduler import Scheduler
 from ortserve.engine.turns import Turn
 from ortserve.engine.types import GenerationOptions
@@ -29,27 +30,13 @@ from ortserve.library import Library, ModelInfo
 log = logging.getLogger("ortserve.engine")
 
 
-@dataclass(eq=False)
-class LoadedModel:
-    """A model in memory: its scheduler, tokenizer and chat template."""
+@dataclass(eq=False, kw_only=True)
+class LoadedModel(Resident):
+    """A generation model in memory: its scheduler, tokenizer and chat template."""
 
-    info: ModelInfo
-    provider: str
     scheduler: Scheduler
     tokenizer: object  # tokenizers.Tokenizer: thread-safe, unlike og.Tokenizer
     template: object | None  # prompts.ChatTemplate
-    load_duration_ns: int = 0
-    active: int = 0
-    expires_at: float | None = None  # time.time(); None while in use or kept forever
-    last_used: float = field(default_factory=time.monotonic)
-
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def capabilities(self) -> list[str]:
-        return self.info.capabilities
 
     @property
     def context_length(self) -> int:
@@ -230,7 +217,14 @@ class Runtime:
         scheduler.start()
         duration = int((time.perf_counter() - started) * 1e9)
         log.info("loaded %s on %s in %.2fs", info.name, provider, duration / 1e9)
-        return LoadedModel(info, provider, scheduler, tokenizer, template, duration)
+        return LoadedModel(
+            info=info,
+            provider=provider,
+            scheduler=scheduler,
+            tokenizer=tokenizer,
+            template=template,
+            load_duration_ns=duration,
+        )
 
     def _evict_over_limit(self, keep: str) -> None:
         """Unload idle models, least recently used first, while over the limit (lock held)."""

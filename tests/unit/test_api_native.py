@@ -145,18 +145,6 @@ def runtime(library):
     return FakeRuntime(library)
 
 
-@pytest.fixture
-def app(library, runtime):
-    app = create_app(Settings(models=library.root), runtime=runtime)
-    app.testing = True
-    return app
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
-
-
 def lines(response):
     return [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
 

@@ -12,9 +12,7 @@ from datetime import datetime, timezone
 import pytest
 from werkzeug.test import EnvironBuilder
 
-from ortserve.api import create_app
 from ortserve.api.openai import SYSTEM_FINGERPRINT
-from ortserve.config import Settings
 from ortserve.errors import OrtServeError
 from tests.unit.test_api_native import FakeRuntime, FakeTurn, add_model
 
@@ -50,18 +48,6 @@ def runtime(library):
     add_model(library, "team/other:v1")
     add_model(library, "minilm", capabilities=["embedding"], template=None)
     return ManyTurnsRuntime(library)
-
-
-@pytest.fixture
-def app(library, runtime):
-    app = create_app(Settings(models=library.root), runtime=runtime)
-    app.testing = True
-    return app
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
 
 
 def sse(response) -> list:
