@@ -1,0 +1,357 @@
+"""Guided JSON output: schema checks, bounded guidance schemas, validation and bounded retry."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+from jsonschema import Draft7Validator, Draft202012Validator
+
+from ortserve.errors import InvalidRequest, OrtServeError
+
+
+class InvalidOutput(OrtServeError):
+    """Generated output that still fails its schema after every retry."""
+
+    status = 422
+    type = "invalid_output"
+
+    def __init__(self, message: str, *, attempts: int = 0):
+        super().__init__(message)
+        self.attempts = attempts
+
+
+class OutputRejected(Exception):  # a verdict on one attempt, not an HTTP error
+    """One attempt's output that does not parse or validate; truncated when it ended early."""
+
+    def __init__(self, reason: str, truncated: bool):
+        super().__init__(reason)
+        self.reason = reason
+        self.truncated = truncated
+
+
+# Keywords llguidance cannot enforce (parser/src/json/README.md, "Supported JSON schema
+# features"): the grammar would silently ignore them or fail at set_guidance, so the caller
+# hears it as a 400 before generation rather than getting output the schema forbids.
+UNSUPPORTED_KEYWORDS = frozenset(
+    {
+        "patternProperties",
+        "dependentSchemas",
+        "dependentRequired",
+        "dependencies",
+        "if",
+        "then",
+        "else",
+        "not",
+        "contains",
+        "minContains",
+        "maxContains",
+        "propertyNames",
+        "unevaluatedProperties",
+        "unevaluatedItems",
+        "additionalItems",
+        "$dynamicRef",
+        "$dynamicAnchor",
+        "$recursiveRef",
+        "$recursiveAnchor",
+    }
+)
+
+# String formats llguidance implements; any other format is an error inside llguidance.
+# "uri" is not in its documented list, so it is refused here too.
+SUPPORTED_FORMATS = frozenset(
+    {"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid"}
+)
+
+# Draft-07 is what many clients still send ($schema of draft-07); everything else is 2020-12.
+_VALIDATORS = {
+    "http://json-schema.org/draft-07/schema": Draft7Validator,
+    "https://json-schema.org/draft/2020-12/schema": Draft202012Validator,
+}
+
+# Keywords whose value is one subschema, a list of subschemas, or a name -> subschema map.
+_ONE_SCHEMA = ("additionalProperties", "items")
+_SCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf", "allOf", "items")
+_SCHEMA_MAPS = ("properties", "$defs", "definitions")
+
+# Any JSON value, spelt out by type so bounded_schema can bound every string, array and number.
+JSON_OBJECT_SCHEMA: dict = {
+    "type": "object",
+    "additionalProperties": {"$ref": "#/$defs/value"},
+    "$defs": {
+        "value": {
+            "anyOf": [
+                {"type": "null"},
+                {"type": "boolean"},
+                {"type": "number"},
+                {"type": "string"},
+                {"type": "array", "items": {"$ref": "#/$defs/value"}},
+                {"type": "object", "additionalProperties": {"$ref": "#/$defs/value"}},
+            ]
+        }
+    },
+}
+
+
+def _validator_class(schema: dict) -> type:
+    """The jsonschema validator class for the schema's $schema (2020-12 when absent)."""
+    declared = schema.get("$schema")
+    if declared is None:
+        return Draft202012Validator
+    if not isinstance(declared, str):
+        raise ValueError("$schema must be a string")
+    cls = _VALIDATORS.get(declared.rstrip("#"))
+    if cls is None:
+        raise ValueError(f"unsupported $schema {declared!r}: use draft 2020-12 or draft-07")
+    return cls
+
+
+def _subschemas(node: dict, path: str):
+    """Yield (subschema, path) for every subschema position in one schema node."""
+    for key in _ONE_SCHEMA:
+        if isinstance(node.get(key), dict):
+            yield node[key], f"{path}/{key}"
+    for key in _SCHEMA_LISTS:
+        if isinstance(node.get(key), list):
+            for i, child in enumerate(node[key]):
+                yield child, f"{path}/{key}/{i}"
+    for key in _SCHEMA_MAPS:
+        if isinstance(node.get(key), dict):
+            for name, child in node[key].items():
+                yield child, f"{path}/{key}/{name}"
+
+
+def _unsupported(node: Any, path: str) -> str | None:
+    """Describe the first feature llguidance cannot enforce in node or below, else None."""
+    if not isinstance(node, dict):
+        return None
+    for key in node:
+        if key in UNSUPPORTED_KEYWORDS:
+            return f"unsupported keyword '{key}' at {path}"
+    if node.get("uniqueItems") is True:
+        return f"unsupported keyword 'uniqueItems' at {path}"
+    if isinstance(node.get("items"), list):
+        return f"unsupported keyword 'items' as a list (use prefixItems) at {path}"
+    if ("minProperties" in node or "maxProperties" in node) and not _all_required(node):
+        return f"unsupported keyword 'maxProperties'/'minProperties' with optional properties at {path}"
+    ref = node.get("$ref")
+    if isinstance(ref, str) and not ref.startswith("#"):
+        return f"unsupported keyword '$ref' (only local '#...' references) at {path}"
+    fmt = node.get("format")
+    if isinstance(fmt, str) and fmt not in SUPPORTED_FORMATS:
+        return f"unsupported keyword 'format' value {fmt!r} at {path}"
+    for child, child_path in _subschemas(node, path):
+        found = _unsupported(child, child_path)
+        if found:
+            return found
+    return None
+
+
+def check_schema(schema: Any, param: str) -> dict:
+    """Return the caller's schema if it is valid JSON Schema the guidance can enforce."""
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"{param} must be a JSON Schema object", param=param)
+    try:
+        _validator_class(schema).check_schema(schema)
+    except ValueError as exc:
+        raise InvalidRequest(f"{param} is not a valid JSON Schema: {exc}", param=param) from exc
+    except jsonschema.SchemaError as exc:
+        where = "#/" + "/".join(str(p) for p in exc.absolute_path)
+        raise InvalidRequest(
+            f"{param} is not a valid JSON Schema: {exc.message} at {where}", param=param
+        ) from exc
+    problem = _unsupported(schema, "#")
+    if problem:
+        raise InvalidRequest(f"{param} uses an {problem}", param=param)
+    return schema
+
+
+def _types(node: dict) -> set[str]:
+    """The node's declared types, plus object/array when implied by their keywords."""
+    declared = node.get("type")
+    types = {declared} if isinstance(declared, str) else set(declared or ())
+    if "properties" in node or "additionalProperties" in node:
+        types.add("object")
+    if "items" in node or "prefixItems" in node:
+        types.add("array")
+    return types
+
+
+def _bound_string(node: dict, max_string: int) -> None:
+    """Cap a free string's length; enum/const/pattern/format already limit it."""
+    if any(k in node for k in ("maxLength", "enum", "const", "pattern", "format")):
+        return
+    # Never below the caller's minLength: a bound must not make the schema unsatisfiable.
+    node["maxLength"] = max(max_string, node.get("minLength", 0))
+
+
+def _bound_number(node: dict, max_number: float) -> None:
+    """Give a number a range, keeping (and never crossing) the caller's own bounds."""
+    limit = int(max_number) if float(max_number).is_integer() else max_number
+    low = node.get("minimum", node.get("exclusiveMinimum"))
+    high = node.get("maximum", node.get("exclusiveMaximum"))
+    if high is None:
+        node["maximum"] = limit if low is None else max(limit, low)
+    if low is None:
+        node["minimum"] = -limit if high is None else min(-limit, high)
+
+
+def _all_required(node: dict) -> bool:
+    """Whether every property listed in properties is also in required."""
+    required = node.get("required", [])
+    return all(name in required for name in node.get("properties", {}))
+
+
+def _bound_object(node: dict, max_properties: int) -> None:
+    """Cap the property count of an object that allows additional properties."""
+    if node.get("additionalProperties") is False or "maxProperties" in node:
+        return
+    if not _all_required(node):
+        return  # llguidance refuses a property count unless every listed property is required
+    floor = max(len(node.get("properties", {})), node.get("minProperties", 0))
+    node["maxProperties"] = max(max_properties, floor)
+
+
+def _bound_node(node: Any, limits: dict) -> None:
+    """Add bounds to one schema node and, recursively, to all its subschemas."""
+    if not isinstance(node, dict):
+        return
+    if "enum" not in node and "const" not in node:
+        types = _types(node)
+        if "string" in types:
+            _bound_string(node, limits["max_string"])
+        if types & {"number", "integer"}:
+            _bound_number(node, limits["max_number"])
+        if "array" in types and "maxItems" not in node:
+            node["maxItems"] = max(limits["max_items"], node.get("minItems", 0))
+        if "object" in types:
+            _bound_object(node, limits["max_properties"])
+    for child, _ in _subschemas(node, "#"):
+        _bound_node(child, limits)
+
+
+def bounded_schema(
+    schema: dict,
+    *,
+    max_string: int = 256,
+    max_items: int = 16,
+    max_number: float = 1e9,
+    max_properties: int = 32,
+) -> dict:
+    """A copy of schema with bounds wherever the caller left them open, and compact JSON."""
+    bounded = copy.deepcopy(schema)
+    limits = {
+        "max_string": max_string,
+        "max_items": max_items,
+        "max_number": max_number,
+        "max_properties": max_properties,
+    }
+    _bound_node(bounded, limits)
+    # A weak model can emit whitespace forever inside valid JSON: allow none.
+    guidance = dict(bounded.get("x-guidance") or {})
+    guidance["whitespace_flexible"] = False
+    bounded["x-guidance"] = guidance
+    return bounded
+
+
+def guidance_for(schema: dict) -> tuple[str, str]:
+    """The (type, data) pair for TurnOptions.set_guidance that constrains output to schema."""
+    return "json_schema", json.dumps(bounded_schema(schema))
+
+
+def _parse(text: str, finish_reason: str | None) -> Any:
+    """json.loads, raising OutputRejected that says whether the text merely ended early."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        # An error at the very end (or an unclosed string) means a prefix of valid JSON.
+        ended_early = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated")
+        truncated = ended_early or finish_reason == "length"
+        raise OutputRejected(f"invalid JSON: {exc}", truncated) from exc
+
+
+def validate_output(text: str, schema: dict, finish_reason: str | None = None) -> Any:
+    """The parsed value of text if it validates against the caller's original schema."""
+    value = _parse(text, finish_reason)
+    cls = _validator_class(schema)
+    error = jsonschema.exceptions.best_match(
+        cls(schema, format_checker=cls.FORMAT_CHECKER).iter_errors(value)
+    )
+    if error is not None:
+        where = "$" + "".join(f"[{p!r}]" for p in error.absolute_path)
+        raise OutputRejected(f"{where}: {error.message}", finish_reason == "length")
+    return value
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How many attempts a guided request gets and how its token cap grows."""
+
+    attempts: int = 3
+    growth: float = 2.0
+
+    def __post_init__(self):
+        """Refuse a policy that could never produce an answer."""
+        if self.attempts < 1 or self.growth < 1:
+            raise ValueError("RetryPolicy needs attempts >= 1 and growth >= 1")
+
+    def next_max_tokens(self, current: int, rejected: OutputRejected, ceiling: int) -> int:
+        """A larger cap when the cap cut the output short; otherwise the same cap."""
+        if not rejected.truncated:
+            return current
+        return min(ceiling, max(current + 1, int(current * self.growth)))
+
+    def next_seed(self, attempt: int, base: int | None) -> int:
+        """A different seed for each attempt, reproducible when the caller gave one."""
+        if base is None:
+            return random.randrange(2**31)
+        # A large odd stride so retries of neighbouring seeds do not collide.
+        return (base + attempt * 0x9E3779B1) % 2**31
+
+
+def retries_from_env(retries: int) -> RetryPolicy:
+    """The policy for ORTSERVE_FORMAT_RETRIES (retries after the first attempt)."""
+    if retries < 0:
+        raise ValueError("ORTSERVE_FORMAT_RETRIES must be 0 or more")
+    return RetryPolicy(attempts=retries + 1)
+
+
+@dataclass(frozen=True)
+class GuidedResult:
+    """A validated value, the text it came from and the attempts it took."""
+
+    value: Any
+    text: str
+    attempts: int
+
+
+def run_guided(
+    generate: Callable[[int, int | None], tuple[str, str]],
+    schema: dict,
+    *,
+    max_tokens: int,
+    ceiling: int,
+    policy: RetryPolicy,
+    seed: int | None,
+) -> GuidedResult:
+    """Generate and validate up to policy.attempts times; InvalidOutput when all fail."""
+    attempt_seed = seed
+    rejected: OutputRejected | None = None
+    for attempt in range(1, policy.attempts + 1):
+        text, finish_reason = generate(max_tokens, attempt_seed)
+        try:
+            return GuidedResult(validate_output(text, schema, finish_reason), text, attempt)
+        except OutputRejected as exc:
+            rejected = exc
+        max_tokens = policy.next_max_tokens(max_tokens, rejected, ceiling)
+        attempt_seed = policy.next_seed(attempt, seed)
+    cause = "truncated at the token limit: " if rejected and rejected.truncated else ""
+    raise InvalidOutput(
+        f"output failed its schema after {policy.attempts} attempts ({cause}{rejected})",
+        attempts=policy.attempts,
+    )
