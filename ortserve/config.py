@@ -67,6 +67,7 @@ class Settings:
     provider: str = "auto"
     threads: int = 32  # gunicorn gthread threads
     grace_period: float = 30.0  # seconds in-flight requests get on SIGTERM
+    format_retries: int = 2  # retries of structured output that fails its schema
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -84,6 +85,7 @@ class Settings:
             "provider": _provider,
             "threads": _positive_int,
             "grace_period": lambda v: max(0.0, parse_duration(v)),
+            "format_retries": _non_negative_int,
         }
         for name, reader in readers.items():
             variable = f"ORTSERVE_{name.upper()}"
@@ -108,6 +110,13 @@ def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise ValueError("must be a whole number >= 1")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be a whole number >= 0")
     return number
 
 

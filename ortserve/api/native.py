@@ -15,7 +15,9 @@ from flask import Blueprint, Response
 from ortserve import __version__
 from ortserve.api.app import current_state
 from ortserve.api.streaming import json_response, ndjson_line, rfc3339, stream_response
+from ortserve.api.structured import GuidedTurn, native_schema, start_turn
 from ortserve.api.validation import keep_alive_seconds, parsed_body, read_json, validate
+from ortserve.engine.guided import Retry
 from ortserve.engine.types import Finished, TextChunk
 from ortserve.errors import (
     InvalidRequest,
@@ -31,7 +33,6 @@ native_bp = Blueprint("native", __name__)
 
 # Fields a later version implements, and when a value asks for them: refused, never ignored.
 _LATER: dict[str, Callable[[Any], bool]] = {
-    "format": lambda v: v != "",
     "images": bool,
     "tools": bool,
     "suffix": bool,
@@ -168,12 +169,14 @@ def _run(body: dict[str, Any], keep_alive: float | None, kind: str, tokens_of) -
     """Load the model, build and encode the prompt, start the turn, answer."""
     started = time.perf_counter_ns()
     state = current_state()
+    schema = native_schema(body)
     _require_completion(state.library, body["model"], kind)
     runtime = state.runtime
     loaded = runtime.acquire(body["model"], keep_alive)
     try:
         options = _options(body, loaded)
-        turn = loaded.generate(tokens_of(body, loaded, options), options)
+        tokens = tokens_of(body, loaded, options)
+        turn = start_turn(loaded, tokens, options, schema, state.settings)
     except BaseException:
         runtime.release(loaded, keep_alive)
         raise
@@ -279,9 +282,21 @@ class _Exchange:
         self.finished: Finished | None = None
         self._closed = False
 
+    @property
+    def attempts(self) -> int | None:
+        """How many attempts a structured answer took (None for a plain turn)."""
+        return self.turn.attempts if isinstance(self.turn, GuidedTurn) else None
+
+    def retry(self, event: Retry) -> dict[str, Any]:
+        """The object that tells a client to discard the text streamed so far."""
+        reply = self.reply
+        return {"model": reply.model, "created_at": rfc3339(),
+                "retry": {"attempt": event.attempt, "reason": event.reason}, "done": False}  # fmt: skip
+
     def final(self, finished: Finished, text: str = "") -> dict[str, Any]:
         """The done object with Ollama's metrics (all durations in nanoseconds)."""
         self.finished = finished
+        attempts = {} if self.attempts is None else {"attempts": self.attempts}
         return {
             **self.reply.chunk(text),
             "done": True,
@@ -292,6 +307,7 @@ class _Exchange:
             "prompt_eval_duration": finished.prompt_eval_duration_ns,
             "eval_count": finished.usage.generated_tokens,
             "eval_duration": finished.eval_duration_ns,
+            **attempts,
         }
 
     def close(self) -> None:
@@ -328,6 +344,9 @@ def _lines(exchange: _Exchange, events: Iterator[TextChunk | Finished]) -> Itera
             if isinstance(event, TextChunk):
                 yield ndjson_line(exchange.reply.chunk(event.text))
                 continue
+            if isinstance(event, Retry):
+                yield ndjson_line(exchange.retry(event))
+                continue
             if event.reason == "cancelled":
                 raise _cancelled()
             yield ndjson_line(exchange.final(event))
@@ -349,13 +368,23 @@ def _collect(exchange: _Exchange) -> Response:
         for event in exchange.turn:
             if isinstance(event, TextChunk):
                 parts.append(event.text)
+            elif isinstance(event, Retry):
+                parts.clear()  # a failed attempt's text is not the answer
             elif event.reason == "cancelled":
                 raise _cancelled()
             else:
-                return json_response(exchange.final(event, "".join(parts)))
+                return _with_attempts(exchange, exchange.final(event, "".join(parts)))
         raise OrtServeError("generation ended without finishing")
     finally:
         exchange.close()
+
+
+def _with_attempts(exchange: _Exchange, body: dict[str, Any]) -> Response:
+    """The stream:false response; X-Ortserve-Attempts on a structured answer."""
+    response = json_response(body)
+    if exchange.attempts is not None:
+        response.headers["X-Ortserve-Attempts"] = str(exchange.attempts)
+    return response
 
 
 # ---- library entries -----------------------------------------------------------------------

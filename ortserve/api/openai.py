@@ -20,7 +20,9 @@ from flask import Blueprint, Response
 from ortserve import __version__
 from ortserve.api.app import current_state
 from ortserve.api.streaming import SSE, json_response, sse_events, stream_response
+from ortserve.api.structured import GuidedTurn, openai_schema, start_turn
 from ortserve.api.validation import parsed_body
+from ortserve.engine.guided import Retry
 from ortserve.engine.types import Finished, GenerationOptions, TextChunk
 from ortserve.errors import InvalidRequest, NotSupportedYet, OrtServeError, ServerBusy
 from ortserve.library import Library, ModelInfo
@@ -38,9 +40,8 @@ SYSTEM_FINGERPRINT = f"fp_ortserve_{__version__}"
 COMPLETIONS_MAX_TOKENS = 16
 
 _NO_LOGPROBS = "onnxruntime-genai's engine does not return log probabilities"
-# Fields that belong to the structured-output work, and when a value asks for them.
+# Fields that belong to the tool-calling work, and when a value asks for them.
 _CHAT_LATER: dict[str, Callable[[Any], bool]] = {
-    "response_format": lambda v: v.get("type", "text") != "text",
     "tools": bool,
     "tool_choice": lambda v: v != "none",
     "functions": bool,
@@ -62,8 +63,10 @@ def chat_completions():
     for field, asks in _CHAT_LATER.items():
         if field in body and asks(body[field]):
             raise NotSupportedYet(f'"{field}" is not supported yet', param=field)
+    schema = openai_schema(body)
     messages = chat_messages(body["messages"])
-    return _run(body, _ChatShape(body["model"]), functools.partial(_chat_prompts, messages))
+    tokens_of = functools.partial(_chat_prompts, messages)
+    return _run(body, _ChatShape(body["model"]), tokens_of, schema)
 
 
 @openai_bp.post("/v1/completions")
@@ -218,7 +221,9 @@ def _require_completion(library: Library, name: str, kind: str) -> None:
 # ---- running the turns ---------------------------------------------------------------------
 
 
-def _run(body: dict[str, Any], shape: _Shape, tokens_of: TokensOf) -> Response:
+def _run(
+    body: dict[str, Any], shape: _Shape, tokens_of: TokensOf, schema: dict | None = None
+) -> Response:
     """Load the model, submit every choice's turn, answer as one body or as SSE."""
     from ortserve.engine.sampling import openai_options
 
@@ -226,7 +231,7 @@ def _run(body: dict[str, Any], shape: _Shape, tokens_of: TokensOf) -> Response:
     _require_completion(state.library, body["model"], shape.kind)
     runtime = state.runtime
     loaded = runtime.acquire(body["model"])
-    exchange = _Exchange(runtime, loaded, shape)
+    exchange = _Exchange(runtime, loaded, shape, schema, state.settings)
     try:
         parameters = loaded.info.manifest.get("parameters")
         options = openai_options(body, parameters, context_length=loaded.context_length)
@@ -242,8 +247,10 @@ def _run(body: dict[str, Any], shape: _Shape, tokens_of: TokensOf) -> Response:
 class _Exchange:
     """One request's turns (one per choice), their output so far, and the clean-up (once)."""
 
-    def __init__(self, runtime, loaded, shape: _Shape):
+    def __init__(self, runtime, loaded, shape: _Shape, schema: dict | None = None, settings=None):
         self.runtime = runtime
+        self.schema = schema  # a structured answer's schema, None for plain text
+        self.settings = settings
         self.loaded = loaded
         self.shape = shape
         self.turns: list[Any] = []
@@ -256,7 +263,8 @@ class _Exchange:
         """Submit every turn before reading any, so that the batch runs them side by side."""
         for group, tokens in enumerate(prompts):
             for _ in range(n):
-                self.turns.append(self.loaded.generate(tokens, options))
+                turn = start_turn(self.loaded, tokens, options, self.schema, self.settings)
+                self.turns.append(turn)
                 self.groups.append(group)
                 self.texts.append([])
 
@@ -268,12 +276,29 @@ class _Exchange:
         if isinstance(event, TextChunk):
             self.texts[index].append(event.text)
             return self.shape.delta(index, event.text) if event.text else None
+        if isinstance(event, Retry):
+            self.texts[index] = []  # a failed attempt's text is not the answer
+            return self.shape.closing(index, None)
         if event.reason == "cancelled":
             raise ServerBusy(
                 "generation was cancelled: the model was unloaded or the server is stopping"
             )
         self.finished[index] = event
         return self.shape.closing(index, event.reason)
+
+    def extra(self, index: int, event) -> dict[str, Any]:
+        """The ortserve fields of a stream chunk: a retry, or the attempts of a final chunk."""
+        if isinstance(event, Retry):
+            return {"ortserve_retry": {"attempt": event.attempt, "reason": event.reason}}
+        if isinstance(event, Finished) and isinstance(self.turns[index], GuidedTurn):
+            return {"ortserve_attempts": self.turns[index].attempts}
+        return {}
+
+    @property
+    def attempts(self) -> int | None:
+        """The most attempts any structured choice took (None for plain text)."""
+        guided = [t.attempts for t in self.turns if isinstance(t, GuidedTurn)]
+        return max(guided) if guided else None
 
     def usage(self) -> dict[str, int]:
         """The engine's counts; a prompt shared by n choices is counted once."""
@@ -343,7 +368,10 @@ def _collect(exchange: _Exchange) -> Response:
             exchange.take(index, event)
         if len(exchange.finished) < len(exchange.turns):
             raise OrtServeError("generation ended without finishing")
-        return json_response(exchange.whole())
+        response = json_response(exchange.whole())
+        if exchange.attempts is not None:
+            response.headers["X-Ortserve-Attempts"] = str(exchange.attempts)
+        return response
     finally:
         exchange.close()
 
@@ -379,7 +407,7 @@ def _chunks(exchange: _Exchange, events: Iterator, include_usage: bool) -> Itera
         for index, event in events:
             choice = exchange.take(index, event)
             if choice is not None:
-                yield {**shape.envelope([choice]), **usage}
+                yield {**shape.envelope([choice]), **usage, **exchange.extra(index, event)}
         if len(exchange.finished) < len(exchange.turns):
             raise OrtServeError("generation ended without finishing")
         if include_usage:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -330,6 +330,51 @@ class GuidedResult:
     attempts: int
 
 
+@dataclass(frozen=True)
+class Retry:
+    """Between attempts: attempt `attempt` begins because the previous one failed (`reason`)."""
+
+    attempt: int
+    reason: str
+
+
+# attempt(max_tokens, seed): a generator that yields what it streams and returns
+# (text, finish_reason) once its turn is over.
+Attempt = Callable[[int, int | None], Generator[Any, None, tuple[str, str]]]
+
+
+def guided_steps(
+    attempt: Attempt,
+    schema: dict,
+    *,
+    max_tokens: int,
+    ceiling: int,
+    policy: RetryPolicy,
+    seed: int | None,
+) -> Generator[Any, None, GuidedResult]:
+    """The attempt loop: yield each attempt's items and a Retry between attempts.
+
+    Returns the GuidedResult of the first valid attempt; InvalidOutput when all fail.
+    """
+    attempt_seed = seed
+    rejected: OutputRejected | None = None
+    for number in range(1, policy.attempts + 1):
+        if rejected is not None:
+            yield Retry(number, rejected.reason)
+        text, finish_reason = yield from attempt(max_tokens, attempt_seed)
+        try:
+            return GuidedResult(validate_output(text, schema, finish_reason), text, number)
+        except OutputRejected as exc:
+            rejected = exc
+        max_tokens = policy.next_max_tokens(max_tokens, rejected, ceiling)
+        attempt_seed = policy.next_seed(number, seed)
+    cause = "truncated at the token limit: " if rejected and rejected.truncated else ""
+    raise InvalidOutput(
+        f"output failed its schema after {policy.attempts} attempts ({cause}{rejected})",
+        attempts=policy.attempts,
+    )
+
+
 def run_guided(
     generate: Callable[[int, int | None], tuple[str, str]],
     schema: dict,
@@ -340,18 +385,15 @@ def run_guided(
     seed: int | None,
 ) -> GuidedResult:
     """Generate and validate up to policy.attempts times; InvalidOutput when all fail."""
-    attempt_seed = seed
-    rejected: OutputRejected | None = None
-    for attempt in range(1, policy.attempts + 1):
-        text, finish_reason = generate(max_tokens, attempt_seed)
+
+    def attempt(tokens: int, attempt_seed: int | None):
+        return generate(tokens, attempt_seed)
+        yield  # a generator that streams nothing
+
+    steps = guided_steps(attempt, schema, max_tokens=max_tokens, ceiling=ceiling,
+                         policy=policy, seed=seed)  # fmt: skip
+    while True:
         try:
-            return GuidedResult(validate_output(text, schema, finish_reason), text, attempt)
-        except OutputRejected as exc:
-            rejected = exc
-        max_tokens = policy.next_max_tokens(max_tokens, rejected, ceiling)
-        attempt_seed = policy.next_seed(attempt, seed)
-    cause = "truncated at the token limit: " if rejected and rejected.truncated else ""
-    raise InvalidOutput(
-        f"output failed its schema after {policy.attempts} attempts ({cause}{rejected})",
-        attempts=policy.attempts,
-    )
+            next(steps)
+        except StopIteration as done:
+            return done.value

@@ -337,6 +337,8 @@ def apply_turn_options(turn, options: GenerationOptions, prompt_tokens: int) -> 
         turn.set_top_p(options.top_p)
     if options.repeat_penalty != 1.0:
         turn.set_repetition_penalty(options.repeat_penalty)
+    if options.guidance is not None:
+        turn.set_guidance(*options.guidance)
     if options.seed is not None and "seed" not in _warned:
         # og 0.18 takes a per-turn seed only in dynamic batching, which optimum-exported
         # graphs cannot use: say so once rather than pretend.

@@ -17,6 +17,7 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     repeat_penalty: float = 1.1
     num_ctx: int = 4096
+    guidance: tuple[str, str] | None = None  # (kind, data) for TurnOptions.set_guidance
 
     @property
     def greedy(self) -> bool:

@@ -78,6 +78,8 @@ class FakeLoaded:
 
     def generate(self, tokens, options):
         self.runtime.generated.append((tokens, options))
+        if self.runtime.script:
+            self.runtime.next_turn = FakeTurn(*self.runtime.script.pop(0))
         if self.runtime.busy:
             raise ServerBusy()
         turn = self.runtime.next_turn
@@ -90,6 +92,7 @@ class FakeRuntime:
     def __init__(self, library):
         self.library = library
         self.next_turn = FakeTurn(["Hel", "lo", " world"])
+        self.script: list[tuple] = []  # FakeTurn arguments, one per generate call
         self.busy = False
         self.acquired, self.released, self.unloaded, self.generated, self.turns = [], [], [], [], []
         self.shutdowns = []
@@ -441,8 +444,6 @@ def test_unknown_option_is_refused_by_the_option_resolver(client, runtime):
 @pytest.mark.parametrize(
     "route, extra, field",
     [
-        ("/api/generate", {"format": "json"}, "format"),
-        ("/api/generate", {"format": {"type": "object"}}, "format"),
         ("/api/generate", {"images": ["aGk="]}, "images"),
         ("/api/generate", {"suffix": "end"}, "suffix"),
         ("/api/generate", {"template": "{{ .Prompt }}"}, "template"),
@@ -451,7 +452,6 @@ def test_unknown_option_is_refused_by_the_option_resolver(client, runtime):
         ("/api/generate", {"think": "high"}, "think"),
         ("/api/generate", {"logprobs": True}, "logprobs"),
         ("/api/chat", {"tools": [{"type": "function"}]}, "tools"),
-        ("/api/chat", {"format": "json"}, "format"),
         (
             "/api/chat",
             {"messages": [{"role": "user", "content": "x", "images": ["aGk="]}]},
@@ -680,3 +680,75 @@ def test_blueprint_works_with_a_runtime_placed_in_extensions(library, runtime):
     host.extensions["ortserve"] = runtime
     names = [m["name"] for m in host.test_client().get("/api/tags").get_json()["models"]]
     assert sorted(names) == ["minilm:latest", "tiny:latest"]
+
+
+# ---- structured output (format) ------------------------------------------------------------
+
+NAME_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+
+
+def test_format_schema_sets_guidance_and_answers_valid_json(client, runtime):
+    runtime.next_turn = FakeTurn(['{"name"', ':"x"}'])
+    body = {"model": "tiny", "prompt": "x", "stream": False, "format": NAME_SCHEMA}
+    response = client.post("/api/generate", json=body)
+    assert response.status_code == 200
+    assert json.loads(response.get_json()["response"]) == {"name": "x"}
+    assert response.headers["X-Ortserve-Attempts"] == "1"
+    assert response.get_json()["attempts"] == 1
+    options = runtime.generated[0][1]
+    assert options.guidance[0] == "json_schema" and options.num_predict > 0
+
+
+def test_format_json_is_any_object(client, runtime):
+    runtime.next_turn = FakeTurn(['{"a":[1]}'])
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": False,
+            "format": "json"}  # fmt: skip
+    response = client.post("/api/chat", json=body)
+    assert json.loads(response.get_json()["message"]["content"]) == {"a": [1]}
+
+
+@pytest.mark.parametrize("fmt", ["yaml", 3, ["json"]])
+def test_bad_format_is_400(client, runtime, fmt):
+    body = {"model": "tiny", "prompt": "x", "format": fmt}
+    response = client.post("/api/generate", json=body)
+    assert response.status_code == 400
+    assert response.get_json() == {
+        "error": 'invalid format: expected "json" or a JSON Schema object'
+    }
+    assert runtime.acquired == []
+
+
+def test_invalid_schema_is_400_naming_the_problem(client, runtime):
+    body = {"model": "tiny", "prompt": "x", "format": {"type": "object", "not": {}}}
+    response = client.post("/api/generate", json=body)
+    assert response.status_code == 400
+    assert "'not'" in response.get_json()["error"]
+
+
+def test_failed_attempt_is_retried_and_streamed_retry_is_signalled(client, runtime):
+    runtime.script = [(['{"name":'], "length"), (['{"name":"y"}'],)]
+    body = {"model": "tiny", "prompt": "x", "format": NAME_SCHEMA}
+    objects = lines(client.post("/api/generate", json=body))
+    retry = [o for o in objects if "retry" in o]
+    assert len(retry) == 1 and retry[0]["retry"]["attempt"] == 2 and retry[0]["done"] is False
+    after = objects[objects.index(retry[0]) + 1 :]
+    assert json.loads("".join(o["response"] for o in after)) == {"name": "y"}
+    assert objects[-1]["done"] is True and objects[-1]["attempts"] == 2
+    assert runtime.generated[1][1].seed is not None  # a new seed for the retry
+
+
+def test_every_attempt_failing_is_422(client, runtime):
+    runtime.script = [(["nope"],)] * 3
+    body = {"model": "tiny", "prompt": "x", "stream": False, "format": NAME_SCHEMA}
+    response = client.post("/api/generate", json=body)
+    assert response.status_code == 422
+    assert "after 3 attempts" in response.get_json()["error"]
+    assert runtime.released
+
+
+def test_every_attempt_failing_mid_stream_is_an_error_line(client, runtime):
+    runtime.script = [(["nope"],)] * 3
+    objects = lines(client.post("/api/generate", json={"model": "tiny", "prompt": "x",
+                                                         "format": NAME_SCHEMA}))  # fmt: skip
+    assert "after 3 attempts" in objects[-1]["error"]
+    assert sum("retry" in o for o in objects) == 2

@@ -32,9 +32,7 @@ class ManyTurnsRuntime(FakeRuntime):
         original = loaded.generate
 
         def generate(tokens, options):
-            if self.script:
-                self.next_turn = FakeTurn(*self.script.pop(0))
-            else:
+            if not self.script:  # FakeLoaded.generate takes the next scripted turn
                 self.next_turn = FakeTurn(["Hel", "lo", " world"])
             return original(tokens, options)
 
@@ -242,7 +240,6 @@ def test_logprobs_are_refused_saying_why(client, extra, param):
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"tool_choice": "auto"}, "tool_choice"),
         ({"functions": [{"name": "f"}]}, "functions"),
@@ -484,3 +481,75 @@ def test_unknown_model_retrieve_is_404(client):
 def test_wrong_method_is_405_in_openais_shape(client):
     response = client.get("/v1/chat/completions")
     assert error_of(response, 405)["message"].startswith("405 method not allowed")
+
+
+# ---- structured output (response_format) ---------------------------------------------------
+
+NAME_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "n", "schema": NAME_SCHEMA,
+                                                      "strict": True}}  # fmt: skip
+
+
+def test_response_format_json_schema_answers_valid_json(client, runtime):
+    runtime.script = [(['{"name":"x"}'],)]
+    response = client.post("/v1/chat/completions", json={**CHAT, "response_format": JSON_SCHEMA})
+    assert response.status_code == 200
+    content = response.get_json()["choices"][0]["message"]["content"]
+    assert json.loads(content) == {"name": "x"}
+    assert response.headers["X-Ortserve-Attempts"] == "1"
+    assert runtime.generated[0][1].guidance[0] == "json_schema"
+
+
+def test_response_format_json_object(client, runtime):
+    runtime.script = [(['{"a":1}'],)]
+    body = {**CHAT, "response_format": {"type": "json_object"}}
+    content = client.post("/v1/chat/completions", json=body).get_json()["choices"][0]
+    assert json.loads(content["message"]["content"]) == {"a": 1}
+
+
+@pytest.mark.parametrize(
+    ("fmt", "param"),
+    [
+        ({"type": "yaml"}, "response_format.type"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "n"}},
+            "response_format.json_schema.schema",
+        ),  # fmt: skip
+        (
+            {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "nope"}}},
+            "response_format.json_schema.schema",
+        ),  # fmt: skip
+    ],
+)
+def test_bad_response_format_is_400(client, runtime, fmt, param):
+    error = error_of(client.post("/v1/chat/completions", json={**CHAT, "response_format": fmt}),
+                     400)  # fmt: skip
+    assert error["param"] == param
+    assert runtime.acquired == []
+
+
+def test_retry_is_a_stream_chunk_and_final_chunk_counts_attempts(client, runtime):
+    runtime.script = [(["{"], "length"), (['{"name":"y"}'],)]
+    body = {**CHAT, "response_format": JSON_SCHEMA, "stream": True}
+    events = sse(client.post("/v1/chat/completions", json=body))[:-1]
+    retry = [e for e in events if "ortserve_retry" in e]
+    assert len(retry) == 1 and retry[0]["ortserve_retry"]["attempt"] == 2
+    assert retry[0]["choices"][0]["delta"] == {}
+    after = events[events.index(retry[0]) + 1 :]
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in after)
+    assert json.loads(text) == {"name": "y"}
+    assert events[-1]["ortserve_attempts"] == 2
+
+
+def test_every_attempt_failing_is_422_invalid_output(client, runtime):
+    runtime.script = [(["nope"],)] * 3
+    response = client.post("/v1/chat/completions", json={**CHAT, "response_format": JSON_SCHEMA})
+    error = error_of(response, 422)
+    assert error["type"] == "invalid_output"
+
+
+def test_every_attempt_failing_mid_stream_is_an_error_event(client, runtime):
+    runtime.script = [(["nope"],)] * 3
+    body = {**CHAT, "response_format": JSON_SCHEMA, "stream": True}
+    events = sse(client.post("/v1/chat/completions", json=body))
+    assert events[-2]["error"]["type"] == "invalid_output"

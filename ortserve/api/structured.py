@@ -1,0 +1,114 @@
+"""Structured output shared by both APIs: schemas from requests, and turns retried until valid."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+from ortserve.engine.guided import (
+    JSON_OBJECT_SCHEMA,
+    GuidedResult,
+    Retry,
+    check_schema,
+    guidance_for,
+    guided_steps,
+    retries_from_env,
+)
+from ortserve.engine.types import Finished, GenerationOptions, TextChunk
+from ortserve.errors import InvalidRequest, OrtServeError
+
+# The token cap of a structured answer when the request gives none.
+DEFAULT_MAX_TOKENS = 512
+
+
+def native_schema(body: dict[str, Any]) -> dict | None:
+    """The schema of Ollama's `format`: "json", a JSON Schema object, or none."""
+    fmt = body.get("format")
+    if fmt is None or fmt == "":
+        return None
+    if fmt == "json":
+        return JSON_OBJECT_SCHEMA
+    if isinstance(fmt, dict):
+        return check_schema(fmt, "format")
+    raise InvalidRequest('invalid format: expected "json" or a JSON Schema object', param="format")
+
+
+def openai_schema(body: dict[str, Any]) -> dict | None:
+    """The schema of OpenAI's `response_format`: text, json_object or json_schema."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise InvalidRequest("response_format.json_schema.schema is required",
+                                 param="response_format.json_schema.schema")  # fmt: skip
+        return check_schema(spec["schema"], "response_format.json_schema.schema")
+    raise InvalidRequest(
+        f"response_format.type must be text, json_object or json_schema, not {kind!r}",
+        param="response_format.type",
+    )
+
+
+def start_turn(loaded, tokens: list[int], options: GenerationOptions, schema: dict | None,
+               settings) -> Any:  # fmt: skip
+    """A plain turn, or a GuidedTurn when the request asks for a schema."""
+    if schema is None:
+        return loaded.generate(tokens, options)
+    return GuidedTurn(loaded, tokens, options, schema, settings.format_retries)
+
+
+class GuidedTurn:
+    """Turns repeated until the output validates; iterates like a Turn.
+
+    Yields each attempt's TextChunks, a Retry before every new attempt, and the Finished of
+    the valid attempt last; raises InvalidOutput when every attempt failed.
+    """
+
+    def __init__(self, loaded, tokens: list[int], options: GenerationOptions, schema: dict,
+                 retries: int):  # fmt: skip
+        room = max(1, options.num_ctx - len(tokens))
+        cap = options.num_predict if options.num_predict > 0 else DEFAULT_MAX_TOKENS
+        self.loaded, self.tokens, self.schema = loaded, tokens, schema
+        self.options = replace(options, guidance=guidance_for(schema))
+        self.max_tokens, self.ceiling = min(cap, room), room
+        self.policy = retries_from_env(retries)
+        self.attempts = 0
+        self.result: GuidedResult | None = None
+        self._turn = None
+        self._finished: Finished | None = None
+
+    def __iter__(self) -> Iterator[TextChunk | Retry | Finished]:
+        steps = guided_steps(self._attempt, self.schema, max_tokens=self.max_tokens,
+                             ceiling=self.ceiling, policy=self.policy,
+                             seed=self.options.seed)  # fmt: skip
+        self.result = yield from steps
+        yield self._finished
+
+    def cancel(self) -> None:
+        if self._turn is not None:
+            self._turn.cancel()
+
+    def _attempt(self, max_tokens: int, seed: int | None):
+        """One whole turn: yield its text as it comes, return (text, finish_reason)."""
+        self.attempts += 1
+        options = replace(self.options, num_predict=max_tokens, seed=seed)
+        self._turn = self.loaded.generate(self.tokens, options)
+        parts: list[str] = []
+        for event in self._turn:
+            if isinstance(event, TextChunk):
+                parts.append(event.text)
+                yield event
+            elif event.reason == "cancelled":
+                yield event  # the caller stops here
+                raise OrtServeError("generation was cancelled")
+            else:
+                self._finished = event
+                return "".join(parts), event.reason
+        raise OrtServeError("generation ended without finishing")
