@@ -16,6 +16,14 @@ from ortserve import __version__
 from ortserve.api.app import current_state
 from ortserve.api.streaming import json_response, ndjson_line, rfc3339, stream_response
 from ortserve.api.structured import GuidedTurn, native_schema, start_turn
+from ortserve.api.tools import (
+    ToolCallEvent,
+    model_format,
+    native_call,
+    start_tool_turn,
+    template_calls,
+    tool_spec,
+)
 from ortserve.api.validation import keep_alive_seconds, parsed_body, read_json, validate
 from ortserve.engine.guided import Retry
 from ortserve.engine.types import Finished, TextChunk
@@ -34,7 +42,6 @@ native_bp = Blueprint("native", __name__)
 # Fields a later version implements, and when a value asks for them: refused, never ignored.
 _LATER: dict[str, Callable[[Any], bool]] = {
     "images": bool,
-    "tools": bool,
     "suffix": bool,
     "template": bool,
     "context": bool,
@@ -42,7 +49,7 @@ _LATER: dict[str, Callable[[Any], bool]] = {
     "logprobs": bool,
     "top_logprobs": bool,
 }
-_MESSAGE_LATER = ("images", "tool_calls")
+_MESSAGE_LATER = ("images",)
 
 
 # ---- routes --------------------------------------------------------------------------------
@@ -170,13 +177,20 @@ def _run(body: dict[str, Any], keep_alive: float | None, kind: str, tokens_of) -
     started = time.perf_counter_ns()
     state = current_state()
     schema = native_schema(body)
+    spec = tool_spec(body) if kind == "chat" else None
+    if spec is not None and schema is not None and spec.choice != "none":
+        raise InvalidRequest("tools and format cannot be combined", param="tools")
     _require_completion(state.library, body["model"], kind)
     runtime = state.runtime
     loaded = runtime.acquire(body["model"], keep_alive)
     try:
         options = _options(body, loaded)
         tokens = tokens_of(body, loaded, options)
-        turn = start_turn(loaded, tokens, options, schema, state.settings)
+        if spec is not None:
+            spec.fmt = model_format(loaded)
+            turn = start_tool_turn(loaded, tokens, options, spec)
+        else:
+            turn = start_turn(loaded, tokens, options, schema, state.settings)
     except BaseException:
         runtime.release(loaded, keep_alive)
         raise
@@ -221,18 +235,28 @@ def _chat_tokens(body: dict[str, Any], loaded, options) -> list[int]:
     from ortserve.engine.prompts import build_chat_prompt
 
     examples = loaded.info.manifest.get("messages") or []
-    messages = [*examples, *({"content": "", **m} for m in body["messages"])]
+    messages = [*examples, *(_chat_message(i, m) for i, m in enumerate(body["messages"]))]
     encoder = _Encoder(loaded)
     text, _ = build_chat_prompt(
         loaded.template,
         messages,
         system=loaded.info.manifest.get("system"),
-        tools=None,
+        tools=body.get("tools") or None,
         count_tokens=encoder.count,
         num_ctx=options.num_ctx,
         truncate=body.get("truncate", True),
     )
     return encoder.encode(text)
+
+
+def _chat_message(i: int, message: dict[str, Any]) -> dict[str, Any]:
+    """A message as templates take it: content a string, tool calls' arguments objects."""
+    message = {**message, "content": message.get("content") or ""}
+    if message.get("tool_calls"):
+        message["tool_calls"] = template_calls(message["tool_calls"], f"messages[{i}].tool_calls")
+    if message.get("role") == "tool" and "tool_name" in message:
+        message.setdefault("name", message["tool_name"])
+    return message
 
 
 class _Encoder:
@@ -259,10 +283,12 @@ class _Reply:
         self.model = model
         self.kind = kind
 
-    def chunk(self, text: str) -> dict[str, Any]:
+    def chunk(self, text: str, calls: list | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "created_at": rfc3339()}
         if self.kind == "chat":
             body["message"] = {"role": "assistant", "content": text}
+            if calls:
+                body["message"]["tool_calls"] = [native_call(c) for c in calls]
         else:
             body["response"] = text
         body["done"] = False
@@ -293,12 +319,12 @@ class _Exchange:
         return {"model": reply.model, "created_at": rfc3339(),
                 "retry": {"attempt": event.attempt, "reason": event.reason}, "done": False}  # fmt: skip
 
-    def final(self, finished: Finished, text: str = "") -> dict[str, Any]:
+    def final(self, finished: Finished, text: str = "", calls=None) -> dict[str, Any]:
         """The done object with Ollama's metrics (all durations in nanoseconds)."""
         self.finished = finished
         attempts = {} if self.attempts is None else {"attempts": self.attempts}
         return {
-            **self.reply.chunk(text),
+            **self.reply.chunk(text, calls),
             "done": True,
             "done_reason": finished.reason,
             "total_duration": time.perf_counter_ns() - self.started_ns,
@@ -344,6 +370,9 @@ def _lines(exchange: _Exchange, events: Iterator[TextChunk | Finished]) -> Itera
             if isinstance(event, TextChunk):
                 yield ndjson_line(exchange.reply.chunk(event.text))
                 continue
+            if isinstance(event, ToolCallEvent):
+                yield ndjson_line(exchange.reply.chunk("", [event.call]))
+                continue
             if isinstance(event, Retry):
                 yield ndjson_line(exchange.retry(event))
                 continue
@@ -364,16 +393,19 @@ def _lines(exchange: _Exchange, events: Iterator[TextChunk | Finished]) -> Itera
 def _collect(exchange: _Exchange) -> Response:
     """stream:false: the whole text in one application/json object."""
     try:
-        parts = []
+        parts, calls = [], []
         for event in exchange.turn:
             if isinstance(event, TextChunk):
                 parts.append(event.text)
+            elif isinstance(event, ToolCallEvent):
+                calls.append(event.call)
             elif isinstance(event, Retry):
                 parts.clear()  # a failed attempt's text is not the answer
             elif event.reason == "cancelled":
                 raise _cancelled()
             else:
-                return _with_attempts(exchange, exchange.final(event, "".join(parts)))
+                final = exchange.final(event, "".join(parts), calls)
+                return _with_attempts(exchange, final)
         raise OrtServeError("generation ended without finishing")
     finally:
         exchange.close()

@@ -13,6 +13,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 from flask import Blueprint, Response
@@ -21,6 +22,15 @@ from ortserve import __version__
 from ortserve.api.app import current_state
 from ortserve.api.streaming import SSE, json_response, sse_events, stream_response
 from ortserve.api.structured import GuidedTurn, openai_schema, start_turn
+from ortserve.api.tools import (
+    ToolCallEvent,
+    ToolSpec,
+    model_format,
+    openai_call,
+    start_tool_turn,
+    template_calls,
+    tool_spec,
+)
 from ortserve.api.validation import parsed_body
 from ortserve.engine.guided import Retry
 from ortserve.engine.types import Finished, GenerationOptions, TextChunk
@@ -40,14 +50,12 @@ SYSTEM_FINGERPRINT = f"fp_ortserve_{__version__}"
 COMPLETIONS_MAX_TOKENS = 16
 
 _NO_LOGPROBS = "onnxruntime-genai's engine does not return log probabilities"
-# Fields that belong to the tool-calling work, and when a value asks for them.
+# The legacy function-calling fields (use tools), and when a value asks for them.
 _CHAT_LATER: dict[str, Callable[[Any], bool]] = {
-    "tools": bool,
-    "tool_choice": lambda v: v != "none",
     "functions": bool,
     "function_call": lambda v: v != "none",
 }
-_MESSAGE_LATER = ("tool_calls", "function_call")
+_MESSAGE_LATER = ("function_call",)
 
 TokensOf = Callable[[Any, GenerationOptions], list[list[int]]]
 
@@ -64,9 +72,12 @@ def chat_completions():
         if field in body and asks(body[field]):
             raise NotSupportedYet(f'"{field}" is not supported yet', param=field)
     schema = openai_schema(body)
+    spec = tool_spec(body)
+    if spec is not None and schema is not None and spec.choice != "none":
+        raise InvalidRequest("tools and response_format cannot be combined", param="tools")
     messages = chat_messages(body["messages"])
-    tokens_of = functools.partial(_chat_prompts, messages)
-    return _run(body, _ChatShape(body["model"]), tokens_of, schema)
+    tokens_of = functools.partial(_chat_prompts, messages, spec)
+    return _run(body, _ChatShape(body["model"]), tokens_of, schema, spec)
 
 
 @openai_bp.post("/v1/completions")
@@ -139,8 +150,10 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 raise NotSupportedYet(f'"{param}" is not supported yet', param=param)
         # "developer" is what OpenAI's newer models call the system role.
         role = "system" if message["role"] == "developer" else message["role"]
-        content = _content_text(message.get("content", ""), f"messages[{i}].content")
+        content = _content_text(message.get("content") or "", f"messages[{i}].content")
         extra = {k: message[k] for k in ("name", "tool_call_id") if k in message}
+        if message.get("tool_calls"):
+            extra["tool_calls"] = template_calls(message["tool_calls"], f"messages[{i}].tool_calls")
         converted.append({"role": role, "content": content, **extra})
     return converted
 
@@ -161,7 +174,8 @@ def _content_text(content: str | list[dict[str, Any]], where: str) -> str:
     return "\n".join(texts)
 
 
-def _chat_prompts(messages: list[dict], loaded, options: GenerationOptions) -> list[list[int]]:
+def _chat_prompts(messages: list[dict], spec: ToolSpec | None, loaded,
+                  options: GenerationOptions) -> list[list[int]]:  # fmt: skip
     """The conversation in the model's template, never truncated (OpenAI does not truncate)."""
     from ortserve.engine.prompts import build_chat_prompt
 
@@ -171,7 +185,7 @@ def _chat_prompts(messages: list[dict], loaded, options: GenerationOptions) -> l
         loaded.template,
         [*(manifest.get("messages") or []), *messages],
         system=manifest.get("system"),
-        tools=None,
+        tools=spec.tools if spec is not None else None,
         count_tokens=lambda t: len(encode(t)),
         num_ctx=options.num_ctx,
         truncate=False,
@@ -221,9 +235,8 @@ def _require_completion(library: Library, name: str, kind: str) -> None:
 # ---- running the turns ---------------------------------------------------------------------
 
 
-def _run(
-    body: dict[str, Any], shape: _Shape, tokens_of: TokensOf, schema: dict | None = None
-) -> Response:
+def _run(body: dict[str, Any], shape: _Shape, tokens_of: TokensOf, schema: dict | None = None,
+         spec: ToolSpec | None = None) -> Response:  # fmt: skip
     """Load the model, submit every choice's turn, answer as one body or as SSE."""
     from ortserve.engine.sampling import openai_options
 
@@ -232,6 +245,8 @@ def _run(
     runtime = state.runtime
     loaded = runtime.acquire(body["model"])
     exchange = _Exchange(runtime, loaded, shape, schema, state.settings)
+    if spec is not None:
+        exchange.spec = replace(spec, fmt=model_format(loaded))
     try:
         parameters = loaded.info.manifest.get("parameters")
         options = openai_options(body, parameters, context_length=loaded.context_length)
@@ -257,14 +272,20 @@ class _Exchange:
         self.groups: list[int] = []  # the prompt each choice continues
         self.texts: list[list[str]] = []
         self.finished: dict[int, Finished] = {}
+        self.spec: ToolSpec | None = None  # the request's tools, None without any
+        self.calls: list[list[dict]] = []
         self._closed = False
 
     def start(self, prompts: list[list[int]], n: int, options: GenerationOptions) -> None:
         """Submit every turn before reading any, so that the batch runs them side by side."""
         for group, tokens in enumerate(prompts):
             for _ in range(n):
-                turn = start_turn(self.loaded, tokens, options, self.schema, self.settings)
+                if self.spec is not None:
+                    turn = start_tool_turn(self.loaded, tokens, options, self.spec)
+                else:
+                    turn = start_turn(self.loaded, tokens, options, self.schema, self.settings)
                 self.turns.append(turn)
+                self.calls.append([])
                 self.groups.append(group)
                 self.texts.append([])
 
@@ -276,6 +297,9 @@ class _Exchange:
         if isinstance(event, TextChunk):
             self.texts[index].append(event.text)
             return self.shape.delta(index, event.text) if event.text else None
+        if isinstance(event, ToolCallEvent):
+            self.calls[index].append(openai_call(event.call))
+            return self.shape.call_delta(index, event.call, len(self.calls[index]) - 1)
         if isinstance(event, Retry):
             self.texts[index] = []  # a failed attempt's text is not the answer
             return self.shape.closing(index, None)
@@ -284,7 +308,12 @@ class _Exchange:
                 "generation was cancelled: the model was unloaded or the server is stopping"
             )
         self.finished[index] = event
-        return self.shape.closing(index, event.reason)
+        return self.shape.closing(index, self.reason(index))
+
+    def reason(self, index: int) -> str:
+        """The finish_reason: "tool_calls" when the model stopped after calling tools."""
+        reason = self.finished[index].reason
+        return "tool_calls" if self.calls[index] and reason == "stop" else reason
 
     def extra(self, index: int, event) -> dict[str, Any]:
         """The ortserve fields of a stream chunk: a retry, or the attempts of a final chunk."""
@@ -313,7 +342,7 @@ class _Exchange:
     def whole(self) -> dict[str, Any]:
         """The stream:false body."""
         choices = [
-            self.shape.choice(i, "".join(self.texts[i]), self.finished[i].reason)
+            self.shape.choice(i, "".join(self.texts[i]), self.reason(i), self.calls[i])
             for i in range(len(self.turns))
         ]
         return {**self.shape.envelope(choices), "usage": self.usage()}
@@ -460,8 +489,12 @@ class _Shape(abc.ABC):
         """The streamed choice carrying finish_reason."""
 
     @abc.abstractmethod
-    def choice(self, index: int, text: str, reason: str) -> dict[str, Any]:
+    def choice(self, index: int, text: str, reason: str, calls=()) -> dict[str, Any]:
         """The whole choice of a stream:false answer."""
+
+    def call_delta(self, index: int, call, position: int) -> dict[str, Any]:
+        """The streamed choice carrying one whole tool call (chat only)."""
+        raise NotImplementedError
 
 
 class _ChatShape(_Shape):
@@ -479,8 +512,14 @@ class _ChatShape(_Shape):
     def closing(self, index: int, reason: str) -> dict[str, Any]:
         return self._chunk(index, {}, reason)
 
-    def choice(self, index: int, text: str, reason: str) -> dict[str, Any]:
-        message = {"role": "assistant", "content": text}
+    def call_delta(self, index: int, call, position: int) -> dict[str, Any]:
+        return self._chunk(index, {"tool_calls": [openai_call(call, position)]}, None)
+
+    def choice(self, index: int, text: str, reason: str, calls=()) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            message = {**message, "content": text if text.strip() else None,
+                       "tool_calls": list(calls)}  # fmt: skip
         return {"index": index, "message": message, "logprobs": None, "finish_reason": reason}
 
     def _chunk(self, index: int, delta: dict, reason: str | None) -> dict[str, Any]:
@@ -507,7 +546,7 @@ class _CompletionShape(_Shape):
     def closing(self, index: int, reason: str) -> dict[str, Any]:
         return {"index": index, "text": "", "logprobs": None, "finish_reason": reason}
 
-    def choice(self, index: int, text: str, reason: str) -> dict[str, Any]:
+    def choice(self, index: int, text: str, reason: str, calls=()) -> dict[str, Any]:
         text = self._echo(index) + text
         return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
 

@@ -54,7 +54,9 @@ class LoadedModel(Resident):
         """Prompt text -> ids; the chat template already wrote any special tokens."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def generate(self, tokens: list[int], options: GenerationOptions) -> Turn:
+    def generate(
+        self, tokens: list[int], options: GenerationOptions, *, skip_special_tokens: bool = True
+    ) -> Turn:
         from ortserve.engine.text import TextDecoder
 
         if len(tokens) >= options.num_ctx:
@@ -65,7 +67,9 @@ class LoadedModel(Resident):
                 code="context_length_exceeded",
             )
         job = self.scheduler.submit(tokens, options)
-        return Turn(self.scheduler, job, TextDecoder(self.tokenizer, options.stop))
+        return Turn(
+            self.scheduler, job, TextDecoder(self.tokenizer, options.stop, skip_special_tokens)
+        )
 
 
 # Either kind of loaded model: both have the same bookkeeping, stop() and pending().

@@ -130,7 +130,8 @@ def test_unknown_model_is_not_found(client):
         ({"temperature": 5}, "temperature"),
         ({"n": 9}, "n"),
         ({"logprobs": True}, "logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+          "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
         ({"response_format": {"type": "yaml"}}, "response_format.type"),
         ({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},

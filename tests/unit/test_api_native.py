@@ -451,16 +451,10 @@ def test_unknown_option_is_refused_by_the_option_resolver(client, runtime):
         ("/api/generate", {"think": True}, "think"),
         ("/api/generate", {"think": "high"}, "think"),
         ("/api/generate", {"logprobs": True}, "logprobs"),
-        ("/api/chat", {"tools": [{"type": "function"}]}, "tools"),
         (
             "/api/chat",
             {"messages": [{"role": "user", "content": "x", "images": ["aGk="]}]},
             "messages[0].images",
-        ),
-        (
-            "/api/chat",
-            {"messages": [{"role": "assistant", "tool_calls": [{"function": {}}]}]},
-            "messages[0].tool_calls",
         ),
     ],
 )
@@ -470,6 +464,20 @@ def test_later_features_are_refused_not_ignored(client, runtime, route, extra, f
     assert response.status_code == 400
     assert response.get_json() == {"error": f'"{field}" is not supported yet'}
     assert runtime.acquired == []
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"tools": [{"type": "function"}]},
+        {"messages": [{"role": "assistant", "tool_calls": [{"function": {}}]}]},
+    ],
+)
+def test_malformed_tools_are_400(client, runtime, extra):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
+    response = client.post("/api/chat", json={**body, **extra})
+    assert response.status_code == 400
+    assert "tool" in response.get_json()["error"]
 
 
 def test_empty_or_false_later_fields_are_fine(client, runtime):
