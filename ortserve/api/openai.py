@@ -494,7 +494,8 @@ class _Shape(abc.ABC):
 
     def call_delta(self, index: int, call, position: int) -> dict[str, Any]:
         """The streamed choice carrying one whole tool call (chat only)."""
-        raise NotImplementedError
+        # /v1/completions never requests tools, so no call can reach this shape.
+        raise TypeError(f"{self.object} has no tool calls")
 
 
 class _ChatShape(_Shape):
