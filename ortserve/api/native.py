@@ -103,6 +103,9 @@ def copy():
 @native_bp.post("/api/generate")
 def generate():
     body = parsed_body("generate")
+    if body.get("tools"):  # Ollama's generate has no tools: refused, never silently ignored
+        raise InvalidRequest("tools is not supported on /api/generate; use /api/chat",
+                             param="tools")  # fmt: skip
     if body.get("raw") and any(body.get(k) for k in ("template", "system", "context")):
         raise InvalidRequest("raw mode does not support template, system, or context")
     _refuse_later(body)
@@ -188,7 +191,7 @@ def _run(body: dict[str, Any], keep_alive: float | None, kind: str, tokens_of) -
         tokens = tokens_of(body, loaded, options)
         if spec is not None:
             spec.fmt = model_format(loaded)
-            turn = start_tool_turn(loaded, tokens, options, spec)
+            turn = start_tool_turn(loaded, tokens, options, spec, state.settings.format_retries)
         else:
             turn = start_turn(loaded, tokens, options, schema, state.settings)
     except BaseException:
@@ -212,33 +215,34 @@ def _options(body: dict[str, Any], loaded):
 
 def _generate_tokens(body: dict[str, Any], loaded, options) -> list[int]:
     """The prompt of /api/generate: raw, or in the model's template with its system prompt."""
-    from ortserve.engine.prompts import build_chat_prompt, build_generate_prompt
+    from ortserve.engine.prompts import build_chat_prompt, build_generate_prompt, template_of
 
+    template = template_of(loaded)
     raw = body.get("raw", False)
     system = body.get("system") or loaded.info.manifest.get("system")
     examples = loaded.info.manifest.get("messages") or []
     encoder = _Encoder(loaded)
-    if examples and not raw and loaded.template is not None:
+    if examples and not raw and template is not None:
         # Modelfile MESSAGEs precede the prompt, as in Ollama; one prompt is never cut.
         messages = [*examples, {"role": "user", "content": body["prompt"]}]
-        text, _ = build_chat_prompt(loaded.template, messages, system=system, tools=None,
+        text, _ = build_chat_prompt(template, messages, system=system, tools=None,
                                     count_tokens=encoder.count, num_ctx=options.num_ctx,
                                     truncate=False)  # fmt: skip
     else:
-        text, _ = build_generate_prompt(loaded.template, body["prompt"], system=system, raw=raw,
+        text, _ = build_generate_prompt(template, body["prompt"], system=system, raw=raw,
                                         count_tokens=encoder.count, num_ctx=options.num_ctx)  # fmt: skip
     return encoder.encode(text)
 
 
 def _chat_tokens(body: dict[str, Any], loaded, options) -> list[int]:
     """The prompt of /api/chat: Modelfile MESSAGEs, then the conversation, in the template."""
-    from ortserve.engine.prompts import build_chat_prompt
+    from ortserve.engine.prompts import build_chat_prompt, template_of
 
     examples = loaded.info.manifest.get("messages") or []
     messages = [*examples, *(_chat_message(i, m) for i, m in enumerate(body["messages"]))]
     encoder = _Encoder(loaded)
     text, _ = build_chat_prompt(
-        loaded.template,
+        template_of(loaded),
         messages,
         system=loaded.info.manifest.get("system"),
         tools=body.get("tools") or None,

@@ -21,7 +21,7 @@ from flask import Blueprint, Response
 from ortserve import __version__
 from ortserve.api.app import current_state
 from ortserve.api.streaming import SSE, json_response, sse_events, stream_response
-from ortserve.api.structured import GuidedTurn, openai_schema, start_turn
+from ortserve.api.structured import GuidedTurn, attempt_usages, openai_schema, start_turn
 from ortserve.api.tools import (
     ToolCallEvent,
     ToolSpec,
@@ -177,12 +177,12 @@ def _content_text(content: str | list[dict[str, Any]], where: str) -> str:
 def _chat_prompts(messages: list[dict], spec: ToolSpec | None, loaded,
                   options: GenerationOptions) -> list[list[int]]:  # fmt: skip
     """The conversation in the model's template, never truncated (OpenAI does not truncate)."""
-    from ortserve.engine.prompts import build_chat_prompt
+    from ortserve.engine.prompts import build_chat_prompt, template_of
 
     manifest = loaded.info.manifest
     encode = _encoder(loaded)
     text, _ = build_chat_prompt(
-        loaded.template,
+        template_of(loaded),
         [*(manifest.get("messages") or []), *messages],
         system=manifest.get("system"),
         tools=spec.tools if spec is not None else None,
@@ -281,7 +281,8 @@ class _Exchange:
         for group, tokens in enumerate(prompts):
             for _ in range(n):
                 if self.spec is not None:
-                    turn = start_tool_turn(self.loaded, tokens, options, self.spec)
+                    retries = self.settings.format_retries
+                    turn = start_tool_turn(self.loaded, tokens, options, self.spec, retries)
                 else:
                     turn = start_turn(self.loaded, tokens, options, self.schema, self.settings)
                 self.turns.append(turn)
@@ -302,6 +303,7 @@ class _Exchange:
             return self.shape.call_delta(index, event.call, len(self.calls[index]) - 1)
         if isinstance(event, Retry):
             self.texts[index] = []  # a failed attempt's text is not the answer
+            self.calls[index] = []
             return self.shape.closing(index, None)
         if event.reason == "cancelled":
             raise ServerBusy(
@@ -330,12 +332,15 @@ class _Exchange:
         return max(guided) if guided else None
 
     def usage(self) -> dict[str, int]:
-        """The engine's counts; a prompt shared by n choices is counted once."""
+        """The engine's counts of every attempt; a prompt shared by n choices counts once."""
         prompts: dict[int, int] = {}
+        retried = 0  # a retry prefilled the prompt again: it counts
         for index, finished in self.finished.items():
-            prompts[self.groups[index]] = finished.usage.prompt_tokens
+            attempts = attempt_usages(self.turns[index], finished)
+            prompts[self.groups[index]] = attempts[0].prompt_tokens
+            retried += sum(u.prompt_tokens for u in attempts[1:])
         completion = sum(f.usage.generated_tokens for f in self.finished.values())
-        prompt = sum(prompts.values())
+        prompt = sum(prompts.values()) + retried
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion}  # fmt: skip
 

@@ -2,40 +2,58 @@
 
 A request with tools is generated under a lark grammar (llguidance) that admits, by
 tool_choice, plain text and/or calls in the model family's own format, each call's JSON
-constrained to {"name": const, "arguments": <that tool's parameters>}. The text is parsed
-with toolcalls.StreamingToolCallParser; every call is validated before it is passed on.
-tool_choice "none" renders the tools in the prompt (the model knows them) but adds no grammar
-and parses no calls: the answer is plain text.
+constrained to {"name": const, "arguments" (llama3: "parameters"): <that tool's parameters>}.
+A ToolTurn is a GuidedTurn: its text is parsed with toolcalls.StreamingToolCallParser, its
+calls validated, and an attempt that fails is retried like structured output; the calls are
+passed on only once their attempt is accepted. tool_choice "none" renders the tools in the
+prompt (the model knows them) but adds no grammar and parses no calls: the answer is text.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from ortserve.engine.guided import bounded_schema
+from ortserve.api.structured import GuidedTurn
+from ortserve.engine.guided import OutputRejected, bounded_schema
 from ortserve.engine.toolcalls import (
     StreamingToolCallParser,
     ToolCall,
     ToolCallError,
     detect_format,
+    parse,
     validate_arguments,
 )
-from ortserve.engine.types import Finished, GenerationOptions, TextChunk
+from ortserve.engine.types import GenerationOptions, TextChunk
 from ortserve.errors import InvalidRequest
 
 CHOICES = ("auto", "none", "required")
 # The most calls one answer may make: a weak model would otherwise call until max_tokens.
 MAX_PARALLEL_CALLS = 4
-# (open marker, close marker or None, separator between calls) of each format.
-_MARKERS = {
-    "hermes": ("<tool_call>", "</tool_call>", '"\\n"?'),
-    "phi4": ("<|tool_call|>", "<|/tool_call|>", '"\\n"?'),
-    "mistral": ("[TOOL_CALLS]", None, None),
-    "llama3": ("<|python_tag|>", None, None),
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a family writes its calls, in lark: markers, padding, separator, arguments key."""
+
+    open: str | None  # the marker before the calls; None: llama3's bare JSON message
+    close: str | None  # the marker after a block of calls
+    pad: str  # optional whitespace after the opening marker (lark)
+    sep: str | None  # lark between calls in blocks of their own; None: one block, a JSON array
+    args: str = "arguments"  # the key the family's calls put their arguments under
+
+
+_LAYOUTS = {
+    "hermes": _Layout("<tool_call>", "</tool_call>", '"\\n"?', '"\\n"?'),
+    "phi4": _Layout("<|tool_call|>", "<|/tool_call|>", '"\\n"?', None),
+    "mistral": _Layout("[TOOL_CALLS]", None, '" "?', None),
+    # Llama 3.1+ answers a custom tool with a bare {"name", "parameters"} object, ";" between.
+    "llama3": _Layout(None, None, "", '";" " "?', args="parameters"),
 }
+# Plain text in an "auto" answer; llama3's must not open like a call (a "{").
+_TEXT = {"llama3": "/[^{\\s](.|\\n)*/"}
+_ANY_TEXT = "/(.|\\n)+/"
 
 
 @dataclass(frozen=True)
@@ -91,8 +109,13 @@ def _choice(value: Any, names: list[str]) -> tuple[str, str | None]:
     return "function", name
 
 
-def call_schema(spec: ToolSpec) -> dict:
-    """The JSON Schema of one call: {"name", "arguments"} for any (or the forced) tool."""
+def call_schema(spec: ToolSpec, args: str = "arguments") -> dict:
+    """The JSON Schema of one call: {"name", args} for any (or the forced) tool, bounded."""
+    return bounded_schema(_call_options(spec, args))
+
+
+def _call_options(spec: ToolSpec, args: str) -> dict:
+    """One call's schema before bounds: an anyOf over the tools the call may name."""
     options = []
     for tool in spec.tools:
         function = tool["function"]
@@ -102,14 +125,18 @@ def call_schema(spec: ToolSpec) -> dict:
         if "properties" in params:  # generated calls keep to the declared properties
             params.setdefault("additionalProperties", False)
         options.append({"type": "object", "additionalProperties": False,
-                        "required": ["name", "arguments"],
+                        "required": ["name", args],
                         "properties": {"name": {"const": function["name"]},
-                                       "arguments": params}})  # fmt: skip
-    return bounded_schema(options[0] if len(options) == 1 else {"anyOf": options})
+                                       args: params}})  # fmt: skip
+    return options[0] if len(options) == 1 else {"anyOf": options}
 
 
 def _marker(text: str, tokenizer) -> str:
-    """A marker in lark: a special token by id where the tokenizer has one, else a string."""
+    """A marker in lark: a special token by id where the tokenizer has one, else a string.
+
+    A tokenizer without the token (the tiny test models) gets the marker as plain text, which
+    the parser finds just the same.
+    """
     token_id = tokenizer.token_to_id(text) if tokenizer is not None else None
     return f"<[{token_id}]>" if token_id is not None else json.dumps(text)
 
@@ -118,18 +145,25 @@ def tool_grammar(spec: ToolSpec, tokenizer=None) -> str | None:
     """The lark grammar of the answer; None for tool_choice "none" (plain text)."""
     if spec.choice == "none":
         return None
-    opener, closer, sep = _MARKERS[spec.fmt]
-    body = f'{_marker(opener, tokenizer)} "\\n"? payload'
-    if closer is not None:
-        body += f' "\\n"? {_marker(closer, tokenizer)}'
+    layout = _LAYOUTS[spec.fmt]
     many = spec.parallel and spec.choice != "function"
-    calls = _repeat(f"{sep} call", MAX_PARALLEL_CALLS - 1) if many and sep else "call"
-    payload = json.dumps(call_schema(spec))
-    if many and sep is None:  # one marker, then a JSON array of calls
-        payload = json.dumps({"type": "array", "minItems": 1, "items": call_schema(spec)})
+    one = _call_options(spec, layout.args)
+    if layout.sep is None:  # one block holding a JSON array of calls
+        most = MAX_PARALLEL_CALLS if many else 1
+        payload = bounded_schema({"type": "array", "minItems": 1, "maxItems": most, "items": one})
+        calls = "call"
+    else:
+        payload = bounded_schema(one)
+        calls = _repeat(f"{layout.sep} call", MAX_PARALLEL_CALLS - 1) if many else "call"
+    body = "payload"
+    if layout.open is not None:
+        body = f"{_marker(layout.open, tokenizer)} {layout.pad} payload"
+    if layout.close is not None:
+        body += f' "\\n"? {_marker(layout.close, tokenizer)}'
     start = "calls | TEXT" if spec.choice == "auto" else "calls"
     return "\n".join([f"start: {start}", f"calls: {calls}", f"call: {body}",
-                      f"payload: %json {payload}", "TEXT: /(.|\\n)+/", ""])  # fmt: skip
+                      f"payload: %json {json.dumps(payload)}",
+                      f"TEXT: {_TEXT.get(spec.fmt, _ANY_TEXT)}", ""])  # fmt: skip
 
 
 def _repeat(more: str, times: int) -> str:
@@ -140,72 +174,92 @@ def _repeat(more: str, times: int) -> str:
     return f"call {tail}".strip()
 
 
-def start_tool_turn(loaded, tokens: list[int], options: GenerationOptions,
-                    spec: ToolSpec) -> ToolTurn:  # fmt: skip
-    """A turn under the spec's grammar whose calls come out as ToolCallEvents."""
-    grammar = tool_grammar(spec, getattr(loaded, "tokenizer", None))
-    if grammar is None:  # "none": plain text, special tokens skipped as usual
-        return ToolTurn(loaded.generate(tokens, options), spec)
-    options = replace(options, guidance=("lark_grammar", grammar))
-    turn = loaded.generate(tokens, options, skip_special_tokens=False)
-    return ToolTurn(turn, spec)
+def start_tool_turn(loaded, tokens: list[int], options: GenerationOptions, spec: ToolSpec,
+                    retries: int) -> Any:  # fmt: skip
+    """A ToolTurn under the spec's grammar; a plain turn for tool_choice "none"."""
+    if spec.choice == "none":  # plain text, special tokens skipped as usual
+        return loaded.generate(tokens, options)
+    return ToolTurn(loaded, tokens, options, spec, retries)
 
 
 def model_format(loaded) -> str:
-    template = getattr(loaded.template, "source", None)
+    """The model's tool-call format: from the template its prompts use, else its family."""
+    from ortserve.engine.prompts import template_of
+
+    template = getattr(template_of(loaded), "source", None)
     return detect_format(template, loaded.info.details.get("family"))
 
 
-class ToolTurn:
-    """A turn whose text is split into TextChunks and validated ToolCallEvents."""
+class ToolTurn(GuidedTurn):
+    """A turn under the call grammar, retried like structured output until its calls validate.
 
-    attempts = None
+    Text streams as it comes, call markup left out; the calls follow as ToolCallEvents once
+    the whole attempt has parsed and validated, so no call is ever sent and then retracted.
+    """
 
-    def __init__(self, turn, spec: ToolSpec):
-        self.turn, self.spec = turn, spec
-        self.calls: list[ToolCall] = []
-        self._parser = StreamingToolCallParser(spec.fmt) if spec.choice != "none" else None
+    failure = "tool call failed validation"
+    skip_special_tokens = False  # markers that are special tokens must reach the parser
+    default_max_tokens = None  # a text answer may be as long as a plain one
 
-    def cancel(self) -> None:
-        self.turn.cancel()
+    def __init__(self, loaded, tokens: list[int], options: GenerationOptions, spec: ToolSpec,
+                 retries: int):  # fmt: skip
+        grammar = tool_grammar(spec, getattr(loaded, "tokenizer", None))
+        super().__init__(loaded, tokens, options, None, retries,
+                         guidance=("lark_grammar", grammar))  # fmt: skip
+        self.spec = spec
+        self._parser: StreamingToolCallParser | None = None
+        self._broken = False  # this attempt's markup failed to parse: check() rejects it
 
-    def __iter__(self) -> Iterator[TextChunk | ToolCallEvent | Finished]:
-        for event in self.turn:
-            if not isinstance(event, TextChunk):
-                if isinstance(event, Finished) and self._parser is not None:
-                    yield from self._items(self._parser.finish(), 0)
-                    event = self._finished(event)
-                yield event
-                continue
-            if self._parser is None:
-                yield event
-            else:
-                yield from self._items(self._parser.feed(event.text), event.tokens)
+    @property
+    def calls(self) -> list[ToolCall]:
+        """The accepted attempt's calls."""
+        return self.result.value if self.result is not None else []
 
-    def _items(self, items: list, tokens: int) -> Iterator[TextChunk | ToolCallEvent]:
-        for item in items:
-            if isinstance(item, str):
-                if item:
-                    yield TextChunk(item, tokens)
-                continue
-            validate_arguments(item, self.spec.tools)
-            self._check_choice(item)
-            self.calls.append(item)
-            yield ToolCallEvent(item)
+    def check(self, text: str, finish_reason: str | None) -> list[ToolCall]:
+        """The attempt's calls, parsed and validated; OutputRejected otherwise."""
+        try:
+            calls = parse(text, self.spec.fmt).tool_calls
+            check_calls(calls, self.spec)
+        except ToolCallError as exc:
+            raise OutputRejected(exc.message, finish_reason == "length") from None
+        return calls
 
-    def _check_choice(self, call: ToolCall) -> None:
-        if self.spec.name is not None and call.name != self.spec.name:
-            raise ToolCallError(f'the model called "{call.name}", not "{self.spec.name}"')
-        if self.calls and not self.spec.parallel:
-            raise ToolCallError("the model made several calls, parallel_tool_calls is false")
+    def shown(self, chunk: TextChunk) -> list[TextChunk]:
+        return self._texts(lambda parser: parser.feed(chunk.text), chunk.tokens)
 
-    def _finished(self, event: Finished) -> Finished:
-        if self.spec.choice in ("required", "function") and not self.calls \
-                and event.reason not in ("cancelled", "length"):  # fmt: skip
-            raise ToolCallError(
-                "the model answered without the tool call that tool_choice requires"
-            )
-        return event
+    def held(self) -> list[TextChunk]:
+        texts = self._texts(lambda parser: parser.finish(), 0)
+        self._parser, self._broken = None, False  # the next attempt parses afresh
+        return texts
+
+    def accepted(self, result) -> list[ToolCallEvent]:
+        return [ToolCallEvent(call) for call in result.value]
+
+    def _texts(self, step, tokens: int) -> list[TextChunk]:
+        """The plain text pieces of one parser step (calls wait for check())."""
+        if self._parser is None:
+            self._parser = StreamingToolCallParser(self.spec.fmt)
+        if self._broken:
+            return []
+        try:
+            items = step(self._parser)
+        except ToolCallError:
+            self._broken = True
+            return []
+        texts = [item for item in items if isinstance(item, str) and item]
+        return [TextChunk(text, tokens if i == 0 else 0) for i, text in enumerate(texts)]
+
+
+def check_calls(calls: list[ToolCall], spec: ToolSpec) -> None:
+    """Raise ToolCallError unless the calls are valid and keep to tool_choice."""
+    for call in calls:
+        validate_arguments(call, spec.tools)
+        if spec.name is not None and call.name != spec.name:
+            raise ToolCallError(f'the model called "{call.name}", not "{spec.name}"')
+    if len(calls) > 1 and not spec.parallel:
+        raise ToolCallError("the model made several calls, parallel_tool_calls is false")
+    if spec.choice in ("required", "function") and not calls:
+        raise ToolCallError("the model answered without the tool call that tool_choice requires")
 
 
 def template_calls(calls: Any, where: str) -> list[dict]:

@@ -12,6 +12,7 @@ from typing import Any
 import jsonschema
 from jsonschema import Draft7Validator, Draft202012Validator
 
+from ortserve.engine.types import Finished, Usage
 from ortserve.errors import InvalidRequest, OrtServeError
 
 
@@ -343,19 +344,34 @@ class Retry:
 Attempt = Callable[[int, int | None], Generator[Any, None, tuple[str, str]]]
 
 
+# check(text, finish_reason): the accepted value of one attempt's text, or OutputRejected.
+Check = Callable[[str, str | None], Any]
+
+
+def _checker(check: dict | Check) -> Check:
+    """A check function: given one, or validation against a JSON Schema."""
+    if callable(check):
+        return check
+    return lambda text, finish_reason: validate_output(text, check, finish_reason)
+
+
 def guided_steps(
     attempt: Attempt,
-    schema: dict,
+    check: dict | Check,
     *,
     max_tokens: int,
     ceiling: int,
     policy: RetryPolicy,
     seed: int | None,
+    failure: str = "output failed its schema",
 ) -> Generator[Any, None, GuidedResult]:
     """The attempt loop: yield each attempt's items and a Retry between attempts.
 
-    Returns the GuidedResult of the first valid attempt; InvalidOutput when all fail.
+    `check` is a JSON Schema or a Check (tool calls bring their own). Returns the
+    GuidedResult of the first accepted attempt; InvalidOutput ("<failure> after N attempts")
+    when all fail.
     """
+    accept = _checker(check)
     attempt_seed = seed
     rejected: OutputRejected | None = None
     for number in range(1, policy.attempts + 1):
@@ -363,21 +379,21 @@ def guided_steps(
             yield Retry(number, rejected.reason)
         text, finish_reason = yield from attempt(max_tokens, attempt_seed)
         try:
-            return GuidedResult(validate_output(text, schema, finish_reason), text, number)
+            return GuidedResult(accept(text, finish_reason), text, number)
         except OutputRejected as exc:
             rejected = exc
         max_tokens = policy.next_max_tokens(max_tokens, rejected, ceiling)
         attempt_seed = policy.next_seed(number, seed)
     cause = "truncated at the token limit: " if rejected and rejected.truncated else ""
     raise InvalidOutput(
-        f"output failed its schema after {policy.attempts} attempts ({cause}{rejected})",
+        f"{failure} after {policy.attempts} attempts ({cause}{rejected})",
         attempts=policy.attempts,
     )
 
 
 def run_guided(
     generate: Callable[[int, int | None], tuple[str, str]],
-    schema: dict,
+    schema: dict | Check,
     *,
     max_tokens: int,
     ceiling: int,
@@ -397,3 +413,21 @@ def run_guided(
             next(steps)
         except StopIteration as done:
             return done.value
+
+
+def all_attempts(finishes: list[Finished]) -> Finished:
+    """One Finished for several attempts: the last one's reason, every attempt's usage and time.
+
+    Every attempt processed its prompt and generated its tokens, so usage counts them all.
+    """
+    usages = [f.usage for f in finishes]
+    return Finished(
+        reason=finishes[-1].reason,
+        usage=Usage(
+            prompt_tokens=sum(u.prompt_tokens for u in usages),
+            generated_tokens=sum(u.generated_tokens for u in usages),
+            cached_prompt_tokens=sum(u.cached_prompt_tokens for u in usages),
+        ),
+        prompt_eval_duration_ns=sum(f.prompt_eval_duration_ns for f in finishes),
+        eval_duration_ns=sum(f.eval_duration_ns for f in finishes),
+    )

@@ -79,6 +79,18 @@ class ChatTemplate:
             raise InvalidRequest(f"chat template failed: {e}", param="messages") from e
 
 
+def template_of(loaded: Any) -> ChatTemplate | None:
+    """The template a loaded model's prompts use: its manifest's (a TEMPLATE) over its bundle's.
+
+    The bundle's special tokens (bos_token, eos_token, ...) stay available to either.
+    """
+    bundled = loaded.template
+    source = (loaded.info.manifest or {}).get("template")
+    if not source or (bundled is not None and bundled.source == source):
+        return bundled
+    return ChatTemplate(source, bundled.special_tokens if bundled is not None else {})
+
+
 def special_tokens(bundle_dir: Path) -> dict[str, Any]:
     """bos/eos/unk/... token strings from tokenizer_config.json and special_tokens_map.json."""
     config = _read_json(bundle_dir / "tokenizer_config.json")

@@ -29,6 +29,7 @@ _TEMPLATE_MARKERS = (
     ("<tool_call>", "hermes"),
     ("[TOOL_CALLS]", "mistral"),
     ("<|tool_call|>", "phi4"),
+    ("<|tool|>", "phi4"),  # Phi-4-mini's templates list tools in <|tool|>...<|/tool|>
     ("<|python_tag|>", "llama3"),
     ("ipython", "llama3"),
 )

@@ -134,3 +134,44 @@ def test_invalid_schema_is_400_naming_the_problem(server):
         "response_format": fmt})  # fmt: skip
     assert status == 400 and reply["error"]["param"] == "response_format.json_schema.schema"
     assert "'not'" in reply["error"]["message"]
+
+
+FIXED = {  # one possible answer: its token count is bounded, so a growing cap must fit it
+    "type": "object",
+    "properties": {"word": {"const": "abcdefghijklmnop"}},
+    "required": ["word"],
+    "additionalProperties": False,
+}
+
+
+def _failed_caps(attempts: int, cap: int) -> int:
+    """Tokens of the attempts before the last: each ran to its cap, doubling each time."""
+    return sum(cap * 2**k for k in range(attempts - 1))
+
+
+def test_usage_counts_every_attempt(make_server):
+    running = make_server(ORTSERVE_FORMAT_RETRIES="5")
+    ask = [{"role": "user", "content": "A word"}]
+    chat = {"model": "tiny-chat", "messages": ask, "stream": False}
+    _, _, plain = post(running, "/api/chat", {**chat, "options": {"num_predict": 1}})
+    status, headers, reply = post(running, "/api/chat", {**chat, "format": FIXED,
+                                                         "options": {"num_predict": 4}})  # fmt: skip
+    assert status == 200, reply
+    attempts = int(headers["X-Ortserve-Attempts"])
+    assert reply["attempts"] == attempts > 1 and json.loads(reply["message"]["content"]) == {
+        "word": "abcdefghijklmnop"
+    }
+    assert reply["prompt_eval_count"] == attempts * plain["prompt_eval_count"]
+    failed = _failed_caps(attempts, 4)
+    assert failed < reply["eval_count"] <= failed + 4 * 2 ** (attempts - 1)
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": FIXED}}
+    body = {"model": "tiny-chat", "messages": ask, "max_tokens": 4}
+    _, _, one = post(running, "/v1/chat/completions", {**body, "max_tokens": 1})
+    status, headers, reply = post(running, "/v1/chat/completions",
+                                  {**body, "response_format": fmt})  # fmt: skip
+    assert status == 200, reply
+    attempts, usage = int(headers["X-Ortserve-Attempts"]), reply["usage"]
+    assert attempts > 1 and usage["prompt_tokens"] == attempts * one["usage"]["prompt_tokens"]
+    assert usage["completion_tokens"] > _failed_caps(attempts, 4)
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]

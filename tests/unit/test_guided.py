@@ -15,13 +15,16 @@ from ortserve.engine.guided import (
     InvalidOutput,
     OutputRejected,
     RetryPolicy,
+    all_attempts,
     bounded_schema,
     check_schema,
     guidance_for,
+    guided_steps,
     retries_from_env,
     run_guided,
     validate_output,
 )
+from ortserve.engine.types import Finished, Usage
 from ortserve.errors import InvalidRequest
 
 PERSON = {
@@ -358,3 +361,35 @@ def test_retries_from_env():
     assert retries_from_env(0).attempts == 1
     with pytest.raises(ValueError):
         retries_from_env(-1)
+
+
+def test_run_guided_takes_a_check_function_and_names_the_failure():
+    def check(text, finish_reason):
+        if not text.startswith("ok"):
+            raise OutputRejected(f"not ok: {text}", finish_reason == "length")
+        return text.upper()
+
+    generate = Scripted(("o", "length"), ("ok", "stop"))
+    result = run_guided(generate, check, max_tokens=8, ceiling=64, policy=RetryPolicy(), seed=3)
+    assert (result.value, result.attempts) == ("OK", 2)
+    assert [cap for cap, _ in generate.calls] == [8, 16]  # truncated: a larger cap
+
+    def attempt(max_tokens, seed):
+        return "no", "stop"
+        yield
+
+    steps = guided_steps(attempt, check, max_tokens=8, ceiling=64, policy=RetryPolicy(2),
+                         seed=None, failure="tool call failed validation")  # fmt: skip
+    with pytest.raises(InvalidOutput) as info:
+        list(steps)
+    assert info.value.message == "tool call failed validation after 2 attempts (not ok: no)"
+
+
+def test_all_attempts_counts_every_attempt():
+    first = Finished("length", Usage(10, 4, 0), prompt_eval_duration_ns=5, eval_duration_ns=7)
+    last = Finished("stop", Usage(10, 6, 10), prompt_eval_duration_ns=1, eval_duration_ns=2)
+    total = all_attempts([first, last])
+    assert total.reason == "stop"
+    assert total.usage == Usage(prompt_tokens=20, generated_tokens=10, cached_prompt_tokens=10)
+    assert (total.prompt_eval_duration_ns, total.eval_duration_ns) == (6, 9)
+    assert all_attempts([last]) == last

@@ -270,6 +270,8 @@ def test_unknown_format_is_rejected():
         ("{{ '<|python_tag|>' }}", None, "llama3"),
         ("{% if m.role == 'ipython' %}", None, "llama3"),
         ("<|tool_call|>{{ x }}<|/tool_call|>", None, "phi4"),
+        ("{{ '<|tool|>' + tools | tojson + '<|/tool|>' }}", "llama", "phi4"),
+        ("{{ '[TOOL_CALLS] [' }}", "qwen2", "mistral"),  # the template wins over the family
         ("{{ messages }}", "qwen2", "hermes"),
         (None, "qwen3", "hermes"),
         (None, "llama", "llama3"),

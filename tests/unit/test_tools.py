@@ -8,13 +8,22 @@ import pytest
 
 from ortserve.api.tools import (
     MAX_PARALLEL_CALLS,
+    ToolCallEvent,
+    ToolSpec,
+    ToolTurn,
     call_schema,
+    check_calls,
+    model_format,
     openai_call,
+    start_tool_turn,
     template_calls,
     tool_grammar,
     tool_spec,
 )
-from ortserve.engine.toolcalls import ToolCall
+from ortserve.engine.guided import InvalidOutput, Retry
+from ortserve.engine.prompts import ChatTemplate, template_of
+from ortserve.engine.toolcalls import ToolCall, ToolCallError
+from ortserve.engine.types import Finished, GenerationOptions, TextChunk, Usage
 from ortserve.errors import InvalidRequest
 
 
@@ -119,3 +128,141 @@ def test_openai_call_shape():
     out = openai_call(ToolCall("a", {"x": "1"}, id="call_1"), 0)
     assert out == {"index": 0, "id": "call_1", "type": "function",
                    "function": {"name": "a", "arguments": '{"x": "1"}'}}  # fmt: skip
+
+
+def _spec(fmt: str, **body) -> ToolSpec:
+    spec = tool_spec({"tools": TOOLS, **body})
+    spec.fmt = fmt
+    return spec
+
+
+def test_llama3_calls_are_bare_json_with_parameters():
+    grammar = tool_grammar(_spec("llama3", tool_choice="required"))
+    assert "<|python_tag|>" not in grammar and "call: payload" in grammar
+    assert grammar.count('";"') == MAX_PARALLEL_CALLS - 1
+    option = _payload(grammar)["anyOf"][0]
+    assert option["required"] == ["name", "parameters"]
+    # An "auto" text answer cannot open like a call.
+    auto = tool_grammar(_spec("llama3"))
+    assert "TEXT: /[^{\\s](.|\\n)*/" in auto
+
+
+@pytest.mark.parametrize(("fmt", "opener"), [("mistral", "[TOOL_CALLS]"),
+                                             ("phi4", "<|tool_call|>")])  # fmt: skip
+def test_array_formats_cap_the_calls_and_allow_no_free_whitespace(fmt, opener):
+    many = _payload(tool_grammar(_spec(fmt, tool_choice="required")))
+    assert (many["type"], many["minItems"], many["maxItems"]) == ("array", 1, MAX_PARALLEL_CALLS)
+    assert many["x-guidance"]["whitespace_flexible"] is False
+    one = _payload(tool_grammar(_spec(fmt, tool_choice="required", parallel_tool_calls=False)))
+    assert one["maxItems"] == 1
+    assert json.dumps(opener) in tool_grammar(_spec(fmt))
+
+
+class _Info:
+    def __init__(self, template, family="qwen2"):
+        self.manifest = {"template": template}
+        self.details = {"family": family}
+
+
+class _Loaded:
+    def __init__(self, bundled, manifest_template, family="qwen2"):
+        self.template = ChatTemplate(bundled, {"eos_token": "</s>"}) if bundled else None
+        self.info = _Info(manifest_template, family)
+
+
+def test_the_format_follows_the_manifest_template_over_bundle_and_family():
+    chatml = "<tool_call>{{ messages }}"
+    assert model_format(_Loaded(chatml, chatml)) == "hermes"
+    assert model_format(_Loaded(chatml, "[TOOL_CALLS]{{ messages }}")) == "mistral"
+    assert model_format(_Loaded(None, None, family="llama")) == "llama3"
+    loaded = _Loaded(chatml, "{{ eos_token }}<|tool_call|>")
+    assert template_of(loaded).render([]) == "</s><|tool_call|>"  # bundle tokens kept
+
+
+class _Turn:
+    """A scripted engine turn: TextChunks of `pieces`, then Finished."""
+
+    def __init__(self, pieces, reason, prompt=10):
+        self.pieces, self.reason, self.prompt = pieces, reason, prompt
+        self.cancelled = False
+
+    def __iter__(self):
+        yield from (TextChunk(p) for p in self.pieces)
+        usage = Usage(prompt_tokens=self.prompt, generated_tokens=len(self.pieces))
+        yield Finished(self.reason, usage, prompt_eval_duration_ns=3, eval_duration_ns=5)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Engine:
+    """A loaded model that replays one scripted turn per generate() and records the options."""
+
+    tokenizer = None
+
+    def __init__(self, *turns):
+        self.turns, self.options, self.special = list(turns), [], []
+
+    def generate(self, tokens, options, skip_special_tokens=True):
+        self.options.append(options)
+        self.special.append(skip_special_tokens)
+        return self.turns.pop(0)
+
+
+CALL = '<tool_call>\n{"name": "b", "arguments": {"n": 3}}\n</tool_call>'
+OPTIONS = GenerationOptions(num_predict=6, num_ctx=512)
+
+
+def test_tool_turn_retries_a_truncated_call_then_sends_the_calls():
+    engine = _Engine(_Turn(["<tool_call>", '{"name": "b"'], "length"),
+                     _Turn([CALL[:20], CALL[20:]], "stop"))  # fmt: skip
+    turn = ToolTurn(engine, [1, 2], OPTIONS, _spec("hermes", tool_choice="required"), retries=2)
+    events = list(turn)
+    retry, call, finished = events
+    assert isinstance(retry, Retry) and retry.attempt == 2
+    assert "unterminated tool call" in retry.reason
+    assert isinstance(call, ToolCallEvent) and call.call.arguments == {"n": 3}
+    assert finished.usage == Usage(prompt_tokens=20, generated_tokens=4)
+    assert finished.eval_duration_ns == 10 and turn.attempts == 2
+    assert [o.num_predict for o in engine.options] == [6, 12]  # the cap grew
+    assert engine.special == [False, False]  # markers must reach the parser
+    assert engine.options[0].guidance[0] == "lark_grammar"
+
+
+def test_tool_turn_streams_text_and_retries_malformed_markup_with_the_same_cap():
+    engine = _Engine(_Turn(["Hi <tool_call>", "{oops}</tool_call>"], "stop"),
+                     _Turn(["Sunny", " today."], "stop"))  # fmt: skip
+    turn = ToolTurn(engine, [1], OPTIONS, _spec("hermes"), retries=1)
+    events = list(turn)
+    texts = [e.text for e in events if isinstance(e, TextChunk)]
+    assert texts == ["Hi ", "Sunny", " today."]  # the first attempt's text, then the retry's
+    assert isinstance(events[1], Retry) and "invalid JSON" in events[1].reason
+    assert turn.calls == [] and [o.num_predict for o in engine.options] == [6, 6]
+
+
+def test_tool_turn_gives_an_explicit_error_when_every_attempt_fails():
+    engine = _Engine(*[_Turn(["Just text."], "stop") for _ in range(3)])
+    turn = ToolTurn(engine, [1], OPTIONS, _spec("hermes", tool_choice="required"), retries=2)
+    with pytest.raises(InvalidOutput) as info:
+        list(turn)
+    assert info.value.status == 422 and info.value.type == "invalid_output"
+    assert info.value.message.startswith("tool call failed validation after 3 attempts")
+    assert "tool_choice requires" in info.value.message
+
+
+def test_check_calls_enforces_tool_choice():
+    ok = ToolCall("b", {"n": 1})
+    check_calls([ok, ok], _spec("hermes"))
+    with pytest.raises(ToolCallError, match="parallel_tool_calls"):
+        check_calls([ok, ok], _spec("hermes", parallel_tool_calls=False))
+    with pytest.raises(ToolCallError, match='not "a"'):
+        check_calls([ok], _spec("hermes", tool_choice={"function": {"name": "a"}}))
+    with pytest.raises(ToolCallError, match="parameters schema"):
+        check_calls([ToolCall("b", {"n": "x"})], _spec("hermes"))
+
+
+def test_tool_choice_none_is_a_plain_turn():
+    engine = _Engine(_Turn(["text"], "stop"))
+    turn = start_tool_turn(engine, [1], OPTIONS, _spec("hermes", tool_choice="none"), 2)
+    assert isinstance(turn, _Turn) and engine.special == [True]
+    assert engine.options[0].guidance is None
