@@ -50,6 +50,27 @@ class SourceUnavailable(OrtServeError):
     type = "source_error"
 
 
+class RepoNotFound(SourceUnavailable):
+    """A repository or revision the hub does not have (or will not show without a token)."""
+
+    status = 404
+    type = "not_found_error"
+
+
+class ConverterMissing(OrtServeError):
+    """A checkpoint to convert, and no `convert` extra installed."""
+
+    status = 501
+    type = "converter_missing"
+
+
+class PullCancelled(OrtServeError):
+    """The caller went away; nothing was added."""
+
+    status = 499
+    type = "cancelled"
+
+
 class ConversionError(OrtServeError):
     status = 500
     type = "conversion_error"

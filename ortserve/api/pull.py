@@ -1,0 +1,106 @@
+"""POST /api/pull: a model from the Hugging Face Hub into the library, NDJSON progress."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint
+
+from ortserve.api.app import current_state
+from ortserve.api.streaming import json_response, ndjson_line, stream_response
+from ortserve.api.validation import read_json, validate
+from ortserve.errors import InvalidRequest, OrtServeError
+from ortserve.library import Library, ModelInfo
+from ortserve.library.pull import PullRef, PullStatus, pull
+
+log = logging.getLogger("ortserve.api")
+
+pull_bp = Blueprint("pull", __name__)
+_END = object()
+
+
+@pull_bp.post("/api/pull")
+def pull_model():
+    body = read_json()
+    if "model" not in body and "name" in body:  # older clients send `name`
+        body = {**body, "model": body.pop("name")}
+    body = validate("pull", body)
+    ref = PullRef.parse(body["model"])
+    if ref.local is not None:  # a client must not make the server read its own folders
+        raise InvalidRequest(
+            f"{body['model']!r} is a directory: over HTTP only [hf.co/]ORG/REPO references "
+            "are pulled (use `ortserve pull DIRECTORY` on the server)",
+            param="model",
+        )
+    job = _PullJob(ref, current_state().library, current_state().started_runtime)
+    if not body.get("stream", True):
+        job.run()
+        return json_response({"status": "success"})
+    job.start()
+    head = job.head()  # an error before any progress keeps its HTTP status
+    return stream_response(_lines(head, job), on_close=job.cancel.set)
+
+
+class _PullJob:
+    """One pull, in the request thread or on a worker feeding a queue of progress."""
+
+    def __init__(self, ref: PullRef, library: Library, runtime: Any):
+        self.ref = ref
+        self.library = library
+        self.runtime = runtime
+        self.events: queue.Queue = queue.Queue()
+        self.cancel = threading.Event()
+
+    def run(self) -> ModelInfo:
+        name = self.ref.default_name()
+        before = self.library.get(name).digest if self.library.exists(name) else None
+        info = pull(self.ref, library=self.library, progress=self.events.put, cancel=self.cancel)
+        if self.runtime is not None and before not in (None, info.digest):
+            self.runtime.unload(info.name)  # the name means another bundle now
+        return info
+
+    def start(self) -> None:
+        threading.Thread(target=self._work, name="ortserve-pull", daemon=True).start()
+
+    def _work(self) -> None:
+        try:
+            self.run()
+        except OrtServeError as exc:
+            self.events.put(exc)
+        except Exception:
+            log.exception("unexpected error while pulling %s", self.ref.text)
+            self.events.put(OrtServeError("internal error"))
+        finally:
+            self.events.put(_END)
+
+    def head(self) -> list[Any]:
+        """Events up to the first beyond "pulling manifest"; raise if the pull failed first."""
+        items: list[Any] = []
+        while True:
+            item = self.events.get()
+            if isinstance(item, OrtServeError):
+                raise item
+            items.append(item)
+            if item is _END or item.status != "pulling manifest":
+                return items
+
+    def rest(self) -> Iterator[Any]:
+        while (item := self.events.get()) is not _END:
+            yield item
+
+
+def _lines(head: list[Any], job: _PullJob) -> Iterator[str]:
+    items = head if head[-1] is _END else itertools.chain(head, job.rest())
+    for item in items:
+        if item is _END:
+            return
+        if isinstance(item, OrtServeError):  # the status is sent already: the error goes last
+            yield ndjson_line({"error": item.message})
+            return
+        if isinstance(item, PullStatus):
+            yield ndjson_line(item.as_dict())

@@ -1,0 +1,408 @@
+"""Pull plumbing against the test hub: references, variant choice, files fetched, digests,
+locking. The bundles here are small hand-made ones (a config, a tokenizer, a stand-in graph):
+they test what is downloaded and recorded, not that a model runs (tests/integration does)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from ortserve.errors import InvalidName, InvalidRequest, SourceUnavailable
+from ortserve.library.pull import (
+    ConverterMissing,
+    PullRef,
+    RepoFile,
+    RepoNotFound,
+    Snapshot,
+    choose_variant,
+    git_blob_id,
+    pull,
+    variant_provider,
+)
+from tests.hub import LocalHub
+
+PROVIDER_OPTIONS = {"cuda-fp16": [{"cuda": {}}], "directml-int4": [{"dml": {}}]}
+
+
+# ---- references ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, repo, variant, revision",
+    [
+        ("hf.co/org/repo", "org/repo", None, None),
+        ("org/Repo-1.5B", "org/Repo-1.5B", None, None),
+        ("hf.co/org/repo:cpu-int4", "org/repo", "cpu-int4", None),
+        ("org/repo:cpu-int4@main", "org/repo", "cpu-int4", "main"),
+        ("org/repo@0123abc:cuda-fp16", "org/repo", "cuda-fp16", "0123abc"),
+        ("huggingface.co/org/repo@v1", "org/repo", None, "v1"),
+    ],
+)
+def test_refs_parse(text, repo, variant, revision):
+    ref = PullRef.parse(text)
+    assert (ref.repo, ref.variant, ref.revision, ref.local) == (repo, variant, revision, None)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "   ",
+        "repo",
+        "hf.co/a/b/c",
+        "org/repo:a:b",
+        "org/repo:a/b",
+        "org/../x",
+        "-org/repo",
+        "org/repo@",
+    ],
+)
+def test_bad_refs_are_400_naming_the_field(text):
+    with pytest.raises(InvalidRequest) as error:
+        PullRef.parse(text)
+    assert error.value.status == 400 and error.value.param == "model"
+
+
+def test_default_names_follow_ollama(tmp_path):
+    assert PullRef.parse("hf.co/Org/Repo").default_name() == "hf.co/Org/Repo:latest"
+    assert PullRef.parse("huggingface.co/org/repo:x").default_name() == "hf.co/org/repo:x"
+    assert PullRef.parse("org/repo:cpu-int4@main").default_name() == "org/repo:cpu-int4"
+    folder = tmp_path / "My Model"
+    folder.mkdir()
+    local = PullRef.parse(f"{folder}:fp32")
+    assert local.local == folder and local.variant == "fp32"
+    assert local.default_name() == "my-model:fp32"
+
+
+# ---- variants --------------------------------------------------------------------------------
+
+VARIANTS = [
+    "cpu_and_mobile/cpu-int4-rtn-block-32",
+    "cpu_and_mobile/cpu-fp32",
+    "cuda/cuda-fp16",
+    "cuda/cuda-int4-rtn-block-32",
+    "directml/directml-int4-awq-block-128",
+]
+
+
+@pytest.mark.parametrize(
+    "providers, expected",
+    [
+        (["cpu"], "cpu_and_mobile/cpu-int4-rtn-block-32"),
+        (["cuda", "cpu"], "cuda/cuda-int4-rtn-block-32"),
+        (["dml", "cpu"], "directml/directml-int4-awq-block-128"),
+        (["webgpu", "cpu"], "cpu_and_mobile/cpu-int4-rtn-block-32"),
+    ],
+)
+def test_the_variant_for_the_best_provider_is_chosen(providers, expected):
+    assert choose_variant(VARIANTS, None, providers, _by_name) == expected
+
+
+def test_a_named_variant_is_honoured_whatever_the_providers():
+    assert choose_variant(VARIANTS, "cuda-fp16", ["cpu"], _by_name) == "cuda/cuda-fp16"
+    assert choose_variant(VARIANTS, "CPU-FP32", ["cpu"], _by_name) == "cpu_and_mobile/cpu-fp32"
+    with pytest.raises(RepoNotFound, match="variant 'q4_k_m' not found; variants: cpu-int4"):
+        choose_variant(VARIANTS, "q4_k_m", ["cpu"], _by_name)
+
+
+def test_no_runnable_variant_says_which_there_are():
+    with pytest.raises(SourceUnavailable, match="variants: cuda-fp16, dml-int4. Name one"):
+        choose_variant(["cuda/cuda-fp16", "dml-int4"], None, ["cpu"], _by_name)
+
+
+def test_variant_files_leave_out_nested_variants():
+    snapshot = Snapshot(PullRef("o/r"), "c" * 40)
+    for path in ["genai_config.json", "model.onnx", "a/genai_config.json", "a/model.onnx",
+                 "LICENSE"]:  # fmt: skip
+        snapshot.files[path] = RepoFile(path)
+    assert snapshot.variants() == ["", "a"]
+    assert [f.path for f in snapshot.variant_files("")] == [
+        "LICENSE",
+        "genai_config.json",
+        "model.onnx",
+    ]
+    assert [f.path for f in snapshot.variant_files("a")] == ["a/genai_config.json", "a/model.onnx"]
+
+
+def _by_name(variant: str) -> str:
+    return variant_provider(variant) or "cpu"
+
+
+# ---- pulls against the test hub ---------------------------------------------------------------
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    running = LocalHub().start()
+    monkeypatch.setenv("HF_ENDPOINT", running.url)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def variant_repo(hub, tmp_path):
+    """org/multi: cpu-int4, cuda-fp16 and directml-int4 bundles, a LICENSE at the root."""
+    root = tmp_path / "repos" / "multi"
+    for variant in ("cpu-int4-rtn-block-32", "cuda-fp16", "directml-int4"):
+        _hand_made_bundle(root / variant, PROVIDER_OPTIONS.get(variant, []))
+    (root / "LICENSE").write_text("MIT License\n")
+    (root / "README.md").write_text("# multi\n")
+    return hub.add_repo("org/multi", root)
+
+
+def test_pull_downloads_only_the_chosen_variant(hub, variant_repo, library):
+    events = []
+    info = pull("hf.co/org/multi", library=library, progress=events.append)
+
+    assert info.name == "hf.co/org/multi:latest"
+    source = info.manifest["source"]
+    assert source == {
+        "source": "hf.co/org/multi",
+        "revision": variant_repo.commit,
+        "variant": "cpu-int4-rtn-block-32",
+    }
+    fetched = {
+        r.path.split("/resolve/")[1].split("/", 1)[1] for r in hub.requests("GET", "/resolve/")
+    }
+    assert fetched == {f"cpu-int4-rtn-block-32/{n}" for n in _BUNDLE_FILES} | {"LICENSE"}
+    assert sorted(p.name for p in info.path.iterdir()) == sorted(
+        [*_BUNDLE_FILES, "ortserve-files.json"]
+    )
+    assert info.manifest["license"] == "MIT License\n"
+    assert info.details["quantization"] == "int4"
+    assert info.manifest["verification"] == {"files_checked": len(_BUNDLE_FILES)}
+
+    statuses = [e.status for e in events]
+    assert statuses[0] == "pulling manifest" and statuses[-1] == "success"
+    assert statuses.index("verifying sha256 digest") < statuses.index("writing manifest")
+    model = [e for e in events if e.status == "downloading cpu-int4-rtn-block-32/model.onnx"]
+    size = variant_repo.files["cpu-int4-rtn-block-32/model.onnx"].size
+    assert model[-1].total == model[-1].completed == size
+    assert (
+        model[-1].digest
+        == "sha256:" + variant_repo.files["cpu-int4-rtn-block-32/model.onnx"].sha256
+    )
+
+
+def test_a_named_variant_and_a_second_name_share_the_bundle(hub, variant_repo, library):
+    cuda = pull("org/multi:cuda-fp16", library=library)
+    assert cuda.name == "org/multi:cuda-fp16"
+    assert cuda.manifest["source"]["variant"] == "cuda-fp16"
+    config = json.loads((cuda.path / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {}}]
+    again = pull("org/multi:cuda-fp16", name="mine", library=library)
+    assert again.digest == cuda.digest
+
+
+def test_a_repeated_pull_downloads_nothing(hub, variant_repo, library):
+    first = pull("org/multi", library=library)
+    gets = len(hub.requests("GET", "/resolve/"))
+    events = []
+    second = pull("org/multi", library=library, progress=events.append)
+    assert second.digest == first.digest
+    assert len(hub.requests("GET", "/resolve/")) == gets
+    assert [e.status for e in events] == ["pulling manifest", "already up to date", "success"]
+
+
+def test_concurrent_pulls_share_one_download(hub, variant_repo, library):
+    stalled = hub.stall("cpu-int4-rtn-block-32/model.onnx", after=100)
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(pull("org/multi", library=library))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    first = threading.Thread(target=run)
+    first.start()
+    assert stalled.wait(30)
+    waiting = []
+    second = threading.Thread(
+        target=lambda: results.append(pull("org/multi", library=library, progress=waiting.append))
+    )
+    second.start()
+    _wait_for(lambda: any(e.status.startswith("waiting for another pull") for e in waiting))
+    hub.release()  # the stalled connection closes; huggingface-hub resumes it with a Range
+    first.join(60)
+    second.join(60)
+    assert not errors
+    assert len({r.digest for r in results}) == 1 and len(results) == 2
+    assert waiting[-2].status == "already up to date"
+    assert len([r for r in hub.downloads("model.onnx") if r.range is None]) == 1
+
+
+def test_a_file_that_does_not_match_its_hub_digest_is_refused(hub, variant_repo, library):
+    tampered = variant_repo.files["cpu-int4-rtn-block-32/model.onnx"].local
+    data = tampered.read_bytes()
+    tampered.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])  # same size, other content
+    with pytest.raises(SourceUnavailable, match="model.onnx does not match its digest"):
+        pull("org/multi", library=library)
+    assert library.list() == []
+
+
+def test_a_precision_for_a_bundle_repo_is_refused(hub, variant_repo, library):
+    with pytest.raises(InvalidRequest, match="choose a variant as REPO:VARIANT") as error:
+        pull("org/multi", precision="fp32", library=library)
+    assert error.value.param == "precision"
+    assert hub.requests("GET", "/resolve/") == []
+
+
+def test_unknown_repo_revision_and_bad_name(hub, variant_repo, library):
+    with pytest.raises(RepoNotFound, match="repository not found"):
+        pull("org/nothing", library=library)
+    with pytest.raises(RepoNotFound, match="revision 'v9' not found"):
+        pull("org/multi@v9", library=library)
+    with pytest.raises(InvalidName):
+        pull("org/multi", name="../../escape", library=library)
+    assert hub.requests("GET", "/resolve/") == []
+
+
+def test_a_repo_with_neither_bundle_nor_checkpoint_is_refused(hub, tmp_path, library):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README.md").write_text("nothing here\n")
+    hub.add_repo("org/empty", tmp_path / "empty")
+    with pytest.raises(SourceUnavailable, match="neither an ONNX GenAI bundle"):
+        pull("org/empty", library=library)
+
+
+def test_a_checkpoint_without_the_convert_extra_says_how_to_install_it(
+    hub, tmp_path, library, monkeypatch
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "optimum" else real(name)
+    )
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"\0" * 64)
+    hub.add_repo("org/ckpt", tmp_path / "ckpt")
+    with pytest.raises(ConverterMissing, match=r"pip install 'ortserve\[convert\]'"):
+        pull("org/ckpt", library=library)
+    assert hub.requests("GET", "/resolve/") == []  # refused before downloading weights
+
+
+def test_a_bundle_missing_a_named_file_is_refused(hub, tmp_path, library):
+    _hand_made_bundle(tmp_path / "broken", [])
+    (tmp_path / "broken" / "model.onnx").unlink()
+    hub.add_repo("org/broken", tmp_path / "broken")
+    with pytest.raises(SourceUnavailable, match="model.onnx, named by genai_config.json"):
+        pull("org/broken", library=library)
+    assert library.list() == []
+
+
+def test_a_local_directory_pulls_without_a_hub(tmp_path, library):
+    _hand_made_bundle(tmp_path / "bundles" / "cpu-int4", [])
+    _hand_made_bundle(tmp_path / "bundles" / "cuda-fp16", [{"cuda": {}}])
+    info = pull(str(tmp_path / "bundles"), library=library)
+    assert info.name == "bundles:latest"
+    assert info.manifest["source"]["variant"] == "cpu-int4"
+    assert info.manifest["source"]["source"] == str(tmp_path / "bundles")
+
+
+def test_git_blob_id_is_gits(tmp_path):
+    (tmp_path / "f").write_bytes(b"hello\n")
+    assert git_blob_id(tmp_path / "f") == "ce013625030ba8dba906f756967f9e9ca394464a"
+
+
+# ---- POST /api/pull through the Flask app ----------------------------------------------------
+
+
+@pytest.fixture
+def runtime():
+    return None  # pulls do not touch the engine
+
+
+def test_api_pull_streams_progress_then_success(client, hub, variant_repo):
+    response = client.post("/api/pull", json={"model": "org/multi"})
+    assert response.status_code == 200 and response.mimetype == "application/x-ndjson"
+    lines = [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
+    assert lines[0] == {"status": "pulling manifest"}
+    assert lines[-1] == {"status": "success"}
+    files = [line for line in lines if line["status"].startswith("downloading ")]
+    assert all({"digest", "total", "completed"} <= line.keys() for line in files)
+
+
+def test_api_pull_without_stream_and_with_name(client, hub, variant_repo):
+    response = client.post("/api/pull", json={"name": "org/multi:cuda-fp16", "stream": False})
+    assert response.status_code == 200 and response.get_json() == {"status": "success"}
+    tags = client.get("/api/tags").get_json()["models"]
+    assert [m["name"] for m in tags] == ["org/multi:cuda-fp16"]
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({}, 400, "model is required"),
+        ({"model": 7}, 400, "model: 7 is not of type 'string'"),
+        ({"model": "not a ref"}, 400, "invalid model reference"),
+        ({"model": "org/multi", "stream": "yes"}, 400, "stream: 'yes' is not of type"),
+        ({"model": "org/nothing"}, 404, "repository not found"),
+        ({"model": "org/multi:nope", "stream": False}, 404, "variant 'nope' not found"),
+    ],
+)
+def test_api_pull_errors(client, hub, variant_repo, body, status, message):
+    response = client.post("/api/pull", json=body)
+    assert response.status_code == status
+    assert message in response.get_json()["error"]
+
+
+def test_api_pull_client_gone_adds_nothing(client, hub, variant_repo, library):
+    stalled = hub.stall("cpu-int4-rtn-block-32/model.onnx", after=100)
+    response = client.post("/api/pull", json={"model": "org/multi"}, buffered=False)
+    first = next(response.response)
+    assert json.loads(first) == {"status": "pulling manifest"}
+    assert stalled.wait(30)
+    response.close()  # the client goes away mid-download
+    hub.release()
+    _wait_for(lambda: not any(t.name == "ortserve-pull" for t in threading.enumerate()))
+    assert library.list() == []
+    assert not library.bundles_dir.exists() or not any(library.bundles_dir.iterdir())
+
+
+def test_api_pull_refuses_server_directories(client, tmp_path):
+    response = client.post("/api/pull", json={"model": str(tmp_path)})
+    assert response.status_code == 400
+    assert "is a directory" in response.get_json()["error"]
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+_BUNDLE_FILES = ["genai_config.json", "model.onnx", "tokenizer.json", "tokenizer_config.json"]
+
+
+def _hand_made_bundle(folder, provider_options) -> None:
+    """The files of a bundle: a genai_config.json, a stand-in graph, a real tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder.mkdir(parents=True)
+    decoder = {"filename": "model.onnx", "hidden_size": 8, "num_attention_heads": 2,
+               "num_hidden_layers": 1, "num_key_value_heads": 2, "head_size": 4,
+               "session_options": {"provider_options": provider_options}}  # fmt: skip
+    config = {"model": {"type": "qwen2", "context_length": 64, "vocab_size": 4,
+                        "eos_token_id": 1, "bos_token_id": 0, "pad_token_id": 1,
+                        "decoder": decoder},
+              "search": {"do_sample": True, "temperature": 0.6, "top_k": 20, "max_length": 64}}  # fmt: skip
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    (folder / "model.onnx").write_bytes(bytes(range(256)) * 16 + folder.name.encode())
+    tokenizer = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "hi": 2, "<unk>": 3}, "<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+
+
+def _wait_for(condition, timeout: float = 30) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
