@@ -11,7 +11,7 @@ from typing import Any
 from converters.checkpoint import Checkpoint, inspect_checkpoint
 from converters.progress import Progress
 from converters.quantize import PRECISIONS
-from converters.source import ResolvedSource, resolve_source
+from converters.source import ResolvedSource, fingerprint, resolve_source
 from ortserve.errors import ConversionError, InvalidRequest
 from ortserve.library import Library, ModelInfo, ModelName
 from ortserve.library import bundle as bundles
@@ -61,7 +61,7 @@ def convert(
     precision: str = "int4",
     *,
     library: Library | None = None,
-    progress: bool = True,
+    progress: bool | Progress = True,
     **options: Any,
 ) -> ModelInfo:
     """Convert a checkpoint directory or Hugging Face repo id into a library model."""
@@ -69,7 +69,11 @@ def convert(
     opts.validate()
     model_name = ModelName.parse(name)  # a bad name fails before any heavy work
     library = library or Library()
-    reporter = Progress(STEPS, f"convert {model_name.display}", enabled=progress)
+    reporter = (
+        progress
+        if isinstance(progress, Progress)  # a caller's own reporter (batch.py)
+        else Progress(STEPS, f"convert {model_name.display}", enabled=progress)
+    )
     try:
         with reporter.step("download"):
             resolved = resolve_source(
@@ -156,6 +160,8 @@ def build_manifest(
         "source": {
             "source": resolved.source,
             "revision": resolved.revision,
+            # a local directory has no commit: re-runs compare this instead (batch skips)
+            "fingerprint": fingerprint(resolved.path) if resolved.revision is None else None,
             "options": opts.recorded(),
         },
         "verification": verification,
