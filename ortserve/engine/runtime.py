@@ -26,6 +26,7 @@ from ortserve.engine.turns import Turn
 from ortserve.engine.types import GenerationOptions
 from ortserve.errors import InvalidRequest, ModelLoadError, OrtServeError
 from ortserve.library import Library, ModelInfo
+from ortserve.library.adapters import adapter_files
 
 log = logging.getLogger("ortserve.engine")
 
@@ -167,7 +168,10 @@ class Runtime:
         with self._lock:
             while True:
                 loaded = self._models.get(info.name)
-                if loaded is not None and loaded.info.digest == info.digest:
+                if loaded is not None and _same_model(loaded.info, info):
+                    # system, parameters, template... may have changed on disk (a create
+                    # from the CLI): the weights stay loaded, the newest manifest applies
+                    loaded.info = info
                     loaded.active += 1
                     loaded.expires_at = None
                     loaded.load_duration_ns = 0
@@ -205,6 +209,7 @@ class Runtime:
             provider = choose_provider(self.settings.provider, bundle_target(bundle))
             tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
             template = ChatTemplate.from_bundle(bundle)
+            adapters = adapter_files(self.library, info)
         except OrtServeError:
             raise
         except Exception as exc:
@@ -217,6 +222,7 @@ class Runtime:
             parallel=self.settings.num_parallel,
             max_queue=self.settings.max_queue,
             name=info.name,
+            adapters=adapters,
         )
         scheduler.start()
         duration = int((time.perf_counter() - started) * 1e9)
@@ -265,6 +271,15 @@ class Runtime:
                     continue
             for loaded in expired:
                 self._unload_if_idle(loaded)
+
+
+def _same_model(loaded: ModelInfo, current: ModelInfo) -> bool:
+    """Still what the library names: same bundle and same adapters (re-created otherwise)."""
+    return loaded.digest == current.digest and _adapters(loaded) == _adapters(current)
+
+
+def _adapters(info: ModelInfo) -> list:
+    return [a.get("digest") for a in info.manifest.get("adapters") or [] if isinstance(a, dict)]
 
 
 def _ps_entry(loaded: LoadedModel | LoadedEmbedder) -> dict:

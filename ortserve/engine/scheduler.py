@@ -15,6 +15,10 @@ Only prompts of the same length share a batch: measured with og 0.18, rows of a 
 batch that are padded (shorter prompts) decode different tokens than the same prompt alone,
 although the graph itself handles padding correctly. Equal lengths need no padding, and
 greedy results then match the lone request exactly.
+
+LoRA adapters. og 0.18 activates adapters only on an og.Generator, not on Engine requests,
+so a model with adapters gets GeneratorEngine lanes (engine/adapters.py: the same interface,
+one turn per lane, unbatched) instead of og.Engine lanes.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class Lane:
 
     engine: Any
     buffer: Any
+    capacity: int  # turns in one batch: the Engine's batch size, 1 for a GeneratorEngine
     jobs: dict[Any, Job] = field(default_factory=dict)
 
 
@@ -86,6 +91,7 @@ class Scheduler:
         parallel: int | None = None,
         max_queue: int = 512,
         name: str = "model",
+        adapters: list[tuple[str, Path]] | None = None,
     ):
         self.bundle = bundle
         self.provider = provider
@@ -94,6 +100,7 @@ class Scheduler:
         self.parallel = parallel or batch_size * lanes  # turns generating at once, at most
         self.max_queue = max_queue
         self.name = name
+        self.adapters = list(adapters or [])  # (name, .onnx_adapter path), all active
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: collections.deque[Job] = collections.deque()
         self._lanes: list[Lane] = []
@@ -174,9 +181,22 @@ class Scheduler:
         }
         config.overlay(json.dumps(overlay))
         self._model = og.Model(config)
+        if self.adapters:
+            self._load_generator_lanes()
+            return
         for _ in range(self.lane_count):
             engine = og.Engine(self._model)
-            self._lanes.append(Lane(engine, engine.create_event_buffer(_EVENT_BUFFER)))
+            buffer = engine.create_event_buffer(_EVENT_BUFFER)
+            self._lanes.append(Lane(engine, buffer, self.batch_size))
+
+    def _load_generator_lanes(self) -> None:
+        from ortserve.engine.adapters import GeneratorEngine, load_adapters
+
+        adapters = load_adapters(self._model, self.adapters)
+        names = [name for name, _ in self.adapters]
+        for _ in range(self.lane_count):
+            engine = GeneratorEngine(self._model, adapters, names, self.bundle)
+            self._lanes.append(Lane(engine, None, 1))
 
     def _busy(self) -> bool:
         return bool(self._waiting) or any(lane.jobs for lane in self._lanes)
@@ -206,7 +226,7 @@ class Scheduler:
             room = self.parallel - sum(len(other.jobs) for other in self._lanes)
             if lane.jobs or not self._waiting or room <= 0:
                 continue
-            for job in self._same_length_group(min(room, self.batch_size)):
+            for job in self._same_length_group(min(room, lane.capacity)):
                 try:
                     self._begin(lane, job)
                 except Exception as exc:  # a bad turn fails alone
@@ -226,7 +246,7 @@ class Scheduler:
         options = og.RequestOptions()
         options.set_max_session_tokens(job.options.num_ctx)
         request = lane.engine.create_request(options=options)
-        turn = og.TurnOptions(request)
+        turn = getattr(lane.engine, "turn_options", og.TurnOptions)(request)
         apply_turn_options(turn, job.options, len(job.tokens))
         job.begun_at = time.perf_counter()
         job.turn_id = request.begin_turn(np.asarray(job.tokens, dtype=np.int32), turn)

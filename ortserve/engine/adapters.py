@@ -1,0 +1,200 @@
+"""Generation with LoRA adapters: og.Generator lanes, since og.Engine cannot activate adapters.
+
+In onnxruntime-genai 0.18 an adapter is activated on a Generator
+(`generator.set_active_adapter(adapters, name)`); og.Engine's Requests, RequestOptions and
+TurnOptions have no such call. A model with adapters is therefore served by
+GeneratorEngine: the part of og.Engine's interface the scheduler drives (create_request,
+run, create_event_buffer; Request.begin_turn / cancel_turn / close; events with flags,
+token, finish_reason, usage), implemented over one og.Generator per turn. A lane runs one
+turn at a time, so a model with adapters generates as many turns at once as it has lanes,
+each unbatched.
+
+Everything here runs on the model's scheduler thread, like every other og call.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ortserve.errors import ModelLoadError
+
+
+def load_adapters(model, files: list[tuple[str, Path]]):
+    """og.Adapters for `model` holding every (name, .onnx_adapter path)."""
+    import onnxruntime_genai as og
+
+    adapters = og.Adapters(model)
+    for name, path in files:
+        if not Path(path).is_file():
+            raise ModelLoadError(f"adapter {name!r} is missing from the library ({path})")
+        try:
+            adapters.load(str(path), name)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load adapter {name!r}: {exc}") from exc
+    return adapters
+
+
+@dataclass(frozen=True)
+class GeneratorUsage:
+    """og.TurnUsage's fields."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    cached_prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class GeneratorEvent:
+    """og.EngineEvent's fields the scheduler reads."""
+
+    request: Any
+    flags: int
+    token: int | None
+    finish_reason: Any  # og.FinishReason
+    usage: GeneratorUsage | None = None
+    error_code: int = 0
+
+
+class GeneratorTurn:
+    """og.TurnOptions' setters (those apply_turn_options calls), recorded for GeneratorParams."""
+
+    def __init__(self, request: GeneratorRequest | None = None):
+        self.max_generated = 1
+        self.search: dict[str, Any] = {"do_sample": False}
+        self.guidance: tuple | None = None
+
+    def set_max_generated_tokens(self, n: int) -> None:
+        self.max_generated = int(n)
+
+    def set_do_sample(self, value: bool) -> None:
+        self.search["do_sample"] = bool(value)
+
+    def set_temperature(self, value: float) -> None:
+        self.search["temperature"] = float(value)
+
+    def set_top_k(self, value: int) -> None:
+        self.search["top_k"] = int(value)
+
+    def set_top_p(self, value: float) -> None:
+        self.search["top_p"] = float(value)
+
+    def set_repetition_penalty(self, value: float) -> None:
+        self.search["repetition_penalty"] = float(value)
+
+    def set_guidance(self, kind: str, data: str) -> None:
+        self.guidance = (kind, data)
+
+
+class GeneratorRequest:
+    """One conversation's turn on a GeneratorEngine (og.Request's interface)."""
+
+    def __init__(self, engine: GeneratorEngine):
+        self._engine = engine
+        self.prompt: list[int] = []
+        self.turn: GeneratorTurn | None = None
+        self.generator = None
+        self.generated = 0
+        self.cancelled = False
+        self.turn_id = 0
+
+    def begin_turn(self, tokens: np.ndarray, turn: GeneratorTurn) -> int:
+        self.prompt = [int(t) for t in np.asarray(tokens).reshape(-1)]
+        self.turn = turn
+        self.turn_id += 1
+        self._engine.pending.append(self)
+        return self.turn_id
+
+    def cancel_turn(self, turn_id: int) -> None:
+        self.cancelled = True
+
+    def close(self) -> None:
+        self.generator = None
+        if self in self._engine.pending:
+            self._engine.pending.remove(self)
+
+
+class GeneratorEngine:
+    """og.Engine's interface over og.Generators with every adapter of the model active."""
+
+    def __init__(self, model, adapters, names: list[str], bundle: Path):
+        self.model = model
+        self.adapters = adapters
+        self.names = list(names)
+        self.pending: list[GeneratorRequest] = []
+        config = json.loads((Path(bundle) / "genai_config.json").read_text(encoding="utf-8"))
+        eos = config["model"].get("eos_token_id", [])
+        self.eos = set(eos if isinstance(eos, list) else [eos])
+        self.context_length = int(config["model"]["context_length"])
+
+    def create_event_buffer(self, size: int) -> None:
+        return None
+
+    def create_request(self, options=None) -> GeneratorRequest:
+        return GeneratorRequest(self)
+
+    def turn_options(self, request: GeneratorRequest) -> GeneratorTurn:
+        """What og.TurnOptions(request) is for an og.Engine."""
+        return GeneratorTurn(request)
+
+    def run(self, buffer=None) -> Iterator[GeneratorEvent]:
+        """One step of every turn: prefill and the first token, or the next token."""
+        events = []
+        for request in list(self.pending):
+            try:
+                event = self._step(request)
+            except Exception:  # the scheduler fails the turn; it must not be stepped again
+                request.close()
+                raise
+            if event.finish_reason.name != "NONE":
+                self.pending.remove(request)
+            events.append(event)
+        return iter(events)
+
+    def _step(self, request: GeneratorRequest) -> GeneratorEvent:
+        import onnxruntime_genai as og
+
+        if request.cancelled:
+            return self._finish(request, og.FinishReason.CANCELLED, token=None)
+        if request.generator is None:
+            request.generator = self._start(request)
+        generator = request.generator
+        generator.generate_next_token()
+        token = int(generator.get_next_tokens()[0])
+        if token in self.eos:
+            return self._finish(request, og.FinishReason.EOS, token=None)
+        request.generated += 1
+        if generator.is_done() or request.generated >= request.turn.max_generated:
+            return self._finish(request, og.FinishReason.MAX_GENERATED_TOKENS, token=token)
+        return GeneratorEvent(request, int(og.EngineEventFlags.TOKEN), token, og.FinishReason.NONE)
+
+    def _start(self, request: GeneratorRequest):
+        """A Generator for the turn, adapters active, prompt prefilled."""
+        import onnxruntime_genai as og
+
+        turn = request.turn
+        params = og.GeneratorParams(self.model)
+        limit = min(len(request.prompt) + turn.max_generated, self.context_length)
+        params.set_search_options(max_length=limit, min_length=0, **turn.search)
+        if turn.guidance is not None:
+            params.set_guidance(*turn.guidance)
+        generator = og.Generator(self.model, params)
+        for name in self.names:
+            generator.set_active_adapter(self.adapters, name)
+        generator.append_tokens(np.asarray([request.prompt], dtype=np.int32))
+        return generator
+
+    def _finish(self, request: GeneratorRequest, reason, token: int | None) -> GeneratorEvent:
+        import onnxruntime_genai as og
+
+        flags = int(og.EngineEventFlags.TURN_FINISHED)
+        if token is not None:
+            flags |= int(og.EngineEventFlags.TOKEN)
+        request.generator = None  # its KV cache goes now, not when the request is closed
+        usage = GeneratorUsage(len(request.prompt), request.generated)
+        return GeneratorEvent(request, flags, token, reason, usage)
