@@ -77,14 +77,16 @@ def init_app(
     app: Flask, settings: Settings | None = None, runtime: Any = None, *, url_prefix: str = ""
 ) -> ServerState:
     """Mount ortserve's blueprints and error handlers into `app` (yours or create_app's)."""
+    from ortserve.api.create import create_bp
     from ortserve.api.embeddings import embeddings_bp
     from ortserve.api.native import native_bp
     from ortserve.api.openai import openai_bp
     from ortserve.api.ops import ops_bp
+    from ortserve.api.pull import pull_bp
 
     state = ServerState(settings or Settings.from_env(), runtime, url_prefix=url_prefix)
     app.extensions[EXTENSION] = state
-    for blueprint in (native_bp, ops_bp, embeddings_bp, openai_bp):
+    for blueprint in (native_bp, ops_bp, embeddings_bp, openai_bp, create_bp, pull_bp):
         app.register_blueprint(blueprint, url_prefix=url_prefix or None)
     register_error_handlers(app)
     return state
@@ -150,7 +152,7 @@ def _is_ours() -> bool:
     state = current_app.extensions.get(EXTENSION)
     if not isinstance(state, ServerState) or state.owns_app:
         return True
-    if request.blueprint in ("native", "ops", "openai"):
+    if request.blueprint in ("native", "ops", "openai", "create", "pull"):
         return True
     return request.path.startswith(tuple(state.url_prefix + p for p in _API_PATHS))
 

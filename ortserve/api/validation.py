@@ -19,6 +19,8 @@ from ortserve.errors import InvalidRequest
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 MAX_BODY_BYTES = 32 * 1024 * 1024
+# Uploaded blobs (POST /api/blobs) are model weights: streamed to disk, never held whole.
+MAX_BLOB_BYTES = 1 << 40
 
 
 @functools.lru_cache(maxsize=1)

@@ -99,6 +99,11 @@ def openai_options(
     return _build(given, context_length)
 
 
+def option_type(name: str) -> str | None:
+    """The JSON type of option `name` ("integer", "number", "boolean", "stop"); None if unknown."""
+    return _SUPPORTED.get(name) or _UNSUPPORTED.get(name)
+
+
 def warn_unsupported(name: str) -> None:
     """Log that option `name` is ignored, once per process."""
     with _warned_lock:

@@ -5,6 +5,7 @@ Layout under the root (ORTSERVE_MODELS, default ~/.ortserve/models):
     manifests/<namespace>/<model>/<tag>.json   one per name:tag (lower-cased path)
     bundles/sha256-<hex>/                      immutable bundle, named by its digest
     tmp/<random>/                              staging; renamed into bundles/ when complete
+    blobs/sha256-<hex>                         uploaded files (/api/blobs), named by sha256
 
 A bundle's digest is the sha256 of its file index (every file's path, size and sha256), and
 the index is kept in the bundle as `ortserve-files.json`. Every write lands in a temporary
@@ -19,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -26,15 +28,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from ortserve.errors import InvalidName, LibraryCorrupt, ModelNotFound
+from ortserve.errors import InvalidName, InvalidRequest, LibraryCorrupt, ModelNotFound
 from ortserve.library.names import ModelName
 
 INDEX_FILE = "ortserve-files.json"
 MANIFEST_VERSION = 1
 _CHUNK = 1 << 20
 _STALE_STAGING_S = 24 * 3600
+# A blob no manifest uses is kept this long: it may be an upload waiting for its create.
+_BLOB_GRACE_S = 3600
+_BLOB_DIGEST = re.compile(r"^sha256[:-]([0-9a-fA-F]{64})$")
+_PARTIAL_BLOB = ".partial-"
 
 
 @dataclass
@@ -93,6 +99,7 @@ class Library:
         self.manifests_dir = self.root / "manifests"
         self.bundles_dir = self.root / "bundles"
         self.tmp_dir = self.root / "tmp"
+        self.blobs_dir = self.root / "blobs"
 
     # ---- staging and bundles -------------------------------------------------------------
 
@@ -129,6 +136,41 @@ class Library:
         if not digest.startswith("sha256-") or not all(c in "0123456789abcdef" for c in digest[7:]):
             raise LibraryCorrupt(f"invalid bundle digest {digest!r}")
         return self.bundles_dir / digest
+
+    # ---- blobs (uploads for /api/create) ---------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        """Where the blob `sha256:<hex>` is (or would be) kept."""
+        return self.blobs_dir / f"sha256-{blob_hex(digest)}"
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def add_blob(self, stream: BinaryIO, digest: str) -> Path:
+        """Store `stream` as blob `digest`, hashing while writing; a mismatch leaves nothing."""
+        expected = blob_hex(digest)
+        self.blobs_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_PARTIAL_BLOB, dir=self.blobs_dir)
+        try:
+            hasher = hashlib.sha256()
+            with os.fdopen(fd, "wb") as f:
+                while chunk := stream.read(_CHUNK):
+                    hasher.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            actual = hasher.hexdigest()
+            if actual != expected:
+                raise InvalidRequest(
+                    f"digest mismatch: expected sha256:{expected}, got sha256:{actual}",
+                    param="digest",
+                )
+            os.replace(tmp, self.blob_path(digest))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return self.blob_path(digest)
 
     # ---- manifests -----------------------------------------------------------------------
 
@@ -205,7 +247,7 @@ class Library:
     # ---- maintenance ---------------------------------------------------------------------
 
     def prune(self) -> list[str]:
-        """Remove bundles no manifest uses and staging left by dead processes."""
+        """Remove bundles and (hour-old) blobs no manifest uses, and dead processes' staging."""
         used = self._used_digests()
         removed = []
         for bundle in self._bundle_dirs():
@@ -213,7 +255,7 @@ class Library:
                 shutil.rmtree(bundle, ignore_errors=True)
                 removed.append(bundle.name)
         self._remove_stale_staging()
-        return removed
+        return removed + self._prune_blobs()
 
     def verify(self, name: str | None = None) -> list[VerifyResult]:
         """Re-hash bundles (all, or the one `name` uses) and compare with their digests."""
@@ -243,6 +285,22 @@ class Library:
     def _remove_bundle_if_unused(self, digest: str) -> None:
         if digest not in self._used_digests():
             shutil.rmtree(self.bundle_path(digest), ignore_errors=True)
+
+    def _prune_blobs(self) -> list[str]:
+        """Blobs no manifest's adapters[].digest names, and abandoned partial uploads."""
+        if not self.blobs_dir.is_dir():
+            return []
+        used = {"sha256-" + str(a["digest"]).lower()[7:] for m in self.list()
+                for a in m.manifest.get("adapters") or []
+                if isinstance(a, dict) and a.get("digest")}  # fmt: skip
+        removed = []
+        for path in self.blobs_dir.iterdir():
+            if path.name in used or time.time() - path.stat().st_mtime < _BLOB_GRACE_S:
+                continue
+            path.unlink(missing_ok=True)
+            if not path.name.startswith(_PARTIAL_BLOB):
+                removed.append(path.name)
+        return removed
 
     def _remove_stale_staging(self) -> None:
         if not self.tmp_dir.is_dir():
@@ -279,6 +337,16 @@ def index_files(directory: Path) -> dict[str, Any]:
             continue
         files.append({"path": rel, "size": path.stat().st_size, "sha256": file_sha256(path)})
     return {"files": files}
+
+
+def blob_hex(digest: str) -> str:
+    """The hex of a blob digest `sha256:<64 hex>` (Ollama's form; `sha256-` is accepted too)."""
+    match = _BLOB_DIGEST.match(digest) if isinstance(digest, str) else None
+    if match is None:
+        raise InvalidRequest(
+            f"invalid digest {digest!r}: expected sha256:<64 hex digits>", param="digest"
+        )
+    return match.group(1).lower()
 
 
 def index_digest(index: dict[str, Any]) -> str:
