@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 import textwrap
-from pathlib import Path
 
 import click
 
 from ortserve import __version__, humanize
-from ortserve.errors import OrtServeError
+from ortserve.errors import InvalidRequest, OrtServeError
 from ortserve.library import Library
 
 
@@ -48,20 +46,19 @@ def _library() -> Library:
     return Library()
 
 
+def _precision_option(help_text: str, **kwargs):
+    """--precision/-p of a conversion (convert, and pull of a checkpoint repository)."""
+    choice = click.Choice(["int4", "int8", "fp16", "fp32"])
+    return click.option("--precision", "-p", type=choice, help=help_text, **kwargs)
+
+
 # ---- convert ---------------------------------------------------------------------------------
 
 
 @cli.command()
-@click.argument("source")
+@click.argument("source", required=False)
 @click.option("--name", "-n", help="Library name NAME[:TAG] (default: the source's last part).")
-@click.option(
-    "--precision",
-    "-p",
-    type=click.Choice(["int4", "int8", "fp16", "fp32"]),
-    default="int4",
-    show_default=True,
-    help="Weight precision.",
-)
+@_precision_option("Weight precision.", default="int4", show_default=True)
 @click.option(
     "--block-size",
     type=int,
@@ -80,14 +77,26 @@ def _library() -> Library:
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the checkpoint.")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt weights (unsafe to load).")
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with transformers.")
-def convert(source, name, precision, block_size, provider, revision, trust_remote_code,
-            allow_pickle, no_verify):  # fmt: skip
-    """Convert a Hugging Face checkpoint (directory or repo id) into a library model."""
-    from converters import convert as run_convert
+@click.option("--batch", "batch_spec", metavar="SPEC", help="Convert the models a spec lists.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), help="Parallel batch conversions.")
+@click.option("--report", metavar="PATH", help="With --batch: JSON report path.")
+@click.pass_context
+def convert(ctx, source, name, precision, block_size, provider, revision, trust_remote_code,
+            allow_pickle, no_verify, batch_spec, jobs, report):  # fmt: skip
+    """Convert a Hugging Face checkpoint (directory or repo id) into a library model.
 
+    With --batch SPEC, convert the list of models in SPEC instead (see docs/converter.md).
+    """
+    from converters import convert as run_convert
+    from converters.source import default_name
+
+    if batch_spec or source is None:
+        _convert_batch(ctx, source, batch_spec, jobs, report)
+    if jobs is not None or report:
+        raise InvalidRequest("--jobs and --report go with --batch SPEC", param="batch")
     info = run_convert(
         source,
-        name or _default_name(source),
+        name or default_name(source),
         precision,
         block_size=block_size,
         provider=provider,
@@ -101,14 +110,87 @@ def convert(source, name, precision, block_size, provider, revision, trust_remot
     _echo_verification(info.manifest.get("verification") or {})
 
 
-def _default_name(source: str) -> str:
-    base = Path(source.rstrip("/\\")).name.lower()
-    return re.sub(r"[^a-z0-9_.-]", "-", base).strip("-_.") or "model"
+def _convert_batch(ctx, source, spec, jobs, report) -> None:
+    """`convert --batch SPEC`: exits 1 when any entry failed."""
+    from click.core import ParameterSource
+
+    from converters.batch import run_and_print
+
+    if source is not None:
+        raise InvalidRequest("give either SOURCE or --batch SPEC, not both", param="batch")
+    if not spec:
+        raise InvalidRequest("missing SOURCE: a checkpoint directory or Hugging Face repo id "
+                             "(or --batch SPEC)", param="source")  # fmt: skip
+    for param in ctx.command.params:
+        if param.name not in ("source", "batch_spec", "jobs", "report") and (
+            ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE
+        ):
+            raise InvalidRequest(
+                f"{param.opts[0]} applies to one model; with --batch set it in the spec "
+                "(per entry, or under defaults:)",
+                param="batch",
+            )
+    ctx.exit(run_and_print(spec, jobs=jobs, report=report, library=_library()))
 
 
 def _echo_verification(figures: dict) -> None:
     if figures:
         click.echo("verified: " + ", ".join(f"{k} {v}" for k, v in figures.items()))
+
+
+# ---- pull ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--name", "-n", help="Library name NAME[:TAG] (default: the reference as typed).")
+@_precision_option("Weight precision of a checkpoint repository's conversion (default int4).")
+def pull(ref, name, precision):
+    """Pull [hf.co/]ORG/REPO[:VARIANT][@REVISION] (or a directory) into the library."""
+    from ortserve.library.pull import pull as run_pull
+
+    display = _PullDisplay()
+    try:
+        info = run_pull(ref, name=name, precision=precision, library=_library(), progress=display)
+    finally:
+        display.close()
+    click.echo(f"{info.name}  {info.short_id}  {humanize.size(info.size)}")
+
+
+class _PullDisplay:
+    """Pull progress on stderr: a byte bar per file on a terminal, status lines otherwise."""
+
+    def __init__(self):
+        import threading
+
+        self._lock = threading.Lock()  # progress also comes from the download watcher
+        self._status = None
+        self._bar = None
+        self._tty = sys.stderr.isatty()
+
+    def __call__(self, event) -> None:
+        with self._lock:
+            if event.status != self._status:
+                self._close_bar()
+                self._status = event.status
+                if self._tty and event.total:
+                    from tqdm import tqdm
+
+                    self._bar = tqdm(total=event.total, desc=event.status, unit="B",
+                                     unit_scale=True, file=sys.stderr)  # fmt: skip
+                else:
+                    click.echo(event.status, err=True)
+            if self._bar is not None and event.completed is not None:
+                self._bar.update(event.completed - self._bar.n)
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 # ---- list / show / cp / rm -------------------------------------------------------------------
@@ -174,6 +256,7 @@ def _describe(info) -> str:
         ("Source", [
             ("from", source.get("source")),
             ("revision", source.get("revision")),
+            ("variant", source.get("variant")),
             *((k.replace("_", " "), v) for k, v in (source.get("options") or {}).items()),
             ("created", m.get("created")),
         ]),
@@ -208,6 +291,25 @@ def cp(source, destination):
 
 
 @cli.command()
+@click.argument("name")
+@click.option("--file", "-f", "modelfile", default="Modelfile", show_default=True,
+              help="The Modelfile to read.")  # fmt: skip
+@click.option(
+    "--quantize",
+    "-q",
+    type=click.Choice(["int4", "int8", "q4_K_M", "q4_0", "q8_0"], case_sensitive=False),
+    help="Quantize the weights (an fp32/fp16 base, or a checkpoint being converted).",
+)
+def create(name, modelfile, quantize):
+    """Create model NAME from a Modelfile (FROM a model, a bundle or a checkpoint)."""
+    from ortserve.library.create import create_model
+    from ortserve.library.modelfile import read_modelfile
+
+    spec = read_modelfile(modelfile)
+    create_model(_library(), name, spec, quantize=quantize, progress=click.echo)
+
+
+@cli.command()
 @click.argument("models", nargs=-1, required=True)
 def rm(models):
     """Remove models."""
@@ -221,7 +323,7 @@ def rm(models):
 def prune():
     """Remove bundles no model uses and leftovers of interrupted conversions."""
     removed = _library().prune()
-    click.echo(f"removed {len(removed)} unused bundle(s)")
+    click.echo(f"removed {len(removed)} unused bundle(s) and blob(s)")
 
 
 @cli.command()
