@@ -196,3 +196,18 @@ def _resize_q(peft_dir) -> None:
         if key.endswith("q_proj.lora_A.weight"):
             tensors[key] = torch.zeros(4, 32)
     save_file(tensors, str(path))
+
+
+def test_ollama_create_with_uploaded_peft_adapter_files(setup):
+    """Ollama's way: upload the adapter's files as blobs, then create with adapters={...}."""
+    client, peft = setup["client"], setup["peft"]
+    adapters = {name: client.create_blob(peft / name)
+                for name in ("adapter_config.json", "adapter_model.safetensors")}  # fmt: skip
+    progress = list(client.create(model="llama-lora-api", from_="llama", adapters=adapters,
+                                  stream=True))  # fmt: skip
+    assert progress[-1].status == "success"
+    created = setup["library"].get("llama-lora-api")
+    assert created.digest == setup["library"].get("llama-lora").digest  # one adapted bundle
+    answer = chat(client, "llama-lora-api").message.content
+    assert answer == chat(client, "llama-lora").message.content
+    assert answer != chat(client, "llama").message.content
