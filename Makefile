@@ -39,6 +39,7 @@ serve: install
 bench: install
 	$(PY) benchmarks/convert_bench.py
 	$(PY) benchmarks/serve_bench.py
+	$(PY) benchmarks/adapter_bench.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache build *.egg-info

@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convert_bench import build_subject  # noqa: E402
 
+MODEL = "bench:int4"
 NEW_TOKENS = 128
 # About 40 tokens: on 2 CPU cores a long prefill would hide the decode figures under load.
 PROMPT_TEXT = " ".join(["river mountain forest cloud"] * 4)
@@ -101,10 +102,10 @@ def start_server(root: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("server did not start")
 
 
-def http_stream(url: str) -> dict:
-    """One streamed /api/generate of NEW_TOKENS greedy tokens (raw prompt, no template)."""
-    body = {"model": "bench:int4", "prompt": PROMPT_TEXT, "raw": True, "stream": True,
-            "options": {"temperature": 0, "num_predict": NEW_TOKENS}}  # fmt: skip
+def http_stream(url: str, model: str = MODEL, new_tokens: int = NEW_TOKENS) -> dict:
+    """One streamed /api/generate of `new_tokens` greedy tokens (raw prompt, no template)."""
+    body = {"model": model, "prompt": PROMPT_TEXT, "raw": True, "stream": True,
+            "options": {"temperature": 0, "num_predict": new_tokens}}  # fmt: skip
     request = urllib.request.Request(url + "/api/generate", data=json.dumps(body).encode(),
                                      method="POST")  # fmt: skip
     begun = time.perf_counter()
@@ -120,11 +121,12 @@ def http_stream(url: str) -> dict:
     return {"ttft_s": first - begun, "tokens": tokens, "decode_s": end - first, "end": end}
 
 
-def concurrent_streams(url: str, clients: int) -> float:
+def concurrent_streams(url: str, clients: int, model: str = MODEL,
+                       new_tokens: int = NEW_TOKENS) -> float:  # fmt: skip
     """Aggregate generated tokens per second with `clients` streams at once."""
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda _: http_stream(url), range(clients)))
+        results = list(pool.map(lambda _: http_stream(url, model, new_tokens), range(clients)))
     return sum(r["tokens"] for r in results) / (time.perf_counter() - started)
 
 
