@@ -215,6 +215,21 @@ def test_recreating_a_loaded_model_takes_effect(client, served_library):
     )
 
 
+def test_recreating_with_the_cli_reaches_a_running_server(client, served_library, tmp_path):
+    """The server reads the manifest per request: a CLI create needs no reload or restart."""
+    modelfile = tmp_path / "Modelfile"
+    modelfile.write_text("FROM tiny-chat\nSYSTEM Short.\nPARAMETER num_predict 3\n")
+    ortserve(served_library, "create", "c-cli-live", "-f", str(modelfile))
+    first = client.chat(model="c-cli-live", messages=[{"role": "user", "content": "Hi"}])
+    modelfile.write_text(f'FROM tiny-chat\nSYSTEM """{SYSTEM}"""\nPARAMETER num_predict 1\n')
+    ortserve(served_library, "create", "c-cli-live", "-f", str(modelfile))
+    second = client.chat(model="c-cli-live", messages=[{"role": "user", "content": "Hi"}])
+    assert (first.eval_count, second.eval_count) == (3, 1)
+    assert second.prompt_eval_count == expected_prompt_tokens(
+        served_library, "tiny-chat", SYSTEM, [], "Hi"
+    )
+
+
 def test_blob_upload_and_create_from_files(client, server, served_library, tmp_path):
     bundle = served_library.get("tiny-chat").path
     files = {}
