@@ -143,7 +143,8 @@ def test_unknown_forced_function_is_refused(server):
 
 
 def test_openai_client_round_trip(server):
-    openai = pytest.importorskip("openai")
+    import openai
+
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     first = client.chat.completions.create(model="tiny-chat", messages=ASK, tools=TOOLS,
                                            tool_choice="required", max_tokens=256, seed=1)  # fmt: skip
@@ -170,7 +171,8 @@ def get_weather(city: str, days: int = 1) -> str:
 
 
 def test_ollama_client_tools(server):
-    ollama = pytest.importorskip("ollama")
+    import ollama
+
     client = ollama.Client(host=server.url)
     response = client.chat(model="tiny-chat", messages=ASK, tools=[get_weather],
                            options={"num_predict": 64, "seed": 2})  # fmt: skip
