@@ -26,7 +26,7 @@ import traceback
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -408,7 +408,7 @@ class BatchReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "spec": self.spec,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
             "seconds": round(self.seconds, 3),
             "jobs": self.jobs,
             "summary": self.counts(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+from datetime import UTC
 
 import click
 
@@ -348,12 +349,20 @@ def _settings():
     return Settings.from_env()
 
 
+def _check_install() -> None:
+    """Stop before serving or loading when the onnxruntime-genai install cannot work."""
+    from ortserve.engine.install import check_flavours
+
+    check_flavours()
+
+
 @cli.command()
 @click.option("--waitress", is_flag=True, help="Serve with waitress (the Windows server).")
 def serve(waitress):
     """Serve the library over Ollama's API (ORTSERVE_HOST, default 127.0.0.1:11434)."""
     from ortserve.serve import serve as run_server
 
+    _check_install()
     run_server(_settings(), server="waitress" if waitress else None)
 
 
@@ -367,6 +376,8 @@ def run(model, prompt, verbose, keepalive):
     from ortserve import client, interactive
 
     backend = client.connect(_settings())
+    if isinstance(backend, client.InProcessBackend):
+        _check_install()
     try:
         session = interactive.Session(backend, model, keep_alive=keepalive, verbose=verbose)
         text = " ".join(prompt)
@@ -407,20 +418,21 @@ def ps():
 
 
 def _processor(entry: dict) -> str:
+    """Ollama's PROCESSOR column, naming the execution provider: "100% GPU (cuda)"."""
     provider = entry.get("provider", "cpu")
-    return "100% CPU" if provider == "cpu" else f"100% {provider.upper()}"
+    return "100% CPU" if provider == "cpu" else f"100% GPU ({provider})"
 
 
 def _until(stamp: str) -> str:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    seconds = (when - datetime.now(UTC)).total_seconds()
     if seconds > 3600 * 24 * 365:
         return "Forever"
     if seconds <= 1:
         return "Now" if seconds > -1 else "Stopping..."
-    return humanize.ago(datetime.now(timezone.utc), when).replace(" ago", " from now")
+    return humanize.ago(datetime.now(UTC), when).replace(" ago", " from now")
 
 
 @cli.command()
@@ -434,6 +446,18 @@ def stop(model):
         _fail(f"no ortserve server is running at {backend.base_url}")
     for _ in backend.stream("/api/generate", {"model": model, "keep_alive": 0}):
         pass
+
+
+@cli.command()
+def doctor():
+    """Check this installation: runtimes, execution providers, library, port."""
+    from ortserve.doctor import render, run_checks
+
+    checks = run_checks()
+    click.echo(render(checks))
+    broken = [c for c in checks if c.broken]
+    if broken:
+        _fail(f"{len(broken)} problem(s) found: {', '.join(c.name for c in broken)}")
 
 
 def main() -> None:

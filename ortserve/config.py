@@ -10,7 +10,10 @@ from pathlib import Path
 
 from ortserve.errors import OrtServeError
 
-PROVIDERS = ("auto", "cpu", "cuda", "dml", "webgpu", "coreml")
+# ortserve's execution provider names (engine/providers.py says which can run here)
+PROVIDERS = (
+    "auto", "cpu", "cuda", "dml", "webgpu", "openvino", "qnn", "coreml", "vitisai", "nvtensorrtrtx",
+)  # fmt: skip
 _DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 
 def size(n: int) -> str:
@@ -16,7 +16,7 @@ def size(n: int) -> str:
 
 def ago(when: datetime, now: datetime | None = None) -> str:
     """'Less than a second ago', '5 minutes ago', '3 days ago'."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     seconds = max(0.0, (now - when).total_seconds())
     if seconds < 1:
         return "Less than a second ago"

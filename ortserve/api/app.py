@@ -83,7 +83,9 @@ def init_app(
     from ortserve.api.openai import openai_bp
     from ortserve.api.ops import ops_bp
     from ortserve.api.pull import pull_bp
+    from ortserve.engine.install import check_flavours
 
+    check_flavours()  # two onnxruntime-genai flavours: stop now, naming the fix
     state = ServerState(settings or Settings.from_env(), runtime, url_prefix=url_prefix)
     app.extensions[EXTENSION] = state
     for blueprint in (native_bp, ops_bp, embeddings_bp, openai_bp, create_bp, pull_bp):

@@ -79,7 +79,20 @@ def ps():
 @native_bp.post("/api/show")
 def show():
     body = validate("show", _model_alias(read_json()))
-    return json_response(show_entry(current_state().library.get(body["model"])))
+    state = current_state()
+    info = state.library.get(body["model"])
+    return json_response({**show_entry(info), **_runs_on(state, info)})
+
+
+def _runs_on(state, info: ModelInfo) -> dict[str, Any]:
+    """The provider a loaded model runs on, or the one it will load on first (not Ollama's)."""
+    from ortserve.engine.runtime import planned_provider
+
+    runtime = state.started_runtime
+    loaded = runtime.loaded(info.name) if runtime is not None else None
+    if loaded is not None:
+        return {"provider": loaded.provider, "loaded": True}
+    return {"provider": planned_provider(info, state.settings.provider), "loaded": False}
 
 
 @native_bp.delete("/api/delete")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ortserve.engine.providers import choose_provider
+from ortserve.engine.providers import ORT_NAMES, load_candidates, load_on_best, session_providers
 from ortserve.engine.resident import Resident
 from ortserve.errors import InvalidRequest, ModelLoadError, ServerBusy
 from ortserve.library import ModelInfo
@@ -25,14 +25,6 @@ log = logging.getLogger("ortserve.engine")
 
 OUTPUT = "sentence_embedding"
 BATCH_SIZE = 32  # texts per session.run: bounds the padded input tensor's memory
-# ortserve's provider names -> onnxruntime execution providers, in order of preference.
-ORT_PROVIDERS = {
-    "cuda": "CUDAExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "webgpu": "WebGpuExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-}
 
 
 @dataclass(frozen=True)
@@ -41,20 +33,6 @@ class EmbeddingResult:
 
     vectors: np.ndarray
     prompt_tokens: int
-
-
-def ort_available() -> list[str]:
-    """ortserve names of the providers this onnxruntime build has, CPU last."""
-    import onnxruntime
-
-    present = set(onnxruntime.get_available_providers())
-    return [name for name, ep in ORT_PROVIDERS.items() if ep in present and name != "cpu"] + ["cpu"]
-
-
-def choose_embedding_provider(requested: str) -> str:
-    """`auto`: the best GPU onnxruntime offers, else CPU; a named one must be present."""
-    available = ort_available()
-    return choose_provider(requested, available[0], available)
 
 
 def max_seq_length(bundle: Path) -> int:
@@ -81,11 +59,9 @@ class Embedder:
             pad_id=pad.get("pad_id", 0), pad_token=pad.get("pad_token", "[PAD]")
         )
         self.tokenizer.enable_truncation(max_length=self.max_length)
-        providers = [ORT_PROVIDERS[provider]] + (
-            ["CPUExecutionProvider"] if provider != "cpu" else []
-        )
+        options, providers = session_providers(provider)
         self.session = onnxruntime.InferenceSession(
-            str(self.bundle / "model.onnx"), providers=providers
+            str(self.bundle / "model.onnx"), sess_options=options, providers=providers
         )
         self.provider = _provider_name(self.session.get_providers()[0])
         self.inputs = {i.name for i in self.session.get_inputs()}
@@ -177,11 +153,13 @@ class LoadedEmbedder(Resident):
 
 
 def load_embedder(info: ModelInfo, requested_provider: str) -> LoadedEmbedder:
-    """Load an embedding bundle on the chosen provider (CPU if that one fails to start)."""
+    """Load an embedding bundle on the best usable provider, falling back as generation does."""
     started = time.perf_counter()
-    provider = choose_embedding_provider(requested_provider)
+    candidates = load_candidates(requested_provider, runtime="onnxruntime")
     try:
-        embedder = Embedder(Path(info.path), provider)
+        embedder, _ = load_on_best(
+            info.name, candidates, lambda provider: Embedder(Path(info.path), provider)
+        )
     except Exception as exc:
         raise ModelLoadError(f'failed to load model "{info.name}": {exc}') from exc
     duration = int((time.perf_counter() - started) * 1e9)
@@ -200,7 +178,7 @@ def _untruncated_length(encoding) -> int:
 
 
 def _provider_name(ort_name: str) -> str:
-    return next((k for k, v in ORT_PROVIDERS.items() if v == ort_name), "cpu")
+    return next((k for k, v in ORT_NAMES.items() if v == ort_name), "cpu")
 
 
 def _output_index(session) -> int:

@@ -13,13 +13,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
 from ortserve.config import Settings
 from ortserve.engine.embeddings import LoadedEmbedder, load_embedder
-from ortserve.engine.providers import bundle_target, choose_provider
+from ortserve.engine.providers import bundle_target, load_candidates, load_on_best
 from ortserve.engine.resident import Resident
 from ortserve.engine.scheduler import Scheduler
 from ortserve.engine.turns import Turn
@@ -206,7 +206,7 @@ class Runtime:
         started = time.perf_counter()
         bundle = Path(info.path)
         try:
-            provider = choose_provider(self.settings.provider, bundle_target(bundle))
+            candidates = load_candidates(self.settings.provider, bundle_target(bundle))
             tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
             template = ChatTemplate.from_bundle(bundle)
             adapters = adapter_files(self.library, info)
@@ -214,17 +214,9 @@ class Runtime:
             raise
         except Exception as exc:
             raise ModelLoadError(f'failed to load model "{info.name}": {exc}') from exc
-        scheduler = Scheduler(
-            bundle,
-            provider,
-            batch_size=self.settings.num_parallel,
-            lanes=self.settings.engine_lanes,
-            parallel=self.settings.num_parallel,
-            max_queue=self.settings.max_queue,
-            name=info.name,
-            adapters=adapters,
+        scheduler, provider = load_on_best(
+            info.name, candidates, lambda provider: self._start_scheduler(info, provider, adapters)
         )
-        scheduler.start()
         duration = int((time.perf_counter() - started) * 1e9)
         log.info("loaded %s on %s in %.2fs", info.name, provider, duration / 1e9)
         return LoadedModel(
@@ -235,6 +227,21 @@ class Runtime:
             template=template,
             load_duration_ns=duration,
         )
+
+    def _start_scheduler(self, info: ModelInfo, provider: str, adapters) -> Scheduler:
+        """The model's scheduler thread with the model loaded on `provider`."""
+        scheduler = Scheduler(
+            Path(info.path),
+            provider,
+            batch_size=self.settings.num_parallel,
+            lanes=self.settings.engine_lanes,
+            parallel=self.settings.num_parallel,
+            max_queue=self.settings.max_queue,
+            name=info.name,
+            adapters=adapters,
+        )
+        scheduler.start()
+        return scheduler
 
     def _evict_over_limit(self, keep: str) -> None:
         """Unload idle models, least recently used first, while over the limit (lock held)."""
@@ -273,6 +280,16 @@ class Runtime:
                 self._unload_if_idle(loaded)
 
 
+def planned_provider(info: ModelInfo, requested: str) -> str | None:
+    """The provider a model would load on first (None: the requested one cannot run)."""
+    try:
+        if "embedding" in info.capabilities:
+            return load_candidates(requested, runtime="onnxruntime")[0]
+        return load_candidates(requested, bundle_target(Path(info.path)))[0]
+    except (OrtServeError, OSError, KeyError, ValueError):
+        return None
+
+
 def _same_model(loaded: ModelInfo, current: ModelInfo) -> bool:
     """Still what the library names: same bundle and same adapters (re-created otherwise)."""
     return loaded.digest == current.digest and _adapters(loaded) == _adapters(current)
@@ -287,13 +304,9 @@ def _ps_entry(loaded: LoadedModel | LoadedEmbedder) -> dict:
     expires = loaded.expires_at
     if loaded.active or expires is None:
         # in use, or kept forever: Ollama shows a far-future time for "forever"
-        stamp = (
-            datetime(2318, 1, 1, tzinfo=timezone.utc)
-            if not loaded.active
-            else datetime.now(timezone.utc)
-        )
+        stamp = datetime(2318, 1, 1, tzinfo=UTC) if not loaded.active else datetime.now(UTC)
     else:
-        stamp = datetime.fromtimestamp(expires, tz=timezone.utc)
+        stamp = datetime.fromtimestamp(expires, tz=UTC)
     details = info.details
     return {
         "name": info.name,

@@ -324,9 +324,9 @@ def _named_variant(variants: list[str], requested: str, what: str) -> str:
 def preferred_providers() -> list[str]:
     """This machine's execution providers, best first (ORTSERVE_PROVIDER first if set)."""
     from ortserve.config import Settings
-    from ortserve.engine.providers import available_providers  # imports onnxruntime_genai
+    from ortserve.engine.providers import load_candidates  # imports onnxruntime_genai
 
-    available = available_providers()
+    available = load_candidates("auto")
     wanted = Settings.from_env().provider
     return available if wanted == "auto" else [wanted, *(p for p in available if p != wanted)]
 

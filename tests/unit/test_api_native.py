@@ -72,6 +72,7 @@ class FakeLoaded:
         self.context_length = 64
         self.template = TEMPLATE
         self.load_duration_ns = 777
+        self.provider = "webgpu"
 
     def encode(self, text):
         return [ord(c) for c in text]  # one token per character
@@ -96,6 +97,7 @@ class FakeRuntime:
         self.busy = False
         self.acquired, self.released, self.unloaded, self.generated, self.turns = [], [], [], [], []
         self.shutdowns = []
+        self.resident: set[str] = set()  # names loaded() reports as loaded
 
     def acquire(self, name, keep_alive=None):
         info = self.library.get(name)
@@ -111,6 +113,10 @@ class FakeRuntime:
 
     def ps(self):
         return [{"name": "tiny:latest", "model": "tiny:latest", "provider": "cpu"}]
+
+    def loaded(self, name):
+        info = self.library.get(name)
+        return FakeLoaded(self, info) if info.name in self.resident else None
 
     def shutdown(self, grace=0.0):
         self.shutdowns.append(grace)
@@ -211,6 +217,13 @@ def test_show(client, library):
     }
     assert body["capabilities"] == ["completion"]
     assert RFC3339.match(body["modified_at"])
+    assert (body["provider"], body["loaded"]) == (None, False)  # no genai_config to plan from
+
+
+def test_show_names_the_provider_a_loaded_model_runs_on(client, runtime):
+    runtime.resident.add("tiny:latest")
+    body = client.post("/api/show", json={"model": "tiny"}).get_json()
+    assert (body["provider"], body["loaded"]) == ("webgpu", True)
 
 
 def test_show_accepts_the_older_name_field_and_404s(client):

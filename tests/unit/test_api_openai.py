@@ -7,7 +7,7 @@ faked (allowed for plumbing). tests/integration/test_openai_server.py runs real 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from werkzeug.test import EnvironBuilder
@@ -466,7 +466,7 @@ def test_models_list_and_retrieve(client, library):
     assert models["tiny:latest"] == {"id": "tiny:latest", "object": "model",
                                      "created": int(modified.timestamp()), "owned_by": "library"}  # fmt: skip
     assert models["team/other:v1"]["owned_by"] == "team"
-    assert abs(models["tiny:latest"]["created"] - datetime.now(timezone.utc).timestamp()) < 60
+    assert abs(models["tiny:latest"]["created"] - datetime.now(UTC).timestamp()) < 60
     assert client.get("/v1/models/tiny").get_json() == models["tiny:latest"]
     assert client.get("/v1/models/team/other:v1").get_json() == models["team/other:v1"]
 

@@ -15,9 +15,9 @@ import pytest
 
 from ortserve.api import create_app
 from ortserve.config import Settings
-from ortserve.engine.embeddings import Embedder, choose_embedding_provider, shorten
+from ortserve.engine.embeddings import Embedder, shorten
 from ortserve.engine.runtime import Runtime
-from ortserve.errors import InvalidRequest, ProviderUnavailable
+from ortserve.errors import InvalidRequest
 from ortserve.library import Library
 
 TEXTS = [
@@ -117,18 +117,6 @@ def test_dimensions_out_of_range_are_refused(embedder, dimensions):
 def test_shorten_keeps_an_all_zero_prefix_finite():
     vectors = np.array([[0.0, 0.0, 1.0], [3.0, 4.0, 0.0]], dtype=np.float32)
     np.testing.assert_allclose(shorten(vectors, 2), [[0.0, 0.0], [0.6, 0.8]])
-
-
-def test_provider_auto_falls_back_to_cpu_and_a_missing_one_is_refused(monkeypatch):
-    import onnxruntime
-
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    assert choose_embedding_provider("auto") == "cpu"
-    with pytest.raises(ProviderUnavailable):
-        choose_embedding_provider("cuda")
-    monkeypatch.setattr(onnxruntime, "get_available_providers",
-                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])  # fmt: skip
-    assert choose_embedding_provider("auto") == "cuda"
 
 
 # ---- Runtime: embedding models follow the generation models' rules ---------------------------

@@ -1,0 +1,1 @@
+"""Inference: the only code that imports onnxruntime_genai and onnxruntime."""
