@@ -314,7 +314,8 @@ def load_candidates(requested: str, target: str = "cpu", runtime: str = "genai")
                 f"execution provider {requested!r} cannot run here ({why}); usable: {usable}"
             )
         return [requested]
-    order = [target, *platform_accelerators()]
+    # a CPU target is every converter bundle's default: it says nothing against a GPU
+    order = [*([target] if target != "cpu" else []), *platform_accelerators()]
     picked = [p for p in order if p in probes and probes[p].usable and not probes[p].cpu_only]
     return list(dict.fromkeys([*picked, "cpu"]))
 
