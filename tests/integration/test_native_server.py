@@ -215,8 +215,9 @@ def test_an_unavailable_provider_is_a_clear_error(make_server):
     with pytest.raises(ollama.ResponseError) as info:
         ollama.Client(host=running.url).generate(model="tiny-chat", prompt="hi")
     assert info.value.status_code == 500
-    assert "execution provider 'cuda' is not available on this machine; available:" in (
-        info.value.error
+    assert info.value.error == (
+        "execution provider 'cuda' cannot run here (needs onnxruntime-genai-cuda "
+        "(installed: onnxruntime-genai)); usable: cpu"
     )
 
 
