@@ -65,7 +65,7 @@ def write_peft_adapter(out: Path, seed: int = 0) -> Path:
 def adapted_model(work: Path, root: Path) -> None:
     """Save ADAPTED (the base + the random adapter) in the library, once."""
     from ortserve.library import Library
-    from ortserve.library.adapters import attach_adapters
+    from ortserve.models.adapters import attach_adapters
 
     library = Library(root)
     if library.exists(ADAPTED):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ortserve.errors import UnsupportedModel
-from ortserve.library.pull import CHECKPOINT_PATTERNS, PICKLE_PATTERNS, hub_errors
+from ortserve.hub import CHECKPOINT_PATTERNS, PICKLE_PATTERNS, hub_errors
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 

@@ -148,7 +148,7 @@ def _echo_verification(figures: dict) -> None:
 @_precision_option("Weight precision of a checkpoint repository's conversion (default int4).")
 def pull(ref, name, precision):
     """Pull [hf.co/]ORG/REPO[:VARIANT][@REVISION] (or a directory) into the library."""
-    from ortserve.library.pull import pull as run_pull
+    from ortserve.models.pull import pull as run_pull
 
     display = _PullDisplay()
     try:
@@ -303,8 +303,8 @@ def cp(source, destination):
 )
 def create(name, modelfile, quantize):
     """Create model NAME from a Modelfile (FROM a model, a bundle or a checkpoint)."""
-    from ortserve.library.create import create_model
     from ortserve.library.modelfile import read_modelfile
+    from ortserve.models.create import create_model
 
     spec = read_modelfile(modelfile)
     create_model(_library(), name, spec, quantize=quantize, progress=click.echo)

@@ -10,14 +10,14 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from ortserve.api.app import current_state
+from ortserve.api.state import current_state
 from ortserve.api.streaming import json_response, ndjson_line, stream_response
 from ortserve.api.validation import MAX_BLOB_BYTES, read_json, validate
 from ortserve.errors import InvalidRequest, OrtServeError
 from ortserve.library import Library
-from ortserve.library.create import CreatePlan, prepare_create, safe_filename
 from ortserve.library.modelfile import ModelSpec
 from ortserve.library.store import blob_hex
+from ortserve.models.create import CreatePlan, prepare_create, safe_filename
 
 log = logging.getLogger("ortserve.api")
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from flask import Blueprint
 
-from ortserve.api.app import current_state
+from ortserve.api.state import current_state
 from ortserve.api.streaming import json_response
 from ortserve.api.validation import keep_alive_seconds, read_json, validate
 from ortserve.errors import InvalidRequest

@@ -13,7 +13,7 @@ from typing import Any
 from flask import Blueprint, Response
 
 from ortserve import __version__
-from ortserve.api.app import current_state
+from ortserve.api.state import current_state
 from ortserve.api.streaming import json_response, ndjson_line, rfc3339, stream_response
 from ortserve.api.structured import GuidedTurn, native_schema, start_turn
 from ortserve.api.tools import (

@@ -19,7 +19,7 @@ from typing import Any
 from flask import Blueprint, Response
 
 from ortserve import __version__
-from ortserve.api.app import current_state
+from ortserve.api.state import current_state
 from ortserve.api.streaming import SSE, json_response, sse_events, stream_response
 from ortserve.api.structured import GuidedTurn, attempt_usages, openai_schema, start_turn
 from ortserve.api.tools import (

@@ -6,7 +6,7 @@ import os
 
 from flask import Blueprint
 
-from ortserve.api.app import current_state
+from ortserve.api.state import current_state
 from ortserve.api.streaming import json_response
 
 ops_bp = Blueprint("ops", __name__)

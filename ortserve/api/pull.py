@@ -11,12 +11,12 @@ from typing import Any
 
 from flask import Blueprint
 
-from ortserve.api.app import current_state
+from ortserve.api.state import current_state
 from ortserve.api.streaming import json_response, ndjson_line, stream_response
 from ortserve.api.validation import read_json, validate
 from ortserve.errors import InvalidRequest, OrtServeError
 from ortserve.library import Library, ModelInfo
-from ortserve.library.pull import PullRef, PullStatus, pull
+from ortserve.models.pull import PullRef, PullStatus, pull
 
 log = logging.getLogger("ortserve.api")
 

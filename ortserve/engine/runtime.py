@@ -26,7 +26,6 @@ from ortserve.engine.turns import Turn
 from ortserve.engine.types import GenerationOptions
 from ortserve.errors import InvalidRequest, ModelLoadError, OrtServeError
 from ortserve.library import Library, ModelInfo
-from ortserve.library.adapters import adapter_files
 
 log = logging.getLogger("ortserve.engine")
 
@@ -209,7 +208,7 @@ class Runtime:
             candidates = load_candidates(self.settings.provider, bundle_target(bundle))
             tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
             template = ChatTemplate.from_bundle(bundle)
-            adapters = adapter_files(self.library, info)
+            adapters = self.library.adapter_files(info)
         except OrtServeError:
             raise
         except Exception as exc:

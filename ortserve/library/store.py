@@ -267,6 +267,17 @@ class Library:
 
     # ---- internals -----------------------------------------------------------------------
 
+    def adapter_files(self, info: ModelInfo) -> list[tuple[str, Path]]:
+        """(name, .onnx_adapter blob path) of every adapter of a model, for the engine."""
+        files = []
+        for record in info.manifest.get("adapters") or []:
+            if not isinstance(record, dict) or not record.get("digest"):
+                raise InvalidRequest(
+                    f"model {info.name} has an adapter without a digest: {record!r}"
+                )
+            files.append((str(record.get("name") or "adapter"), self.blob_path(record["digest"])))
+        return files
+
     def _manifest_path(self, name: ModelName) -> Path:
         *folders, tag = name.key
         return self.manifests_dir.joinpath(*folders, f"{tag}.json")

@@ -15,8 +15,8 @@ import pytest
 
 from ortserve.errors import InvalidRequest
 from ortserve.library import Library
-from ortserve.library.adapters import attach_adapters
 from ortserve.library.store import INDEX_FILE
+from ortserve.models.adapters import attach_adapters
 from tests.integration.conftest import Server
 from tests.unit.test_adapter_convert import merged_reference, write_peft_adapter
 

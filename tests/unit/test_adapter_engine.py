@@ -18,7 +18,7 @@ from ortserve.engine.guided import guidance_for
 from ortserve.engine.scheduler import Scheduler
 from ortserve.engine.types import GenerationOptions
 from ortserve.library import Library
-from ortserve.library.adapters import adapter_files, attach_adapters
+from ortserve.models.adapters import attach_adapters
 from tests.unit.test_adapter_convert import write_peft_adapter
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def models(tiny_checkpoint, tmp_path_factory):
 def run_turns(library, info, prompts, options=GREEDY, cancel_after=None):
     """Submit every prompt at once; return [(tokens, reason, usage)] in submission order."""
     scheduler = Scheduler(info.path, "cpu", batch_size=2, lanes=2, name=info.name,
-                          adapters=adapter_files(library, info))  # fmt: skip
+                          adapters=library.adapter_files(info))  # fmt: skip
     scheduler.start()
     try:
         jobs = [scheduler.submit(p, options) for p in prompts]
@@ -102,7 +102,7 @@ def test_cancel_frees_a_generator_lane(models):
     info = m["real"]
     long = GenerationOptions(temperature=0.0, repeat_penalty=1.0, num_ctx=1000, num_predict=900)
     scheduler = Scheduler(info.path, "cpu", lanes=2, name=info.name,
-                          adapters=adapter_files(library, info))  # fmt: skip
+                          adapters=library.adapter_files(info))  # fmt: skip
     scheduler.start()
     try:
         jobs = [scheduler.submit([5, 6, 7, 8], long) for _ in range(3)]  # one more than lanes

@@ -7,7 +7,7 @@ import pytest
 
 from converters.adapter import write_onnx_adapter
 from ortserve.errors import InvalidRequest
-from ortserve.library.adapters import group_sources
+from ortserve.models.adapters import group_sources
 
 
 def peft_files(folder):

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from ortserve.errors import InvalidName, InvalidRequest, ModelNotFound
-from ortserve.library.create import create_model, described
 from ortserve.library.modelfile import ModelfileError, ModelSpec, parse_modelfile, render_modelfile
+from ortserve.models.create import create_model, described
 
 TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
 
@@ -230,9 +230,9 @@ def test_adapter_lines_are_handed_to_attach_adapters(library, base, tmp_path, mo
         calls.append((lib, base_info, sources))
         return {"adapters": [{"name": "my", "digest": "sha256:" + "1" * 64}]}
 
-    module = types.ModuleType("ortserve.library.adapters")
+    module = types.ModuleType("ortserve.models.adapters")
     module.attach_adapters = attach_adapters
-    monkeypatch.setitem(sys.modules, "ortserve.library.adapters", module)
+    monkeypatch.setitem(sys.modules, "ortserve.models.adapters", module)
     spec = parse_modelfile("FROM base\nADAPTER ./my.onnx_adapter\n", tmp_path)
     info = create_model(library, "adapted", spec)
     [(lib, base_info, sources)] = calls

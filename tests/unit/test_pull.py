@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from ortserve.errors import InvalidName, InvalidRequest, SourceUnavailable
-from ortserve.library.pull import (
+from ortserve.models.pull import (
     ConverterMissing,
     PullRef,
     RepoFile,

@@ -105,16 +105,6 @@ def group_sources(sources: list[tuple[str, Path]]) -> list[AdapterSource]:
     return found
 
 
-def adapter_files(library: Library, info: ModelInfo) -> list[tuple[str, Path]]:
-    """(name, .onnx_adapter path) of every adapter of a model, for the engine to load."""
-    files = []
-    for record in info.manifest.get("adapters") or []:
-        if not isinstance(record, dict) or not record.get("digest"):
-            raise InvalidRequest(f"model {info.name} has an adapter without a digest: {record!r}")
-        files.append((str(record.get("name") or "adapter"), library.blob_path(record["digest"])))
-    return files
-
-
 # ---- internals ---------------------------------------------------------------------------------
 
 

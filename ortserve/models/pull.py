@@ -30,24 +30,12 @@ from ortserve.errors import (
     RepoNotFound,
     SourceUnavailable,
 )
+from ortserve.hub import CHECKPOINT_PATTERNS, endpoint, hub_errors
 from ortserve.library import bundle as bundles
 from ortserve.library.names import ModelName
 from ortserve.library.store import INDEX_FILE, Library, ModelInfo, file_sha256
 
 HF_HOST = "hf.co"
-# What a conversion needs from a checkpoint repository: configs, tokenizer, template,
-# weights, licence (shared with converters/source.py).
-CHECKPOINT_PATTERNS = [
-    "*.json",
-    "*.jinja",
-    "*.txt",
-    "*.model",
-    "*.safetensors",
-    "1_Pooling/*",
-    "LICENSE*",
-    "README.md",
-]
-PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]
 CONVERT_EXTRA = "pip install 'ortserve[convert]'"
 # Metadata calls: give up on a silent network fast, let a slow hub answer.
 _CONNECT_TIMEOUT_S = 5.0
@@ -234,7 +222,7 @@ def _list_hub(ref: PullRef) -> Snapshot:
     from huggingface_hub import HfApi
 
     with hub_errors(f"cannot pull {ref.source!r}", revision=ref.revision):
-        info = HfApi(endpoint=_endpoint()).model_info(
+        info = HfApi(endpoint=endpoint()).model_info(
             ref.repo,
             revision=ref.revision,
             files_metadata=True,
@@ -332,57 +320,6 @@ def preferred_providers() -> list[str]:
 
 
 # ---- errors --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def hub_errors(action: str, *, revision: str | None = None) -> Iterator[None]:
-    """huggingface-hub's and requests' exceptions as one-line OrtServeErrors.
-
-    `action` starts the message ("cannot download 'org/repo'"); the rest says why and what
-    to do.
-    """
-    from huggingface_hub import errors as hf
-
-    try:
-        yield
-    except hf.OfflineModeIsEnabled as exc:
-        raise SourceUnavailable(
-            f"{action}: no network: HF_HUB_OFFLINE is set, and a pull needs the hub to list "
-            "the repository's files (unset it, or pull a local directory)"
-        ) from exc
-    except hf.LocalEntryNotFoundError as exc:
-        raise SourceUnavailable(
-            f"{action}: no network connection to {_endpoint()} and no cached copy. Check the "
-            "connection or HF_ENDPOINT, or use a local directory"
-        ) from exc
-    except (hf.RepositoryNotFoundError, hf.GatedRepoError) as exc:
-        raise RepoNotFound(
-            f"{action}: repository not found on {_endpoint()} or not accessible (set HF_TOKEN "
-            "for gated or private repositories)"
-        ) from exc
-    except hf.RevisionNotFoundError as exc:
-        raise RepoNotFound(f"{action}: revision {revision!r} not found") from exc
-    except hf.EntryNotFoundError as exc:
-        raise SourceUnavailable(f"{action}: a file is missing on the hub: {exc}") from exc
-    except OSError as exc:  # requests' ConnectionError, Timeout and HTTPError are OSErrors
-        raise SourceUnavailable(f"{action}: {_network_reason(exc)}") from exc
-
-
-def _network_reason(exc: OSError) -> str:
-    import requests
-
-    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
-        return f"no network connection to {_endpoint()} ({type(exc).__name__})"
-    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
-        return f"the connection to {_endpoint()} broke off mid-file; pull again to resume"
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
-def _endpoint() -> str:
-    """HF_ENDPOINT as it is now (huggingface-hub reads it once, at import)."""
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_ENDPOINT", "").rstrip("/") or constants.ENDPOINT
 
 
 # ---- pulling -------------------------------------------------------------------------------------
@@ -550,7 +487,7 @@ class _Pull:
         errors = hub_errors(f"cannot pull {self.ref.source!r}", revision=self.ref.revision)
         with watch, errors:
             path = hf_hub_download(
-                self.ref.repo, file.path, revision=snapshot.commit, endpoint=_endpoint()
+                self.ref.repo, file.path, revision=snapshot.commit, endpoint=endpoint()
             )
         report(PullStatus(status, file.digest, file.size, file.size))
         return Path(path)

@@ -388,9 +388,9 @@ def _model_filename(bundle: Path) -> str:
 
 
 def _attach(library: Library, base: ModelInfo, spec: ModelSpec, report: Progress) -> dict:
-    """Manifest fields for the spec's LoRA adapters (ortserve/library/adapters.py)."""
+    """Manifest fields for the spec's LoRA adapters (ortserve/models/adapters.py)."""
     try:
-        from ortserve.library.adapters import attach_adapters
+        from ortserve.models.adapters import attach_adapters
     except ImportError:
         raise NotSupportedYet(
             f"{spec.where('adapters')}ADAPTER is not supported by this build", param="adapters"

@@ -1,0 +1,69 @@
+"""The state ortserve's blueprints share, kept in app.extensions["ortserve"].
+
+A leaf, as flaskr's get_db: blueprints import current_state from here, and app.py (which
+imports the blueprints) never needs to be imported by them.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from flask import current_app
+
+from ortserve.config import Settings
+
+EXTENSION = "ortserve"
+
+
+class ServerState:
+    """What the blueprints share, kept in app.extensions["ortserve"]."""
+
+    def __init__(self, settings: Settings, runtime: Any = None, *, url_prefix: str = ""):
+        self.settings = settings
+        self.url_prefix = url_prefix.rstrip("/")
+        self.owns_app = False
+        self._runtime = runtime
+        self._lock = threading.Lock()
+
+    @property
+    def runtime(self):
+        """The engine runtime, created on first use (loading onnxruntime is not free)."""
+        with self._lock:  # two threads' first requests must not build two runtimes
+            if self._runtime is None:
+                from ortserve.engine.runtime import Runtime
+                from ortserve.library import Library
+
+                self._runtime = Runtime(self.settings, Library(self.settings.models))
+            return self._runtime
+
+    @property
+    def library(self):
+        """The runtime's library; no runtime is created just to read the library."""
+        if self._runtime is not None:
+            return self._runtime.library
+        from ortserve.library import Library
+
+        return Library(self.settings.models)
+
+    @property
+    def started_runtime(self):
+        """The runtime if one exists; None rather than creating one."""
+        return self._runtime
+
+    def shutdown(self, grace: float = 0.0) -> None:
+        """Let in-flight turns finish for `grace` seconds, then cancel what is left."""
+        runtime = self._runtime
+        if runtime is not None:
+            runtime.shutdown(grace)
+
+
+def current_state() -> ServerState:
+    """The ServerState of the current app; a bare runtime placed there is wrapped."""
+    state = current_app.extensions.get(EXTENSION)
+    if state is None:
+        raise RuntimeError("ortserve is not set up on this app: call ortserve.api.init_app(app)")
+    if not isinstance(state, ServerState):
+        state = ServerState(Settings.from_env(), state)
+        current_app.extensions[EXTENSION] = state
+    return state

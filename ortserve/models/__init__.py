@@ -1,0 +1,1 @@
+"""Workflows over storage and conversion: pull, create (Modelfile -> manifest), adapters."""

@@ -1,0 +1,116 @@
+"""The import structure: no circles, and each layer imports only the ones below it.
+
+Read from the source with ast, counting lazy (function-level) imports too: a lazy import
+still ties two modules together.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("ortserve", "converters")
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports (the nearest known module of each import)."""
+    files = {_module(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join([*up, base] if base else up)
+                targets |= {base, *(f"{base}.{alias.name}" for alias in node.names)}
+        graph[name] = {_known(t, files) for t in targets} - {None, name}
+    return graph
+
+
+def _known(target: str, files) -> str | None:
+    while target and target not in files:
+        target = target.rpartition(".")[0]
+    return target or None
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                item = stack.pop()
+                on_stack.discard(item)
+                component.append(item)
+                if item == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_there_are_no_import_circles():
+    assert _circles(_graph()) == []
+
+
+def test_the_circle_finder_finds_a_circle():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def _imports_of(prefix: str) -> set[str]:
+    graph = _graph()
+    return {t for m, targets in graph.items() if m == prefix or m.startswith(prefix + ".")
+            for t in targets}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("layer", "forbidden"),
+    [
+        # storage is a leaf: it knows nothing of conversion, workflows, HTTP or the CLI
+        ("ortserve.library", ("converters", "ortserve.models", "ortserve.api", "ortserve.cli")),
+        # inference returns data: it never sees HTTP or the workflows above it
+        ("ortserve.engine", ("ortserve.api", "ortserve.models", "ortserve.cli", "converters")),
+        # the converter writes bundles into the library, never through the server
+        ("converters", ("ortserve.api", "ortserve.models", "ortserve.cli", "ortserve.engine")),
+        ("ortserve.models", ("ortserve.api", "ortserve.cli")),
+    ],
+)
+def test_each_layer_imports_only_the_ones_below_it(layer, forbidden):
+    wrong = {t for t in _imports_of(layer) if t.startswith(forbidden)}
+    assert wrong == set()
+
+
+def test_only_the_api_imports_flask():
+    for path in (ROOT / "ortserve").rglob("*.py"):
+        if "api" in path.relative_to(ROOT / "ortserve").parts[:1]:
+            continue
+        text = path.read_text(encoding="utf-8")
+        assert "from flask" not in text and "import flask" not in text, path
