@@ -313,11 +313,29 @@ def create(name, modelfile, quantize):
 @cli.command()
 @click.argument("models", nargs=-1, required=True)
 def rm(models):
-    """Remove models."""
+    """Remove models (a running server unloads them first)."""
     library = _library()
     for model in models:
-        library.delete(model)
+        name = library.get(model).name  # ModelNotFound before anything is unloaded
+        _unload_from_server(name)
+        library.delete(name)
         click.echo(f"deleted '{model}'")
+
+
+def _unload_from_server(name: str) -> None:
+    """A running server that has `name` loaded unloads it now (keep_alive 0), as Ollama's rm."""
+    from ortserve import client
+
+    backend = client.connect(_settings(), in_process=False)
+    if not backend.is_running():
+        return
+    try:
+        loaded = {m.get("name") for m in backend.get("/api/ps").get("models", [])}
+        if name in loaded:
+            for _ in backend.stream("/api/generate", {"model": name, "keep_alive": 0}):
+                pass
+    except client.ServerError as exc:  # the library is ours to change; the server may differ
+        click.echo(f"warning: the server at {backend.base_url} did not unload it: {exc}", err=True)
 
 
 @cli.command()

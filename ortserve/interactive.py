@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ortserve.errors import OrtServeError
+
 HELP = """Available Commands:
   /set parameter NAME VALUE   Set a parameter (temperature, top_k, num_predict, stop, ...)
   /set system TEXT            Set the system message
@@ -41,16 +43,20 @@ class Session:
             pass
 
     def ask(self, prompt: str) -> str:
-        """Send one user message, stream the answer, remember both."""
+        """Send one user message, stream the answer, remember both (neither if it failed)."""
         self.messages.append({"role": "user", "content": prompt})
         answer, final = [], {}
-        for chunk in self.backend.stream("/api/chat", self._body(self._history())):
-            text = chunk.get("message", {}).get("content", "")
-            if text:
-                answer.append(text)
-                self.out(text)
-            if chunk.get("done"):
-                final = chunk
+        try:
+            for chunk in self.backend.stream("/api/chat", self._body(self._history())):
+                text = chunk.get("message", {}).get("content", "")
+                if text:
+                    answer.append(text)
+                    self.out(text)
+                if chunk.get("done"):
+                    final = chunk
+        except BaseException:
+            self.messages.pop()  # the conversation stays as it was before this message
+            raise
         self.out("\n")
         self.messages.append({"role": "assistant", "content": "".join(answer)})
         if self.verbose:
@@ -99,7 +105,11 @@ class Session:
             if not name or not value:
                 self.out("Usage: /set parameter NAME VALUE\n")
                 return
-            self.options[name] = parse_value(name, value.strip(), self.options.get(name))
+            try:  # checked now: a bad value is one message, and the session goes on
+                self.options[name] = parse_value(name, value.strip(), self.options.get(name))
+            except OrtServeError as exc:
+                self.out(f"Error: {exc.message}\n")
+                return
             self.out(f"Set parameter '{name}' to '{value.strip()}'\n")
         elif what == "system":
             self.system = _unquote(rest)
@@ -126,18 +136,18 @@ class Session:
 
 
 def parse_value(name: str, value: str, previous: Any) -> Any:
-    """'0.7' -> 0.7, '40' -> 40, stop values accumulate into a list, as in Ollama."""
+    """'0.7' -> 0.7, '40' -> 40, stop values accumulate into a list, as in Ollama.
+
+    Typed and range-checked as a Modelfile PARAMETER is: InvalidRequest names what is wrong.
+    """
+    from ortserve.library.modelfile import check_parameters, parameter_value
+
     if name == "stop":
         items = previous if isinstance(previous, list) else []
         return [*items, _unquote(value)]
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    return _unquote(value)
+    typed = parameter_value(name, _unquote(value))
+    check_parameters({name: typed})
+    return typed
 
 
 def timings(final: dict[str, Any]) -> str:
@@ -199,7 +209,10 @@ def repl(session: Session, read_line: Callable[[str], str] = input) -> None:
             if not session.command(message.strip()):
                 return
             continue
-        session.ask(message)
+        try:
+            session.ask(message)
+        except OrtServeError as exc:  # a refused request never ends the session
+            session.out(f"\nError: {exc.message}\n")
 
 
 def _unquote(text: str) -> str:

@@ -22,6 +22,7 @@ from ortserve.engine.toolcalls import (
     ToolCall,
     ToolCallError,
     detect_format,
+    parameters_schema,
     parse,
     validate_arguments,
 )
@@ -121,7 +122,7 @@ def _call_options(spec: ToolSpec, args: str) -> dict:
         function = tool["function"]
         if spec.name is not None and function["name"] != spec.name:
             continue
-        params = dict(function.get("parameters") or {"type": "object"})
+        params = parameters_schema(function)
         if "properties" in params:  # generated calls keep to the declared properties
             params.setdefault("additionalProperties", False)
         options.append({"type": "object", "additionalProperties": False,

@@ -102,6 +102,8 @@ def _not_json(constant: str) -> Any:
 def _normalise(body: dict[str, Any]) -> dict[str, Any]:
     """Read the body as Ollama's Go structs do: null means "not given", roles lower-cased."""
     body = {k: v for k, v in body.items() if v is not None}
+    if isinstance(body.get("options"), dict):  # LangChain sends every option, unset ones as null
+        body["options"] = {k: v for k, v in body["options"].items() if v is not None}
     if isinstance(body.get("messages"), list):
         body["messages"] = [_message(m) for m in body["messages"]]
     return body

@@ -135,8 +135,13 @@ class Runtime:
         return True
 
     def ps(self) -> list[dict]:
+        """Loaded models, most recently used first; ones deleted from the library are unloaded."""
         with self._lock:
             models = list(self._models.values())
+        gone = [m for m in models if not m.active and not self.library.exists(m.name)]
+        for loaded in gone:  # removed behind the server's back (another process's rm)
+            self._unload_if_idle(loaded)
+        models = [m for m in models if m not in gone]
         return [_ps_entry(m) for m in sorted(models, key=lambda m: -m.last_used)]
 
     def loaded(self, name: str) -> LoadedModel | LoadedEmbedder | None:

@@ -60,7 +60,7 @@ SUPPORTED_OPTIONS = frozenset(_SUPPORTED)
 UNSUPPORTED_OPTIONS = frozenset(_UNSUPPORTED)
 
 # Names already warned about: one line per option per process, not one per request.
-_warned: set[str] = set()
+_warned: set = set()  # option names, and ("unknown", name)
 _warned_lock = threading.Lock()
 
 
@@ -70,9 +70,14 @@ def resolve_options(
     *,
     context_length: int,
     param_prefix: str = "options",
+    strict: bool = False,
 ) -> GenerationOptions:
-    """Ollama `options` over the model's parameters over Ollama's defaults."""
-    given = {**_model_options(model_parameters), **_parse_options(request, param_prefix)}
+    """Ollama `options` over the model's parameters over Ollama's defaults.
+
+    An unknown name is logged and ignored, as Ollama does with a request's options; `strict`
+    (Modelfile PARAMETERs) makes it a 400.
+    """
+    given = {**_model_options(model_parameters), **_parse_options(request, param_prefix, strict)}
     return _build(given, context_length)
 
 
@@ -113,15 +118,24 @@ def warn_unsupported(name: str) -> None:
     log.warning('option "%s" is not supported by ortserve and is ignored', name)
 
 
+def warn_unknown(name: str) -> None:
+    """Log that option `name` is not one ortserve or Ollama knows, once per process."""
+    with _warned_lock:
+        if ("unknown", name) in _warned:
+            return
+        _warned.add(("unknown", name))
+    log.warning('invalid option provided: "%s" is not an option and is ignored', name)
+
+
 def _model_options(parameters: dict | None) -> dict[str, Any]:
     """The manifest's parameters; a bad one is a broken manifest, not a bad request."""
     try:
-        return _parse_options(parameters, "parameters")
+        return _parse_options(parameters, "parameters", strict=True)
     except InvalidRequest as e:
         raise LibraryCorrupt(f"the model's parameters are invalid: {e.message}") from e
 
 
-def _parse_options(options: dict | None, prefix: str) -> dict[str, Any]:
+def _parse_options(options: dict | None, prefix: str, strict: bool) -> dict[str, Any]:
     """Checked values of the supported options; unsupported ones are checked and dropped."""
     if options is None:
         return {}
@@ -139,8 +153,10 @@ def _parse_options(options: dict | None, prefix: str) -> dict[str, Any]:
         elif name in _UNSUPPORTED:
             _CHECKS[_UNSUPPORTED[name]](value, param)
             warn_unsupported(name)
-        else:
+        elif strict:
             raise InvalidRequest(f'unknown option "{name}"', param=param)
+        else:  # as Ollama: a client's extra option is logged and ignored, never a 400
+            warn_unknown(name)
     return parsed
 
 

@@ -344,10 +344,19 @@ def _find_function(name: str, tools: list[dict]) -> dict:
     raise ToolCallError(f'call to unknown function "{name}" (available: {known or "none"})')
 
 
+# OpenAI's meaning of a function without `parameters`: it takes no arguments.
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def parameters_schema(function: dict) -> dict:
+    """A function's parameters schema; none given means an empty argument object."""
+    return dict(function.get("parameters") or NO_ARGUMENTS)
+
+
 def validate_arguments(call: ToolCall, tools: list[dict]) -> None:
     """Raise ToolCallError unless call names a tool and its arguments match its parameters."""
     function = _find_function(call.name, tools)
-    schema = function.get("parameters") or {"type": "object"}
+    schema = parameters_schema(function)
     try:
         Draft202012Validator.check_schema(schema)
         error = best_match(Draft202012Validator(schema).iter_errors(call.arguments))

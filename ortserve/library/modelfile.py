@@ -245,7 +245,9 @@ def check_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
     """Parameters checked as request options are (types, ranges); stop always a list."""
     from ortserve.engine.sampling import resolve_options
 
-    resolve_options(parameters, None, context_length=_NO_CONTEXT_LIMIT, param_prefix="parameters")
+    resolve_options(
+        parameters, None, context_length=_NO_CONTEXT_LIMIT, param_prefix="parameters", strict=True
+    )
     out = {k: v for k, v in parameters.items() if v is not None}
     if isinstance(out.get("stop"), str):
         out["stop"] = [out["stop"]]

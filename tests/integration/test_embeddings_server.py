@@ -140,3 +140,13 @@ def test_embedding_model_obeys_keep_alive_and_max_loaded_models(make_server):
     assert [m.model for m in client.ps().models] == ["tiny-chat:latest"]
     client.embed(model="all-minilm", input="hi", keep_alive=0)  # evicts tiny-chat, unloads
     assert client.ps().models == []
+
+
+def test_langchain_ollama_embeddings_with_its_defaults(server, minilm_reference):
+    """OllamaEmbeddings sends every option, unset ones as null: null means "not given"."""
+    from langchain_ollama import OllamaEmbeddings
+
+    embeddings = OllamaEmbeddings(model="all-minilm", base_url=server.url)
+    vectors = np.array(embeddings.embed_documents(SENTENCES))
+    np.testing.assert_allclose(vectors, minilm_reference, atol=1e-4)
+    assert len(embeddings.embed_query("The sky is blue")) == 384

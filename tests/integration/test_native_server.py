@@ -238,3 +238,27 @@ def test_long_history_is_truncated_or_refused(server, client):
         urllib.request.urlopen(request)
     assert info.value.code == 400
     assert "exceed the context length of 256" in json.loads(info.value.read())["error"]
+
+
+def test_rm_of_a_loaded_model_unloads_it(server, client, served_library):
+    import subprocess
+    import sys
+
+    client.copy("tiny-chat", "rm-me")
+    client.generate(model="rm-me", prompt="hi", options=GREEDY, keep_alive="10m")
+    assert "rm-me:latest" in {m.model for m in client.ps().models}
+    env = {**server.env}
+    removed = subprocess.run([sys.executable, "-m", "ortserve", "rm", "rm-me"], env=env,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.strip() == "deleted 'rm-me'"
+    assert "rm-me:latest" not in {m.model for m in client.ps().models}
+    assert not served_library.exists("rm-me")
+    assert "tiny-chat:latest" in {m.model for m in client.list().models}  # the bundle it shared
+
+
+def test_a_model_deleted_behind_the_servers_back_leaves_ps(server, client, served_library):
+    client.copy("tiny-chat", "gone-soon")
+    client.generate(model="gone-soon", prompt="hi", options=GREEDY, keep_alive="10m")
+    served_library.delete("gone-soon")  # another process, no server call
+    assert "gone-soon:latest" not in {m.model for m in client.ps().models}

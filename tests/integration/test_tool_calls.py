@@ -186,3 +186,14 @@ def test_ollama_client_tools(server):
     final = client.chat(model="tiny-chat", messages=messages, tools=[get_weather],
                         options={"num_predict": 8})  # fmt: skip
     assert final.done
+
+
+def test_a_tool_without_parameters_is_called_with_no_arguments(server):
+    """OpenAI's meaning: no `parameters` means the function takes none."""
+    now = {"type": "function", "function": {"name": "get_now", "description": "The time."}}
+    for seed in range(5):
+        response = _openai(server, tools=[now], tool_choice="required", seed=seed)
+        assert response.status_code == 200, response.text
+        (call,) = response.json()["choices"][0]["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_now"
+        assert json.loads(call["function"]["arguments"]) == {}

@@ -85,3 +85,42 @@ def test_parse_value():
     assert interactive.parse_value("temperature", "0.5", None) == 0.5
     assert interactive.parse_value("top_k", "40", None) == 40
     assert interactive.parse_value("stop", '"<|end|>"', ["a"]) == ["a", "<|end|>"]
+
+
+def test_a_bad_parameter_is_refused_at_once_and_the_session_goes_on():
+    s, out = session()
+    interactive.repl(s, feed(["/set parameter temperature hot", "/set parameter top_k -3",
+                              "/set parameter temprature 1", "/set parameter top_k 5", "hi"]))  # fmt: skip
+    text = "".join(out)
+    assert 'Error: invalid value for parameter "temperature": "hot" is not a number' in text
+    assert "Error: parameters.top_k" in text
+    assert 'Error: unknown parameter "temprature"' in text
+    assert s.backend.bodies[-1][1]["options"] == {"top_k": 5}
+    assert "ok\n" in text
+
+
+class RefusingBackend(RecordingBackend):
+    """Refuses the second chat as a server would refuse a request."""
+
+    calls = 0
+
+    def stream(self, path, body):
+        from ortserve.client import ServerError
+
+        self.calls += 1
+        if self.calls == 2:
+            raise ServerError("prompt is too long")
+        yield from super().stream(path, body)
+
+
+def test_a_refused_message_neither_ends_the_session_nor_loses_the_conversation():
+    out = []
+    s = interactive.Session(RefusingBackend(), "m", keep_alive=None, verbose=False, out=out.append)
+    interactive.repl(s, feed(["first", "too long", "third"]))
+    assert "Error: prompt is too long" in "".join(out)
+    assert s.messages == [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "third"},
+        {"role": "assistant", "content": "ok"},
+    ]

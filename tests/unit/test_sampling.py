@@ -151,11 +151,19 @@ def test_options_not_an_object_is_400(request_):
     assert "expected object" in str(info.value)
 
 
-def test_unknown_option_is_400():
+def test_an_unknown_option_is_ignored_with_one_warning(caplog):
+    caplog.set_level(logging.WARNING, logger="ortserve.engine")
+    for _ in range(3):
+        assert resolve({"temprature": 0.5, "top_k": 3}) == resolve({"top_k": 3})
+    warned = [r.getMessage() for r in caplog.records if "temprature" in r.getMessage()]
+    assert warned == ['invalid option provided: "temprature" is not an option and is ignored']
+
+
+def test_an_unknown_parameter_of_a_modelfile_is_400():
     with pytest.raises(InvalidRequest) as info:
-        resolve({"temprature": 0.5})
+        resolve({"temprature": 0.5}, param_prefix="parameters", strict=True)
     assert str(info.value) == 'unknown option "temprature"'
-    assert info.value.param == "options.temprature"
+    assert info.value.param == "parameters.temprature"
 
 
 def test_unsupported_options_accepted_and_logged_once(caplog):

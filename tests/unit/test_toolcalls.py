@@ -337,3 +337,12 @@ def test_validate_arguments_invalid_schema():
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}]
     with pytest.raises(ToolCallError, match="schema"):
         validate_arguments(ToolCall("f", {}), tools)
+
+
+def test_a_function_without_parameters_takes_no_arguments():
+    from ortserve.engine.toolcalls import ToolCall, ToolCallError, validate_arguments
+
+    tools = [{"type": "function", "function": {"name": "now"}}]
+    validate_arguments(ToolCall("now", {}), tools)
+    with pytest.raises(ToolCallError, match="do not match its parameters schema"):
+        validate_arguments(ToolCall("now", {"tz": "UTC"}), tools)
