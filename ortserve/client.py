@@ -7,6 +7,7 @@ a server; the in-process one drives the real Flask app through its test client (
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +19,12 @@ from ortserve.errors import OrtServeError
 
 class ServerError(OrtServeError):
     """An error the server answered with."""
+
+
+def auth_headers() -> dict[str, str]:
+    """The key the CLI sends to a server that wants one (ORTSERVE_API_KEY)."""
+    key = os.environ.get("ORTSERVE_API_KEY", "").strip()
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 class HTTPBackend:
@@ -37,7 +44,7 @@ class HTTPBackend:
         request = urllib.request.Request(
             self.base_url + path,
             data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **auth_headers()},
             method="POST",
         )
         try:
@@ -51,8 +58,9 @@ class HTTPBackend:
             raise ServerError(f"cannot reach the server at {self.base_url}: {exc.reason}") from None
 
     def get(self, path: str) -> dict[str, Any]:
+        request = urllib.request.Request(self.base_url + path, headers=auth_headers())
         try:
-            with urllib.request.urlopen(self.base_url + path) as response:
+            with urllib.request.urlopen(request) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             raise ServerError(_error_message(exc.read(), exc.code)) from None
@@ -62,13 +70,16 @@ class InProcessBackend:
     """The real app, in this process: models load here and are freed on exit."""
 
     def __init__(self, settings: Settings):
+        from dataclasses import replace
+
         from ortserve.api import create_app
 
-        self.app = create_app(settings)
+        # nothing outside this process can reach this app: it needs no key
+        self.app = create_app(replace(settings, api_keys=()))
         self.client = self.app.test_client()
 
     def stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        response = self.client.post(path, json=body, buffered=False)
+        response = self.client.post(path, json=body, buffered=False, headers=auth_headers())
         try:
             if response.status_code >= 400:
                 raise ServerError(_error_message(response.get_data(), response.status_code))
@@ -80,7 +91,7 @@ class InProcessBackend:
             response.close()
 
     def get(self, path: str) -> dict[str, Any]:
-        response = self.client.get(path)
+        response = self.client.get(path, headers=auth_headers())
         if response.status_code >= 400:
             raise ServerError(_error_message(response.get_data(), response.status_code))
         return response.get_json()

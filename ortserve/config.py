@@ -71,6 +71,9 @@ class Settings:
     threads: int = 32  # gunicorn gthread threads
     grace_period: float = 30.0  # seconds in-flight requests get on SIGTERM
     format_retries: int = 2  # retries of structured output that fails its schema
+    api_keys: tuple[tuple[str, str], ...] = ()  # (name, key); empty: no key required
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones
+    origins: tuple[str, ...] = ()  # Origin patterns accepted besides Ollama's defaults
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -89,6 +92,9 @@ class Settings:
             "threads": _positive_int,
             "grace_period": lambda v: max(0.0, parse_duration(v)),
             "format_retries": _non_negative_int,
+            "api_keys": parse_api_keys,
+            "allowed_hosts": _list,
+            "origins": _list,
         }
         for name, reader in readers.items():
             variable = f"ORTSERVE_{name.upper()}"
@@ -99,6 +105,31 @@ class Settings:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+def parse_api_keys(value: str) -> tuple[tuple[str, str], ...]:
+    """'name:key,other:key2' (or '@/path/to/file': one name:key per line, # comments)."""
+    text = value.strip()
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).expanduser().read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"cannot read the key file: {exc.strerror}") from None
+    entries = [e.strip() for line in text.splitlines() for e in line.split("#")[0].split(",")]
+    keys = []
+    for number, entry in enumerate(filter(None, entries), start=1):
+        name, sep, key = entry.partition(":")
+        name, key = (name.strip(), key.strip()) if sep else (f"key{number}", entry)
+        if len(key) < 16:
+            raise ValueError(f"key {name!r} is shorter than 16 characters")
+        keys.append((name, key))
+    if not keys:
+        raise ValueError("no keys given")
+    return tuple(keys)
+
+
+def _list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def _read(env: Mapping[str, str], variable: str, reader):

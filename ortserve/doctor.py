@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import platform
-import socket
 import sys
-import urllib.request
 from dataclasses import dataclass
 from importlib import metadata
 
 from ortserve import __version__, humanize
 from ortserve.config import Settings, SettingsError
+from ortserve.ports import who_listens
 
 # Distributions that ship the module `onnxruntime`: only one may be installed.
 _ORT_FLAVOURS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-windowsml")
@@ -149,7 +148,7 @@ def _library(settings: Settings) -> Check:
 
 def _port(settings: Settings) -> Check:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    what = _listener(host, settings.port)
+    what = who_listens(host, settings.port)
     address = settings.address
     if what is None:
         return Check("port", f"{address} is free")
@@ -157,37 +156,6 @@ def _port(settings: Settings) -> Check:
         return Check("port", f"{address} is served by {what}")
     return Check("port", f"{address} is taken by {what}",
                  f"stop it, or serve elsewhere: ORTSERVE_HOST=127.0.0.1:{settings.port + 1}")  # fmt: skip
-
-
-def _listener(host: str, port: int) -> str | None:
-    """None when nothing listens; else who does (ortserve, Ollama, or what the server says)."""
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            pass
-    except OSError:
-        return None
-    url = f"http://{host}:{port}/"
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            body = response.read(200).decode("utf-8", "replace")
-            server = response.headers.get("Server", "")
-    except Exception as exc:  # not HTTP, or an HTTP error: say what answered
-        return f"a program that does not answer HTTP as ortserve does ({type(exc).__name__})"
-    if body.startswith("ortserve is running"):
-        return f"ortserve {_remote_version(url)}".strip()
-    if body.startswith("Ollama is running"):
-        return "Ollama"
-    return f"another server ({server or body[:40].strip() or 'unknown'})"
-
-
-def _remote_version(url: str) -> str:
-    import json
-
-    try:
-        with urllib.request.urlopen(url + "api/version", timeout=2) as response:
-            return json.loads(response.read()).get("version", "")
-    except Exception:
-        return ""
 
 
 def _version(distribution: str) -> str | None:

@@ -25,6 +25,7 @@ def serve(settings: Settings, *, server: str | None = None, runtime: Any = None)
     server = server or ("waitress" if os.name == "nt" else "gunicorn")
     if server not in SERVERS:
         raise ValueError(f"unknown server {server!r}: use one of {', '.join(SERVERS)}")
+    check_port_free(settings)
     settings.models.mkdir(parents=True, exist_ok=True)  # an empty library is a ready one
     if server == "waitress":
         serve_waitress(settings, runtime=runtime)
@@ -32,9 +33,36 @@ def serve(settings: Settings, *, server: str | None = None, runtime: Any = None)
         serve_gunicorn(settings, runtime=runtime)
 
 
+def check_port_free(settings: Settings) -> None:
+    """Stop with one line when the port is taken, saying by whom and how to pick another."""
+    from ortserve.errors import OrtServeError
+    from ortserve.ports import who_listens
+
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    holder = who_listens(host, settings.port)
+    if holder is None:
+        return
+    already = (
+        " (already serving: `ortserve ps` talks to it)" if holder.startswith("ortserve") else ""
+    )
+    raise OrtServeError(
+        f"{settings.address} is in use by {holder}{already}; serve on another port with "
+        f"ORTSERVE_HOST={settings.host}:{settings.port + 1}"
+    )
+
+
 def announce(settings: Settings) -> None:
-    """The one start-up line, printed once the socket is bound."""
+    """The one start-up line, printed once the socket is bound (and a warning when exposed)."""
+    from ortserve.api.security import is_loopback
+
     print(f"ortserve listening on {url(settings)} (models: {settings.models})", flush=True)
+    if not is_loopback(settings.host) and not settings.api_keys:
+        print(
+            f"warning: ortserve is reachable beyond this machine ({settings.host}) and asks for "
+            "no API key: anyone who can reach the port can use and change the library; "
+            "set ORTSERVE_API_KEYS (docs/deployment.md)",
+            flush=True,
+        )
 
 
 def url(settings: Settings) -> str:

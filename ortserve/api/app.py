@@ -9,6 +9,7 @@ from typing import Any
 from flask import Flask, current_app, request
 from werkzeug.exceptions import HTTPException
 
+from ortserve.api.security import install as install_security
 from ortserve.api.state import EXTENSION, ServerState
 from ortserve.api.streaming import json_response
 from ortserve.api.validation import MAX_BODY_BYTES
@@ -48,6 +49,7 @@ def init_app(
     for blueprint in (native_bp, ops_bp, embeddings_bp, openai_bp, create_bp, pull_bp):
         app.register_blueprint(blueprint, url_prefix=url_prefix or None)
     register_error_handlers(app)
+    install_security(app, _is_ours)
     return state
 
 

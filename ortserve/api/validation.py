@@ -17,6 +17,11 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from ortserve.config import parse_duration
 from ortserve.errors import InvalidRequest
 
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+
+
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 MAX_BODY_BYTES = 32 * 1024 * 1024
 # Uploaded blobs (POST /api/blobs) are model weights: streamed to disk, never held whole.
@@ -42,6 +47,7 @@ def validator(name: str) -> Draft202012Validator:
 
 def read_json(limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
     """The request body as a JSON object; 413 over `limit`, 400 when it is not JSON."""
+    _check_content_type()
     if request.content_length is not None and request.content_length > limit:
         raise RequestEntityTooLarge(f"request body is larger than {limit} bytes")
     # A chunked body has no Content-Length: read one byte past the limit to notice.
@@ -57,6 +63,24 @@ def read_json(limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
     return body
+
+
+def _check_content_type() -> None:
+    """JSON endpoints take JSON: a body declared as another type is refused (415).
+
+    Not declared, and curl -d's default form type without an Origin (curl, scripts), are
+    read as JSON, as Ollama does; a browser's "simple" cross-site POST (text/plain, a form,
+    multipart) always carries an Origin and is refused.
+    """
+    declared = (request.mimetype or "").lower()
+    if not declared or declared == "application/json" or declared.endswith("+json"):
+        return
+    if declared == "application/x-www-form-urlencoded" and "Origin" not in request.headers:
+        return
+    raise UnsupportedMediaType(
+        f"Content-Type {declared!r} is not accepted here: send application/json",
+        param="Content-Type",
+    )
 
 
 def validate(name: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,160 @@
+"""Who may call: API keys, the Host guard (DNS rebinding), Origin checks and CORS.
+
+One `before_request` hook runs the checks in order on ortserve's routes: a preflight for an
+allowed origin is answered at once; a disallowed Origin is 403; while bound to loopback, a
+Host that is not a loopback name or address is 403 (as Ollama's allowedHostsMiddleware);
+with keys configured, a request without a valid key is 401 (health checks stay open). An
+`after_request` hook adds the CORS headers for allowed origins.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hmac
+import ipaddress
+from collections.abc import Callable
+
+from flask import Flask, Response, g, request
+
+from ortserve.api.state import current_state
+from ortserve.config import Settings
+from ortserve.errors import OrtServeError
+
+# Ollama's built-in origins: a page served by this machine, and desktop/editor app schemes.
+DEFAULT_ORIGINS = tuple(
+    f"{scheme}://{host}{port}"
+    for scheme in ("http", "https")
+    for host in ("localhost", "127.0.0.1", "0.0.0.0", "[::1]")
+    for port in ("", ":*")
+) + ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
+# Paths that answer without a key: load balancers and orchestrators probe them.
+OPEN_PATHS = ("/", "/healthz", "/readyz")
+_CORS_HEADERS = (
+    "Authorization, Content-Type, X-Api-Key, X-Request-Id, Anthropic-Version, "
+    "Anthropic-Beta, OpenAI-Organization, OpenAI-Project, X-Stainless-*"
+)
+
+
+class Unauthorized(OrtServeError):
+    status = 401
+    type = "authentication_error"
+
+    def __init__(self, message: str):
+        super().__init__(message, code="invalid_api_key")
+
+
+class Forbidden(OrtServeError):
+    status = 403
+    type = "permission_error"
+
+
+def install(app: Flask, is_ours: Callable[[], bool]) -> None:
+    """Guard ortserve's routes on `app` (a host app's own routes are left alone); once per app."""
+    if app.extensions.get("ortserve.security"):
+        return  # init_app called again: the hooks read the current settings already
+    app.extensions["ortserve.security"] = True
+
+    @app.before_request
+    def _guard():
+        if not is_ours():
+            return None
+        return check_request(current_state().settings)
+
+    @app.after_request
+    def _cors(response: Response) -> Response:
+        if response.status_code == 401 and is_ours():
+            response.headers["WWW-Authenticate"] = 'Bearer realm="ortserve"'
+        origin = request.headers.get("Origin")
+        if origin and is_ours() and origin_allowed(origin, current_state().settings.origins):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers.add("Vary", "Origin")
+            response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, X-Ortserve-Attempts"
+        return response
+
+
+def check_request(settings: Settings) -> Response | None:
+    """None to go on; a preflight's answer; or raise Forbidden / Unauthorized."""
+    origin = request.headers.get("Origin")
+    if origin is not None and not origin_allowed(origin, settings.origins):
+        raise Forbidden(f"origin {origin!r} is not allowed (add it to ORTSERVE_ORIGINS)")
+    if not host_allowed(request.host, settings):
+        raise Forbidden(
+            "this server is bound to a loopback address and does not answer for host "
+            f"{request.host!r} (add it to ORTSERVE_ALLOWED_HOSTS)"
+        )
+    if request.method == "OPTIONS" and origin is not None:
+        return _preflight()
+    g.ortserve_key_name = authenticate(settings)
+    return None
+
+
+def _preflight() -> Response:
+    response = Response(status=204)
+    response.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, DELETE, HEAD, OPTIONS"
+    asked = request.headers.get("Access-Control-Request-Headers")
+    response.headers["Access-Control-Allow-Headers"] = asked or _CORS_HEADERS
+    response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+def authenticate(settings: Settings) -> str | None:
+    """The name of the key the request carries (None when no keys are configured)."""
+    if not settings.api_keys or request.path in OPEN_PATHS or request.method == "OPTIONS":
+        return None
+    given = request.headers.get("X-Api-Key") or _bearer(request.headers.get("Authorization"))
+    if not given:
+        raise Unauthorized(
+            "an API key is required: send Authorization: Bearer <key> or x-api-key: <key>"
+        )
+    found = None
+    for name, key in settings.api_keys:  # every key compared, in constant time each
+        if hmac.compare_digest(given.encode(), key.encode()):
+            found = name
+    if found is None:
+        raise Unauthorized("invalid API key")
+    return found
+
+
+def _bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
+
+
+def origin_allowed(origin: str, extra: tuple[str, ...]) -> bool:
+    """Ollama's defaults and ORTSERVE_ORIGINS (patterns with `*`), case-insensitively."""
+    origin = origin.strip().lower()
+    return any(fnmatch.fnmatchcase(origin, p.lower()) for p in (*DEFAULT_ORIGINS, *extra))
+
+
+def host_allowed(host: str, settings: Settings) -> bool:
+    """Any Host when bound to a non-loopback address; else loopback names and addresses."""
+    if not is_loopback(settings.host) or "*" in settings.allowed_hosts:
+        return True
+    name = _strip_port(host).lower()
+    if not name or name == "localhost" or name.endswith(".localhost"):
+        return True
+    if name in (h.lower() for h in settings.allowed_hosts):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def is_loopback(bind_host: str) -> bool:
+    """Whether the server's bind address is loopback-only (localhost, 127.x, ::1)."""
+    if bind_host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bind_host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _strip_port(host: str) -> str:
+    if host.startswith("["):  # [::1]:11434
+        return host[1 : host.find("]")] if "]" in host else host
+    name, sep, port = host.rpartition(":")
+    return name if sep and port.isdigit() and ":" not in name else host
