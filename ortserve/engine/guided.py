@@ -169,7 +169,69 @@ def check_schema(schema: Any, param: str) -> dict:
     problem = _unsupported(schema, "#")
     if problem:
         raise InvalidRequest(f"{param} uses an {problem}", param=param)
+    if not _has_finite_instance(schema):
+        # the grammar of such a schema never ends: llguidance gives up mid-batch
+        raise InvalidRequest(
+            f"{param} has no finite instance: a $ref cycle runs through required properties "
+            "(or non-empty arrays) with no way out; make a link optional",
+            param=param,
+        )
     return schema
+
+
+def _has_finite_instance(root: dict) -> bool:
+    """Whether some finite JSON value fits the schema's shape, $ref cycles considered.
+
+    Conservative: only a cycle that every instance must follow (through required properties,
+    arrays with minItems > 0, allOf) counts as infinite; any alternative (anyOf, oneOf, a
+    type list with a scalar) is a way out.
+    """
+    finite_refs: set[str] = set()
+
+    def finite(node: Any, stack: frozenset[str]) -> bool:
+        if not isinstance(node, dict):
+            return node is not False
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref not in finite_refs:
+            if ref in stack:
+                return False
+            target = _resolve_pointer(root, ref)
+            if target is not None and not finite(target, stack | {ref}):
+                return False
+            finite_refs.add(ref)
+        if not all(finite(child, stack) for child in node.get("allOf") or []):
+            return False
+        for key in ("anyOf", "oneOf"):
+            if node.get(key) and not any(finite(child, stack) for child in node[key]):
+                return False
+        types = node.get("type")
+        if isinstance(types, list) and any(t not in ("object", "array") for t in types):
+            return True
+        properties = node.get("properties") or {}
+        for name in node.get("required") or []:
+            if name in properties and not finite(properties[name], stack):
+                return False
+        if (node.get("minItems") or 0) > 0 and isinstance(node.get("items"), dict):
+            return finite(node["items"], stack)
+        return True
+
+    return finite(root, frozenset())
+
+
+def _resolve_pointer(root: dict, ref: str) -> Any:
+    """The subschema a local '#/a/b' reference names (None when it names nothing)."""
+    node: Any = root
+    for part in ref.removeprefix("#").strip("/").split("/"):
+        if not part:
+            continue
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
 
 
 def _types(node: dict) -> set[str]:

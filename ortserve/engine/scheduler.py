@@ -194,6 +194,7 @@ class Scheduler:
 
         adapters = load_adapters(self._model, self.adapters)
         names = [name for name, _ in self.adapters]
+        self._adapters, self._adapter_names = adapters, names  # kept to rebuild a lane
         for _ in range(self.lane_count):
             engine = GeneratorEngine(self._model, adapters, names, self.bundle)
             self._lanes.append(Lane(engine, None, 1))
@@ -230,7 +231,10 @@ class Scheduler:
                 try:
                     self._begin(lane, job)
                 except Exception as exc:  # a bad turn fails alone
-                    self._complete_with_error(job, OrtServeError(f"cannot start generation: {exc}"))
+                    log.warning("cannot start a turn on %s: %s", self.name, exc)
+                    self._complete_with_error(
+                        job, OrtServeError(f"cannot start generation: {_first_line(exc)}")
+                    )
 
     def _same_length_group(self, limit: int) -> list[Job]:
         """Take the oldest waiting job and up to limit-1 more with the same prompt length."""
@@ -260,9 +264,7 @@ class Scheduler:
             events = list(lane.engine.run(lane.buffer))
         except Exception as exc:  # the whole batch failed: tell each member, keep serving
             log.exception("engine step failed for %s", self.name)
-            for job in list(lane.jobs.values()):
-                self._complete_with_error(job, OrtServeError(f"generation failed: {exc}"))
-            lane.jobs.clear()
+            self._recover(lane, f"generation failed: {_first_line(exc)}")
             return
         token_flag = int(og.EngineEventFlags.TOKEN)
         finished_flag = int(og.EngineEventFlags.TURN_FINISHED)
@@ -278,10 +280,33 @@ class Scheduler:
                     job.first_token_at = time.perf_counter()
                 job.events.put(("token", int(event.token)))
             if flags & failed_flag or reason == og.FinishReason.FAILED:
-                error = OrtServeError(f"generation failed (engine error {event.error_code})")
+                error = OrtServeError(f"generation failed (engine error {event.error_code.name})")
                 self._retire(lane, job, error=error)
+                if event.error_code == og.EngineErrorCode.ENGINE_EXECUTION_FAILURE:
+                    # og marks the whole Engine unhealthy: every later turn on it would fail
+                    self._recover(lane, "generation failed: another request in its batch "
+                                  "broke the batch; try again")  # fmt: skip
+                    return
             elif flags & finished_flag or reason != og.FinishReason.NONE:
                 self._retire(lane, job, reason=_REASONS.get(reason.name, "stop"), usage=event.usage)
+
+    def _recover(self, lane: Lane, message: str) -> None:
+        """Fail what is left of a broken batch and give the lane a fresh engine."""
+        for request, job in list(lane.jobs.items()):
+            request.close()
+            self._complete_with_error(job, OrtServeError(message))
+        lane.jobs.clear()
+        if self.adapters:
+            from ortserve.engine.adapters import GeneratorEngine
+
+            lane.engine = GeneratorEngine(self._model, self._adapters, self._adapter_names,
+                                          self.bundle)  # fmt: skip
+            return
+        import onnxruntime_genai as og
+
+        lane.engine = og.Engine(self._model)
+        lane.buffer = lane.engine.create_event_buffer(_EVENT_BUFFER)
+        log.warning("rebuilt an engine of %s after a failed batch", self.name)
 
     def _retire(self, lane: Lane, job: Job, *, reason: str = "stop", usage=None, error=None):
         lane.jobs.pop(job.request, None)
@@ -334,6 +359,13 @@ class Scheduler:
                 self._complete(job, "cancelled", Usage(prompt_tokens=len(job.tokens)))
         self._lanes.clear()
         self._model = None
+
+
+def _first_line(exc: BaseException) -> str:
+    """An og error's first line: what went wrong, without grammar or parser state dumps."""
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line.split(" Cause: ")[0][:300]
 
 
 _REASONS = {

@@ -393,3 +393,31 @@ def test_all_attempts_counts_every_attempt():
     assert total.usage == Usage(prompt_tokens=20, generated_tokens=10, cached_prompt_tokens=10)
     assert (total.prompt_eval_duration_ns, total.eval_duration_ns) == (6, 9)
     assert all_attempts([last]) == last
+
+
+@pytest.mark.parametrize(
+    ("schema", "finite"),
+    [
+        ({"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}, False),
+        ({"type": "object", "properties": {"a": {"$ref": "#"}}}, True),
+        ({"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}},
+                          "required": ["next"]}}, "$ref": "#/$defs/n"}, False),
+        ({"$defs": {"n": {"type": ["object", "null"], "properties": {"next": {"$ref": "#/$defs/n"}},
+                          "required": ["next"]}}, "$ref": "#/$defs/n"}, True),
+        ({"$defs": {"n": {"anyOf": [{"type": "null"}, {"type": "object", "required": ["next"],
+                                     "properties": {"next": {"$ref": "#/$defs/n"}}}]}},
+          "$ref": "#/$defs/n"}, True),
+        ({"type": "object", "required": ["kids"],
+          "properties": {"kids": {"type": "array", "minItems": 1, "items": {"$ref": "#"}}}}, False),
+        ({"type": "object", "required": ["kids"],
+          "properties": {"kids": {"type": "array", "items": {"$ref": "#"}}}}, True),
+    ],
+)  # fmt: skip
+def test_a_schema_without_a_finite_instance_is_refused_before_generation(schema, finite):
+    if finite:
+        assert check_schema(schema, "format") is schema
+        return
+    with pytest.raises(InvalidRequest) as info:
+        check_schema(schema, "format")
+    assert info.value.param == "format"
+    assert info.value.message.startswith("format has no finite instance")

@@ -1,0 +1,62 @@
+"""One request can never disable a model: a batch that breaks og's Engine fails alone and
+the lane gets a fresh engine; a schema that cannot be enforced is refused before generation."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from ortserve.config import Settings
+from ortserve.engine.guided import guidance_for
+from ortserve.engine.runtime import Runtime
+from ortserve.engine.types import Finished, GenerationOptions
+from ortserve.errors import OrtServeError
+
+pytestmark = pytest.mark.slow
+
+# llguidance cannot build this grammar ("Too many items"): og then marks the Engine unhealthy
+POISON = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+
+
+def _run(loaded, options: GenerationOptions) -> Finished:
+    finished = None
+    for item in loaded.generate(loaded.encode("hi"), options):
+        if isinstance(item, Finished):
+            finished = item
+    return finished
+
+
+def test_a_batch_that_breaks_the_engine_fails_alone_and_the_lane_is_rebuilt(served_library):
+    # below the HTTP checks on purpose: the guidance reaches og as a client once could send it
+    runtime = Runtime(Settings(models=served_library.root, engine_lanes=1), served_library)
+    try:
+        loaded = runtime.acquire("tiny-chat")
+        poisoned = GenerationOptions(num_predict=32, num_ctx=256, guidance=guidance_for(POISON))
+        with pytest.raises(OrtServeError) as info:
+            _run(loaded, poisoned)
+        assert info.value.message == "generation failed (engine error ENGINE_EXECUTION_FAILURE)"
+        for _ in range(5):  # before the fix: every later turn on the model failed
+            finished = _run(loaded, GenerationOptions(num_predict=8, temperature=0, num_ctx=256))
+            assert finished.usage.generated_tokens == 8
+        runtime.release(loaded)
+    finally:
+        runtime.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("path", "field"), [("/api/chat", "format"), ("/v1/chat/completions", "response_format")]
+)
+def test_an_unenforceable_schema_is_400_and_the_model_keeps_answering(server, path, field):
+    if field == "format":
+        body = {**CHAT, "format": POISON}
+    else:
+        body = {"model": "tiny-chat", "messages": CHAT["messages"], "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": POISON}}}  # fmt: skip
+    refused = httpx.post(server.url + path, json=body, timeout=60)
+    assert refused.status_code == 400, refused.text
+    assert "no finite instance" in refused.text
+    for _ in range(5):
+        good = httpx.post(server.url + "/api/chat", json={**CHAT, "options": {"num_predict": 4}},
+                          timeout=60)  # fmt: skip
+        assert good.status_code == 200
