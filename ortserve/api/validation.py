@@ -24,6 +24,8 @@ class UnsupportedMediaType(InvalidRequest):
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 MAX_BODY_BYTES = 32 * 1024 * 1024
+# JSON nesting a request may have: real bodies (messages, tools, schemas) stay far below.
+MAX_JSON_DEPTH = 64
 # Uploaded blobs (POST /api/blobs) are model weights: streamed to disk, never held whole.
 MAX_BLOB_BYTES = 1 << 40
 
@@ -58,11 +60,47 @@ def read_json(limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
         raise InvalidRequest("missing request body")
     try:
         body = json.loads(raw, parse_constant=_not_json)
+    except RecursionError:
+        raise InvalidRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("invalid JSON body") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
+    check_json_values(body)
     return body
+
+
+def check_json_values(body: Any) -> None:
+    """400 for JSON nested past MAX_JSON_DEPTH or a string with a lone surrogate ("\ud800").
+
+    Both parse, and both break later: deep nesting overflows the recursion of the schema
+    checks; a lone surrogate cannot be encoded (tokenizer, manifest, response).
+    """
+    pending: list[tuple[Any, list[str | int], int]] = [(body, [], 1)]
+    while pending:  # iterative: a deep value must not overflow this check either
+        value, path, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels at "
+                                 f"{field_path(path) or 'the top'}")  # fmt: skip
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, path)
+                pending.append((item, [*path, key], depth + 1))
+        elif isinstance(value, list):
+            pending.extend((item, [*path, i], depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path)
+
+
+def _check_text(text: str, path: list[str | int]) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        where = field_path(path) or "the body"
+        raise InvalidRequest(
+            f"{where}: text holds a lone UTF-16 surrogate, which is not a character",
+            param=field_path(path) or None,
+        ) from None
 
 
 def _check_content_type() -> None:

@@ -96,7 +96,7 @@ def openai_options(
     if limit is None:
         limit, field = body.get("max_tokens"), "max_tokens"
     if limit is not None:
-        given["num_predict"] = _at_least(_integer(limit, field), 1, field)
+        given["num_predict"] = _in_range(_integer(limit, field), 1, _INT32, field)
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name) is not None:
             _in_range(_number(body[name], name), -2.0, 2.0, name)
@@ -160,19 +160,25 @@ def _parse_options(options: dict | None, prefix: str, strict: bool) -> dict[str,
     return parsed
 
 
+# What the engine can take: og's integers are 32-bit (seed 64-bit); beyond these ranges a
+# value is refused here rather than by og with its internal message.
+_INT32 = 2**31 - 1
+_RANGES: dict[str, tuple[float, float]] = {
+    "temperature": (0.0, 100.0),
+    "top_k": (0, _INT32),
+    "top_p": (0.0, 1.0),
+    "num_ctx": (1, _INT32),
+    "num_predict": (-(2**31), _INT32),
+    "seed": (-(2**63), 2**63 - 1),
+    "repeat_penalty": (0.001, 100.0),
+}
+
+
 def _check_supported(name: str, value: Any, param: str) -> Any:
     """Type and range of one supported option."""
     value = _CHECKS[_SUPPORTED[name]](value, param)
-    if name == "temperature":
-        _at_least(value, 0.0, param)
-    elif name == "top_p":
-        _in_range(value, 0.0, 1.0, param)
-    elif name == "top_k":
-        _at_least(value, 0, param)
-    elif name == "num_ctx":
-        _at_least(value, 1, param)
-    elif name == "repeat_penalty" and value <= 0:
-        raise InvalidRequest(f"{param} must be greater than 0, got {value}", param=param)
+    if name in _RANGES:
+        _in_range(value, *_RANGES[name], param)
     return value
 
 
@@ -240,7 +246,11 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
 _OPENAI_FIELDS: tuple[tuple[str, str, Callable[[Any, str], Any]], ...] = (
     ("temperature", "temperature", _openai_temperature),
     ("top_p", "top_p", _openai_top_p),
-    ("seed", "seed", _integer),
+    (
+        "seed",
+        "seed",
+        lambda value, field: _in_range(_integer(value, field), *_RANGES["seed"], field),
+    ),
     ("stop", "stop", _stop),
 )
 

@@ -774,3 +774,20 @@ def test_every_attempt_failing_mid_stream_is_an_error_line(client, runtime):
                                                          "format": NAME_SCHEMA}))  # fmt: skip
     assert "after 3 attempts" in objects[-1]["error"]
     assert sum("retry" in o for o in objects) == 2
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ('{"model": "tiny", "prompt": ' + "[" * 990 + "]" * 990 + "}", "JSON nested deeper than 64"),
+        ('{"model": "tiny", "prompt": ' + "[" * 100 + "]" * 100 + "}", "JSON nested deeper than 64"),
+        ('{"model": "tiny", "prompt": "hi\\ud800"}', "prompt: text holds a lone UTF-16 surrogate"),
+        ('{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}',
+         "messages[0].content: text holds a lone UTF-16 surrogate"),
+    ],
+)  # fmt: skip
+def test_deep_json_and_lone_surrogates_are_400_not_500(client, raw, message):
+    for route in ("/api/generate", "/api/chat", "/api/create", "/api/embed"):
+        response = client.post(route, data=raw, content_type="application/json")
+        assert response.status_code == 400, (route, response.get_json())
+        assert response.get_json()["error"].startswith(message), route

@@ -92,7 +92,11 @@ def test_later_system_and_template_replace_earlier_ones():
         ("FROM m\nPARAMETER temperature hot\n", 2, '"hot" is not a number'),
         ("FROM m\nPARAMETER num_predict 2.5\n", 2, '"2.5" is not an integer'),
         ("FROM m\nPARAMETER use_mmap maybe\n", 2, "not true or false"),
-        ("FROM m\nPARAMETER temperature -1\n", 2, "parameters.temperature must be at least"),
+        (
+            "FROM m\nPARAMETER temperature -1\n",
+            2,
+            "parameters.temperature must be between 0.0 and 100.0",
+        ),
         ("FROM m\nPARAMETER top_p 3\n", 2, "parameters.top_p must be between"),
         ("FROM m\nPARAMETER temperature\n", 2, "PARAMETER needs a name and a value"),
         ("FROM m\nMESSAGE robot hi\n", 2, 'MESSAGE role must be one of "system", "user"'),

@@ -267,3 +267,16 @@ def test_openai_bad_fields_are_400(field, value):
     with pytest.raises(InvalidRequest) as info:
         oai({field: value})
     assert info.value.param == field
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [({"top_k": 2147483648}, "options.top_k"), ({"temperature": 1e308}, "options.temperature"),
+     ({"repeat_penalty": 1e-320}, "options.repeat_penalty"), ({"num_ctx": 2**40}, "options.num_ctx"),
+     ({"num_predict": 2**40}, "options.num_predict"), ({"seed": 2**64}, "options.seed")],
+)  # fmt: skip
+def test_values_beyond_what_the_engine_takes_are_400_naming_the_field(options, param):
+    with pytest.raises(InvalidRequest) as info:
+        resolve(options)
+    assert info.value.param == param
+    assert info.value.message.startswith(f"{param} must be between ")
