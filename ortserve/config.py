@@ -74,6 +74,7 @@ class Settings:
     api_keys: tuple[tuple[str, str], ...] = ()  # (name, key); empty: no key required
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones
     origins: tuple[str, ...] = ()  # Origin patterns accepted besides Ollama's defaults
+    log_format: str = "text"  # or "json": one object per line
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -95,6 +96,7 @@ class Settings:
             "api_keys": parse_api_keys,
             "allowed_hosts": _list,
             "origins": _list,
+            "log_format": _log_format,
         }
         for name, reader in readers.items():
             variable = f"ORTSERVE_{name.upper()}"
@@ -126,6 +128,13 @@ def parse_api_keys(value: str) -> tuple[tuple[str, str], ...]:
     if not keys:
         raise ValueError("no keys given")
     return tuple(keys)
+
+
+def _log_format(value: str) -> str:
+    value = value.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return value
 
 
 def _list(value: str) -> tuple[str, ...]:

@@ -26,6 +26,9 @@ def serve(settings: Settings, *, server: str | None = None, runtime: Any = None)
     if server not in SERVERS:
         raise ValueError(f"unknown server {server!r}: use one of {', '.join(SERVERS)}")
     check_port_free(settings)
+    from ortserve import logs
+
+    logs.configure(settings.log_format)
     settings.models.mkdir(parents=True, exist_ok=True)  # an empty library is a ready one
     if server == "waitress":
         serve_waitress(settings, runtime=runtime)

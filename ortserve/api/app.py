@@ -9,6 +9,8 @@ from typing import Any
 from flask import Flask, current_app, request
 from werkzeug.exceptions import HTTPException
 
+from ortserve import metrics
+from ortserve.api.observe import install as install_observe
 from ortserve.api.security import install as install_security
 from ortserve.api.state import EXTENSION, ServerState
 from ortserve.api.streaming import json_response
@@ -50,6 +52,7 @@ def init_app(
         app.register_blueprint(blueprint, url_prefix=url_prefix or None)
     register_error_handlers(app)
     install_security(app, _is_ours)
+    install_observe(app, _is_ours)
     return state
 
 
@@ -75,12 +78,14 @@ def _handle_error(error: Exception, previous=None):
             return error  # Flask's default page
         raise error  # Flask's default 500 handling, as if we were not here
     if isinstance(error, OrtServeError):
+        metrics.ERRORS.labels(error.type).inc()
         return error_response(error.status, error.message, error.type, error.param, error.code)
     if isinstance(error, HTTPException):
         response = error_response(error.code or 500, _http_message(error), _http_type(error))
         if getattr(error, "valid_methods", None):
             response.headers["Allow"] = ", ".join(error.valid_methods)
         return response
+    metrics.ERRORS.labels("server_error").inc()
     log.exception("unexpected error in %s %s", request.method, request.path)
     return error_response(500, "internal error", "server_error")
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
+from ortserve import metrics
 from ortserve.config import Settings
 from ortserve.engine.embeddings import LoadedEmbedder, load_embedder
 from ortserve.engine.providers import bundle_target, load_candidates, load_on_best
@@ -144,6 +145,16 @@ class Runtime:
         models = [m for m in models if m not in gone]
         return [_ps_entry(m) for m in sorted(models, key=lambda m: -m.last_used)]
 
+    def turn_counts(self) -> dict[str, tuple[int, int]]:
+        """Loaded model name -> (turns queued, turns running), for metrics."""
+        with self._lock:
+            models = list(self._models.values())
+        counts = {}
+        for loaded in models:
+            running = loaded.scheduler.running() if isinstance(loaded, LoadedModel) else 0
+            counts[loaded.name] = (max(0, loaded.pending() - running), running)
+        return counts
+
     def loaded(self, name: str) -> LoadedModel | LoadedEmbedder | None:
         info = self.library.get(name)
         with self._lock:
@@ -223,6 +234,7 @@ class Runtime:
         )
         duration = int((time.perf_counter() - started) * 1e9)
         log.info("loaded %s on %s in %.2fs", info.name, provider, duration / 1e9)
+        metrics.LOAD_SECONDS.labels(info.name).observe(duration / 1e9)
         return LoadedModel(
             info=info,
             provider=provider,
@@ -265,6 +277,7 @@ class Runtime:
                 return
             del self._models[loaded.name]
         loaded.stop()
+        log.info("unloaded %s (idle: keep-alive over, or removed from the library)", loaded.name)
 
     def _reap(self) -> None:
         """Unload models whose keep-alive has expired."""

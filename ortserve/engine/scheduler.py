@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ortserve import metrics
 from ortserve.engine.types import GenerationOptions, Usage
 from ortserve.errors import ModelLoadError, OrtServeError, ServerBusy
 
@@ -139,6 +140,10 @@ class Scheduler:
         """Jobs submitted and not finished yet (queued or generating)."""
         with self._lock:
             return self._unfinished
+
+    def running(self) -> int:
+        """Jobs generating now (read from another thread: a snapshot, for metrics)."""
+        return sum(len(lane.jobs) for lane in list(self._lanes))
 
     def stop(self) -> None:
         """Cancel every job, release the og objects and end the thread."""
@@ -278,6 +283,9 @@ class Scheduler:
             if flags & token_flag and reason != og.FinishReason.CANCELLED:
                 if not job.first_token_at:
                     job.first_token_at = time.perf_counter()
+                    metrics.TIME_TO_FIRST_TOKEN.labels(self.name).observe(
+                        job.first_token_at - job.submitted_at
+                    )
                 job.events.put(("token", int(event.token)))
             if flags & failed_flag or reason == og.FinishReason.FAILED:
                 error = OrtServeError(f"generation failed (engine error {event.error_code.name})")
@@ -331,6 +339,8 @@ class Scheduler:
             job.request.cancel_turn(job.turn_id)  # a CANCELLED event retires it
 
     def _complete(self, job: Job, reason: str, usage: Usage) -> None:
+        metrics.TOKENS.labels(self.name, "prompt").inc(usage.prompt_tokens)
+        metrics.TOKENS.labels(self.name, "generated").inc(usage.generated_tokens)
         job.finish(reason, usage)
         with self._lock:
             self._unfinished -= 1
