@@ -285,6 +285,8 @@ class _Encoder:
         self._ids: list[int] = []
 
     def count(self, text: str) -> int:
+        if self._loaded.exceeds_context(text):  # too long to fit: say so without tokenizing
+            return self._loaded.min_tokens(text)
         return len(self.encode(text))
 
     def encode(self, text: str) -> list[int]:

@@ -186,7 +186,7 @@ def _chat_prompts(messages: list[dict], spec: ToolSpec | None, loaded,
         [*(manifest.get("messages") or []), *messages],
         system=manifest.get("system"),
         tools=spec.tools if spec is not None else None,
-        count_tokens=lambda t: len(encode(t)),
+        count_tokens=_counter(loaded, encode),
         num_ctx=options.num_ctx,
         truncate=False,
     )
@@ -206,8 +206,19 @@ def _prompt_tokens(prompt: str, param: str, loaded, options: GenerationOptions) 
         raise InvalidRequest(f"{param} is empty", param=param)
     encode = _encoder(loaded)
     build_generate_prompt(None, prompt, system=None, raw=True,
-                          count_tokens=lambda t: len(encode(t)), num_ctx=options.num_ctx)  # fmt: skip
+                          count_tokens=_counter(loaded, encode), num_ctx=options.num_ctx)  # fmt: skip
     return encode(prompt)
+
+
+def _counter(loaded, encode: Callable[[str], list[int]]) -> Callable[[str], int]:
+    """Token counts for the prompt builder; a text that cannot fit is not tokenized."""
+
+    def count(text: str) -> int:
+        if loaded.exceeds_context(text):
+            return loaded.min_tokens(text)
+        return len(encode(text))
+
+    return count
 
 
 def _encoder(loaded) -> Callable[[str], list[int]]:

@@ -8,6 +8,7 @@ keep-alive expires, or evicted (least recently used first) to make room for anot
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -51,8 +52,34 @@ class LoadedModel(Resident):
         """Unload: cancel running turns and stop the scheduler thread."""
         self.scheduler.stop()
 
+    @functools.cached_property
+    def max_prompt_chars(self) -> int:
+        """Characters beyond which a text cannot fit the context, whatever its tokens.
+
+        No token is longer than the vocabulary's longest entry, so a text longer than the
+        context times that length needs more tokens than the context holds: it is refused
+        without tokenizing it (a 30 MB prompt would take minutes and gigabytes).
+        """
+        longest = max((len(token) for token in self.tokenizer.get_vocab()), default=16)
+        return self.context_length * max(1, longest)
+
+    def exceeds_context(self, text: str) -> bool:
+        """Cheap and certain: True only when `text` cannot fit the context."""
+        return len(text) > self.max_prompt_chars
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound of `text`'s token count, without tokenizing it."""
+        return len(text) * self.context_length // self.max_prompt_chars + 1
+
     def encode(self, text: str) -> list[int]:
         """Prompt text -> ids; the chat template already wrote any special tokens."""
+        if self.exceeds_context(text):
+            raise InvalidRequest(
+                f"prompt is too long: {len(text)} characters cannot fit the context length of "
+                f"{self.context_length} tokens",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def generate(

@@ -60,3 +60,25 @@ def test_an_unenforceable_schema_is_400_and_the_model_keeps_answering(server, pa
         good = httpx.post(server.url + "/api/chat", json={**CHAT, "options": {"num_predict": 4}},
                           timeout=60)  # fmt: skip
         assert good.status_code == 200
+
+
+def test_a_30_mb_prompt_is_refused_fast_without_tokenizing_it(server):
+    import time
+
+    import psutil
+
+    worker = max(psutil.Process(server.process.pid).children(recursive=True),
+                 key=lambda p: p.memory_info().rss)  # fmt: skip
+    before = worker.memory_info().rss
+    prompt = "lorem ipsum dolor sit amet " * (30 * 1024 * 1024 // 27)
+    for path, body in [("/api/generate", {"model": "tiny-chat", "prompt": prompt}),
+                       ("/api/chat", {**CHAT, "messages": [{"role": "user", "content": prompt}]}),
+                       ("/v1/completions", {"model": "tiny-chat", "prompt": prompt})]:  # fmt: skip
+        started = time.monotonic()
+        response = httpx.post(server.url + path, json=body, timeout=120)
+        seconds = time.monotonic() - started
+        assert response.status_code == 400, (path, response.text[:200])
+        assert "prompt is too long" in response.text
+        assert seconds < 10, (path, seconds)
+    grown = worker.memory_info().rss - before
+    assert grown < 300 * 2**20, f"worker grew by {grown / 2**20:.0f} MB"

@@ -41,7 +41,9 @@ def _webgpu_probe(env: dict[str, str]) -> dict:
 def webgpu_env():
     """The environment a WebGPU server runs in; skips only when no Vulkan device exists."""
     SHADER_CACHE.mkdir(parents=True, exist_ok=True)
-    env = {**SOFTWARE, "MESA_SHADER_CACHE_DIR": str(SHADER_CACHE), "ORTSERVE_PROVIDER": "webgpu"}
+    env = {**SOFTWARE, "MESA_SHADER_CACHE_DIR": str(SHADER_CACHE), "ORTSERVE_PROVIDER": "webgpu",
+           # one engine per model: the software device is slow, and fewer engines share it
+           "ORTSERVE_ENGINE_LANES": "1"}  # fmt: skip
     probe = _webgpu_probe(env)
     if not probe["usable"]:
         assert "lists no device" in probe["reason"], probe  # the plugin itself must be there
@@ -53,7 +55,10 @@ def webgpu_env():
 def webgpu_server(served_library, webgpu_env):
     running = Server(served_library, **webgpu_env)
     yield running
+    died = running.process.poll() is not None
     running.stop()
+    if died:  # say why in the test output: the server's own last lines
+        print("WebGPU server exited early:\n" + running.process.stdout.read()[-4000:])
 
 
 def _generate(server, model: str, prompt: str) -> dict:

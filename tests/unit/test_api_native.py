@@ -74,6 +74,12 @@ class FakeLoaded:
         self.load_duration_ns = 777
         self.provider = "webgpu"
 
+    def exceeds_context(self, text):
+        return len(text) > self.context_length * 8
+
+    def min_tokens(self, text):
+        return len(text) // 8 + 1
+
     def encode(self, text):
         return [ord(c) for c in text]  # one token per character
 

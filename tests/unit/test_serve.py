@@ -253,6 +253,12 @@ class Loaded:
         self.runtime, self.info, self.name = runtime, info, info.name
         self.capabilities = info.capabilities
 
+    def exceeds_context(self, text):
+        return len(text) > self.context_length * 8
+
+    def min_tokens(self, text):
+        return len(text) // 8 + 1
+
     def encode(self, text):
         return [1] * len(text)
 
