@@ -324,9 +324,14 @@ class _Exchange:
         return self.shape.closing(index, self.reason(index))
 
     def reason(self, index: int) -> str:
-        """The finish_reason: "tool_calls" when the model stopped after calling tools."""
+        """The finish_reason: "tool_calls" when the answer holds complete, valid calls.
+
+        The calls were parsed and validated whole; the cap can only have cut what the model
+        wrote after them (text the grammar allows there, never shown with calls), so the
+        client acts on the calls, as OpenAI's "tool_calls" says.
+        """
         reason = self.finished[index].reason
-        return "tool_calls" if self.calls[index] and reason == "stop" else reason
+        return "tool_calls" if self.calls[index] and reason in ("stop", "length") else reason
 
     def extra(self, index: int, event) -> dict[str, Any]:
         """The ortserve fields of a stream chunk: a retry, or the attempts of a final chunk."""

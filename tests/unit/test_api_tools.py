@@ -138,3 +138,13 @@ def test_text_of_an_auto_answer_streams_as_text(client, runtime):
     objects = lines(r)
     assert "".join(o["message"]["content"] for o in objects) == "It is noon."
     assert objects[-1]["attempts"] == 1
+
+
+def test_complete_calls_cut_off_after_them_finish_as_tool_calls(client, runtime):
+    # the cap can only have cut what came after the validated calls (never shown with calls)
+    runtime.script = [([CALL, "\n"], "length")]
+    body = {"model": "tiny", "messages": ASK, "tools": [TOOL], "tool_choice": "required"}
+    reply = client.post("/v1/chat/completions", json=body).get_json()
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_time"
