@@ -75,6 +75,7 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides loopback ones
     origins: tuple[str, ...] = ()  # Origin patterns accepted besides Ollama's defaults
     log_format: str = "text"  # or "json": one object per line
+    max_tokens: int | None = None  # cap on tokens one turn generates (None: the context)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -97,6 +98,7 @@ class Settings:
             "allowed_hosts": _list,
             "origins": _list,
             "log_format": _log_format,
+            "max_tokens": _positive_int,
         }
         for name, reader in readers.items():
             variable = f"ORTSERVE_{name.upper()}"

@@ -223,6 +223,7 @@ def _options(body: dict[str, Any], loaded):
         body.get("options"),
         loaded.info.manifest.get("parameters"),
         context_length=loaded.context_length,
+        max_tokens=current_state().settings.max_tokens,
     )
 
 

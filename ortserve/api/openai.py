@@ -260,7 +260,8 @@ def _run(body: dict[str, Any], shape: _Shape, tokens_of: TokensOf, schema: dict 
         exchange.spec = replace(spec, fmt=model_format(loaded))
     try:
         parameters = loaded.info.manifest.get("parameters")
-        options = openai_options(body, parameters, context_length=loaded.context_length)
+        options = openai_options(body, parameters, context_length=loaded.context_length,
+                                 max_tokens=current_state().settings.max_tokens)  # fmt: skip
         exchange.start(tokens_of(loaded, options), body.get("n", 1), options)
     except BaseException:
         exchange.close()

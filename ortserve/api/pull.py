@@ -14,7 +14,7 @@ from flask import Blueprint
 from ortserve.api.state import current_state
 from ortserve.api.streaming import json_response, ndjson_line, stream_response
 from ortserve.api.validation import read_json, validate
-from ortserve.errors import InvalidRequest, OrtServeError
+from ortserve.errors import OrtServeError
 from ortserve.library import Library, ModelInfo
 from ortserve.models.pull import PullRef, PullStatus, pull
 
@@ -30,13 +30,8 @@ def pull_model():
     if "model" not in body and "name" in body:  # older clients send `name`
         body = {**body, "model": body.pop("name")}
     body = validate("pull", body)
-    ref = PullRef.parse(body["model"])
-    if ref.local is not None:  # a client must not make the server read its own folders
-        raise InvalidRequest(
-            f"{body['model']!r} is a directory: over HTTP only [hf.co/]ORG/REPO references "
-            "are pulled (use `ortserve pull DIRECTORY` on the server)",
-            param="model",
-        )
+    # a client must not make the server read (or probe) its own folders
+    ref = PullRef.parse(body["model"], local=False)
     job = _PullJob(ref, current_state().library, current_state().started_runtime)
     if not body.get("stream", True):
         job.run()

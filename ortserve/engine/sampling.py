@@ -71,6 +71,7 @@ def resolve_options(
     context_length: int,
     param_prefix: str = "options",
     strict: bool = False,
+    max_tokens: int | None = None,
 ) -> GenerationOptions:
     """Ollama `options` over the model's parameters over Ollama's defaults.
 
@@ -78,11 +79,11 @@ def resolve_options(
     (Modelfile PARAMETERs) makes it a 400.
     """
     given = {**_model_options(model_parameters), **_parse_options(request, param_prefix, strict)}
-    return _build(given, context_length)
+    return _build(given, context_length, max_tokens)
 
 
 def openai_options(
-    body: dict, model_parameters: dict | None, *, context_length: int
+    body: dict, model_parameters: dict | None, *, context_length: int, max_tokens: int | None = None
 ) -> GenerationOptions:
     """OpenAI sampling fields of `body`; an omitted field keeps the model's own parameter."""
     given = _model_options(model_parameters)
@@ -101,7 +102,7 @@ def openai_options(
         if body.get(name) is not None:
             _in_range(_number(body[name], name), -2.0, 2.0, name)
             warn_unsupported(name)
-    return _build(given, context_length)
+    return _build(given, context_length, max_tokens)
 
 
 def option_type(name: str) -> str | None:
@@ -182,18 +183,27 @@ def _check_supported(name: str, value: Any, param: str) -> Any:
     return value
 
 
-def _build(given: dict[str, Any], context_length: int) -> GenerationOptions:
-    """GenerationOptions from checked values, normalised for the engine."""
+def _build(given: dict[str, Any], context_length: int, max_tokens: int | None) -> GenerationOptions:
+    """GenerationOptions from checked values, normalised for the engine.
+
+    `max_tokens` (ORTSERVE_MAX_TOKENS) caps what one turn may generate, "no limit" included.
+    """
     defaults = GenerationOptions()
     options = replace(defaults, **{"num_ctx": min(defaults.num_ctx, context_length), **given})
     num_predict = options.num_predict
     return replace(
         options,
-        num_predict=-1 if num_predict < 0 else num_predict,  # -1 and -2 both mean no limit
+        num_predict=_capped(-1 if num_predict < 0 else num_predict, max_tokens),  # -1, -2: none
         seed=None if options.seed is not None and options.seed < 0 else options.seed,
         # A model cannot attend past its trained context, whatever the client asks for.
         num_ctx=min(options.num_ctx, context_length),
     )
+
+
+def _capped(num_predict: int, cap: int | None) -> int:
+    if cap is None:
+        return num_predict
+    return cap if num_predict < 0 else min(num_predict, cap)
 
 
 def _number(value: Any, param: str) -> float:

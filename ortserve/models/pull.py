@@ -75,20 +75,24 @@ class PullRef:
     prefixed: bool = False  # typed with hf.co/ (or huggingface.co/)
 
     @classmethod
-    def parse(cls, text: str) -> PullRef:
-        """`[hf.co/]ORG/REPO[:VARIANT][@REVISION]`, or an existing directory[:VARIANT]."""
+    def parse(cls, text: str, *, local: bool = True) -> PullRef:
+        """`[hf.co/]ORG/REPO[:VARIANT][@REVISION]`, or (with `local`) a directory[:VARIANT].
+
+        `local=False` for a remote client: the server's disk is never looked at, so the
+        answer cannot tell the client which server paths exist.
+        """
         if not isinstance(text, str) or not text.strip():
             raise InvalidRequest("model reference is empty", param="model")
         text = text.strip()
-        local = _local_ref(text)
-        if local is not None:
-            return local
+        directory = _local_ref(text) if local else None
+        if directory is not None:
+            return directory
         match = _REF.match(text)
         if not match or (match["v1"] and match["v2"]):
-            raise _bad_ref(text)
+            raise _bad_ref(text, local)
         repo = match["repo"].removeprefix(f"{HF_HOST}/").removeprefix("huggingface.co/")
         if not _REPO_ID.match(repo) or ".." in repo:
-            raise _bad_ref(text)
+            raise _bad_ref(text, local)
         variant = match["v1"] or match["v2"]
         return cls(repo, variant, match["rev"], None, text, repo != match["repo"])
 
@@ -117,10 +121,11 @@ def _local_ref(text: str) -> PullRef | None:
     return None
 
 
-def _bad_ref(text: str) -> InvalidRequest:
+def _bad_ref(text: str, local: bool = True) -> InvalidRequest:
+    where = ("or a local directory" if local else
+             "(a directory is pulled with `ortserve pull DIRECTORY` on the server)")  # fmt: skip
     return InvalidRequest(
-        f"invalid model reference {text!r}: use [hf.co/]ORG/REPO[:VARIANT][@REVISION] or a "
-        "local directory",
+        f"invalid model reference {text!r}: use [hf.co/]ORG/REPO[:VARIANT][@REVISION] {where}",
         param="model",
     )
 

@@ -262,3 +262,12 @@ def test_a_model_deleted_behind_the_servers_back_leaves_ps(server, client, serve
     client.generate(model="gone-soon", prompt="hi", options=GREEDY, keep_alive="10m")
     served_library.delete("gone-soon")  # another process, no server call
     assert "gone-soon:latest" not in {m.model for m in client.ps().models}
+
+
+def test_ortserve_max_tokens_caps_what_a_request_asks_for(make_server):
+    running = make_server(ORTSERVE_MAX_TOKENS="3")
+    reply = ollama.Client(host=running.url).generate(
+        model="tiny-llama", prompt="hi", options={"num_predict": 50, "temperature": 0}
+    )
+    assert reply.eval_count <= 3
+    assert reply.done_reason in ("length", "stop")

@@ -367,10 +367,15 @@ def test_api_pull_client_gone_adds_nothing(client, hub, variant_repo, library):
     assert not library.bundles_dir.exists() or not any(library.bundles_dir.iterdir())
 
 
-def test_api_pull_refuses_server_directories(client, tmp_path):
-    response = client.post("/api/pull", json={"model": str(tmp_path)})
-    assert response.status_code == 400
-    assert "is a directory" in response.get_json()["error"]
+def test_api_pull_never_looks_at_server_paths(client, tmp_path):
+    """An existing and a missing server path get the same answer: nothing is read or told."""
+    answers = []
+    for path in (tmp_path, tmp_path / "missing", tmp_path.parent):
+        response = client.post("/api/pull", json={"model": str(path)})
+        assert response.status_code == 400
+        answers.append(response.get_json()["error"].replace(str(path), "PATH"))
+    assert len(set(answers)) == 1
+    assert "`ortserve pull DIRECTORY` on the server" in answers[0]
 
 
 # ---- helpers -----------------------------------------------------------------------------------

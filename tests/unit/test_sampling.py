@@ -280,3 +280,12 @@ def test_values_beyond_what_the_engine_takes_are_400_naming_the_field(options, p
         resolve(options)
     assert info.value.param == param
     assert info.value.message.startswith(f"{param} must be between ")
+
+
+def test_ortserve_max_tokens_caps_every_turn_no_limit_included():
+    assert resolve({}, max_tokens=10).num_predict == 10
+    assert resolve({"num_predict": -1}, max_tokens=10).num_predict == 10
+    assert resolve({"num_predict": 50}, max_tokens=10).num_predict == 10
+    assert resolve({"num_predict": 5}, max_tokens=10).num_predict == 5
+    capped = openai_options({"max_tokens": 99}, None, context_length=64, max_tokens=7)
+    assert capped.num_predict == 7
