@@ -208,7 +208,7 @@ def _run(body: dict[str, Any], keep_alive: float | None, kind: str, tokens_of) -
         else:
             turn = start_turn(loaded, tokens, options, schema, state.settings)
     except BaseException:
-        runtime.release(loaded, keep_alive)
+        runtime.release(loaded, keep_alive, failed=True)
         raise
     exchange = _Exchange(runtime, loaded, keep_alive, turn, _Reply(body["model"], kind), started)
     if body.get("stream", True):

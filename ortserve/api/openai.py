@@ -264,7 +264,7 @@ def _run(body: dict[str, Any], shape: _Shape, tokens_of: TokensOf, schema: dict 
                                  max_tokens=current_state().settings.max_tokens)  # fmt: skip
         exchange.start(tokens_of(loaded, options), body.get("n", 1), options)
     except BaseException:
-        exchange.close()
+        exchange.close(failed=True)
         raise
     if body.get("stream"):
         return _stream(exchange, bool((body.get("stream_options") or {}).get("include_usage")))
@@ -369,7 +369,7 @@ class _Exchange:
         ]
         return {**self.shape.envelope(choices), "usage": self.usage()}
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
         """Cancel unfinished turns (the client left, or a choice failed); release the model."""
         if self._closed:
             return
@@ -379,7 +379,7 @@ class _Exchange:
                 if index not in self.finished:
                     turn.cancel()
         finally:
-            self.runtime.release(self.loaded)
+            self.runtime.release(self.loaded, failed=failed)
 
 
 def merged(turns: list[Any]) -> Iterator[tuple[int, TextChunk | Finished]]:

@@ -17,6 +17,9 @@ class Resident:
     load_duration_ns: int = 0
     active: int = 0
     expires_at: float | None = None  # time.time(); None while in use or kept forever
+    # the expiry before the current requests began: a failed request restores it, so that
+    # failing requests cannot keep a model loaded
+    idle_expiry: float | None = None
     last_used: float = field(default_factory=time.monotonic)
 
     @property

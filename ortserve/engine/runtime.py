@@ -134,15 +134,27 @@ class Runtime:
         return self._acquire(info, self._load_embedder)
 
     def release(
-        self, loaded: LoadedModel | LoadedEmbedder, keep_alive: float | None = None
+        self,
+        loaded: LoadedModel | LoadedEmbedder,
+        keep_alive: float | None = None,
+        *,
+        failed: bool = False,
     ) -> None:
-        """The request is done with `loaded`: start its keep-alive (0 unloads it now)."""
+        """The request is done with `loaded`: start its keep-alive (0 unloads it now).
+
+        A `failed` request (refused after the model was acquired) does not extend the
+        keep-alive: the model keeps the expiry it had before.
+        """
         keep = self.settings.keep_alive if keep_alive is None else keep_alive
         with self._lock:
             loaded.active = max(0, loaded.active - 1)
-            loaded.last_used = time.monotonic()
             if loaded.active:
                 return
+            if failed and loaded.idle_expiry is not None:
+                loaded.expires_at = loaded.idle_expiry
+                self._lock.notify_all()
+                return
+            loaded.last_used = time.monotonic()
             if keep < 0:
                 loaded.expires_at = None
             else:
@@ -214,6 +226,8 @@ class Runtime:
                     # system, parameters, template... may have changed on disk (a create
                     # from the CLI): the weights stay loaded, the newest manifest applies
                     loaded.info = info
+                    if not loaded.active:
+                        loaded.idle_expiry = loaded.expires_at
                     loaded.active += 1
                     loaded.expires_at = None
                     loaded.load_duration_ns = 0

@@ -110,7 +110,7 @@ class FakeRuntime:
         self.acquired.append((info.name, keep_alive))
         return FakeLoaded(self, info)
 
-    def release(self, loaded, keep_alive=None):
+    def release(self, loaded, keep_alive=None, failed=False):
         self.released.append((loaded.name, keep_alive))
 
     def unload(self, name):

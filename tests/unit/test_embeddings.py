@@ -266,3 +266,15 @@ def test_unknown_model_is_404_on_both_apis(tmp_path):
     assert v1.get_json()["error"]["code"] == "model_not_found"
     api = client.post("/api/embed", json={"model": "nope", "input": "hi"})
     assert api.status_code == 404 and "not found" in api.get_json()["error"]
+
+
+def test_a_failed_request_does_not_extend_the_keep_alive(runtime):
+    loaded = runtime.acquire_embedder("all-minilm")
+    runtime.release(loaded, 60)
+    expiry = loaded.expires_at
+    again = runtime.acquire_embedder("all-minilm")
+    runtime.release(again, 3600, failed=True)  # refused after acquiring: no extension
+    assert again is loaded and loaded.expires_at == expiry
+    ok = runtime.acquire_embedder("all-minilm")
+    runtime.release(ok, 3600)
+    assert loaded.expires_at > expiry + 3000

@@ -280,7 +280,7 @@ class SlowRuntime:
             self.active += 1
         return Loaded(self, self.library.get(name))
 
-    def release(self, loaded, keep_alive=None):
+    def release(self, loaded, keep_alive=None, failed=False):
         with self.lock:
             self.active -= 1
             self.lock.notify_all()
