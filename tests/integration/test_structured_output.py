@@ -48,10 +48,19 @@ def post(server, path: str, body: dict) -> tuple[int, dict, dict]:
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_ollama_client_format_schema_always_validates(server, seed):
+    """Valid JSON of the schema, or an explicit 422: never invalid JSON labelled valid.
+
+    The random-weight model samples afresh each time (og's static engine ignores seeds),
+    and now and then every attempt runs into the token cap: that must be the explicit error.
+    """
     client = ollama.Client(host=server.url)
     messages = [{"role": "user", "content": f"Describe pet number {seed}."}]
     options = {"seed": seed, "temperature": 0.9, "num_predict": 200}
-    reply = client.chat(model="tiny-chat", messages=messages, format=SCHEMA, options=options)
+    try:
+        reply = client.chat(model="tiny-chat", messages=messages, format=SCHEMA, options=options)
+    except ollama.ResponseError as exc:
+        assert exc.status_code == 422 and exc.error.startswith("output failed its schema after")
+        return
     value = json.loads(reply.message.content)
     jsonschema.validate(value, SCHEMA)
     Pet.model_validate(value)
