@@ -332,8 +332,7 @@ def _unload_from_server(name: str) -> None:
     try:
         loaded = {m.get("name") for m in backend.get("/api/ps").get("models", [])}
         if name in loaded:
-            for _ in backend.stream("/api/generate", {"model": name, "keep_alive": 0}):
-                pass
+            backend.unload(name)
     except client.ServerError as exc:  # the library is ours to change; the server may differ
         click.echo(f"warning: the server at {backend.base_url} did not unload it: {exc}", err=True)
 
@@ -462,8 +461,7 @@ def stop(model):
     backend = client.connect(_settings(), in_process=False)
     if not backend.is_running():
         _fail(f"no ortserve server is running at {backend.base_url}")
-    for _ in backend.stream("/api/generate", {"model": model, "keep_alive": 0}):
-        pass
+    backend.unload(model)
 
 
 @cli.command()

@@ -57,6 +57,11 @@ class HTTPBackend:
         except urllib.error.URLError as exc:
             raise ServerError(f"cannot reach the server at {self.base_url}: {exc.reason}") from None
 
+    def unload(self, name: str) -> None:
+        """Unload `name` now (keep_alive 0), as `ortserve stop` and `rm` ask."""
+        for _ in self.stream("/api/generate", {"model": name, "keep_alive": 0}):
+            pass
+
     def get(self, path: str) -> dict[str, Any]:
         request = urllib.request.Request(self.base_url + path, headers=auth_headers())
         try:
@@ -104,7 +109,7 @@ class InProcessBackend:
 
 def connect(settings: Settings, *, in_process: bool = True):
     """The running server at ORTSERVE_HOST if there is one, else the app in this process."""
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    host = settings.reachable_host
     http = HTTPBackend(f"http://{host}:{settings.port}")
     if http.is_running() or not in_process:
         return http

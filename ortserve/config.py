@@ -110,6 +110,11 @@ class Settings:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def reachable_host(self) -> str:
+        """Where a client on this machine reaches the server (a wildcard bind -> loopback)."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
 
 def parse_api_keys(value: str) -> tuple[tuple[str, str], ...]:
     """'name:key,other:key2' (or '@/path/to/file': one name:key per line, # comments)."""

@@ -147,7 +147,7 @@ def _library(settings: Settings) -> Check:
 
 
 def _port(settings: Settings) -> Check:
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    host = settings.reachable_host
     what = who_listens(host, settings.port)
     address = settings.address
     if what is None:

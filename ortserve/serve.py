@@ -41,7 +41,7 @@ def check_port_free(settings: Settings) -> None:
     from ortserve.errors import OrtServeError
     from ortserve.ports import who_listens
 
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    host = settings.reachable_host
     holder = who_listens(host, settings.port)
     if holder is None:
         return
