@@ -16,6 +16,8 @@ PROVIDERS = (
 )  # fmt: skip
 _DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+# Threads kept from generation requests for everything else (fewer on a small server).
+_RESERVED_THREADS = 8
 
 
 class SettingsError(OrtServeError):
@@ -66,9 +68,13 @@ class Settings:
     max_loaded_models: int = 3
     num_parallel: int = 8  # turns generating at once per model
     engine_lanes: int = 4  # og.Engine instances per model (batches that run side by side)
-    max_queue: int = 512
+    # Turns waiting per model beyond those generating. Each waiting request holds a thread,
+    # so the queue is kept below the threads: a full queue answers 503 instead of leaving
+    # callers in the socket backlog.
+    max_queue: int = 64
     provider: str = "auto"
-    threads: int = 32  # gunicorn gthread threads
+    threads: int = 96  # request threads (gunicorn gthread, waitress)
+    read_timeout: float = 30.0  # seconds a client gets to send a request (see serve.py)
     grace_period: float = 30.0  # seconds in-flight requests get on SIGTERM
     format_retries: int = 2  # retries of structured output that fails its schema
     api_keys: tuple[tuple[str, str], ...] = ()  # (name, key); empty: no key required
@@ -92,6 +98,7 @@ class Settings:
             "max_queue": _positive_int,
             "provider": _provider,
             "threads": _positive_int,
+            "read_timeout": _positive_duration,
             "grace_period": lambda v: max(0.0, parse_duration(v)),
             "format_retries": _non_negative_int,
             "api_keys": parse_api_keys,
@@ -109,6 +116,16 @@ class Settings:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def generation_slots(self) -> int:
+        """Generation requests served at once; more get 503 at once (api/security.py).
+
+        The other threads stay free for health checks, metrics and library calls, so a
+        server busy generating still answers them.
+        """
+        reserved = max(1, min(_RESERVED_THREADS, self.threads // 4))
+        return max(1, self.threads - reserved)
 
     @property
     def reachable_host(self) -> str:
@@ -161,6 +178,13 @@ def _positive_int(value: str) -> int:
     if number < 1:
         raise ValueError("must be a whole number >= 1")
     return number
+
+
+def _positive_duration(value: str) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be a duration above zero")
+    return seconds
 
 
 def _non_negative_int(value: str) -> int:

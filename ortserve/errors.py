@@ -88,13 +88,19 @@ class NotSupportedYet(InvalidRequest):
 
 
 class ServerBusy(OrtServeError):
+    """Too much in flight: the caller should come back later (sent as Retry-After)."""
+
     status = 503
     type = "server_busy"
 
     def __init__(
-        self, message: str = "server busy, please try again.  maximum pending requests exceeded"
+        self,
+        message: str = "server busy, please try again.  maximum pending requests exceeded",
+        *,
+        retry_after: int = 1,
     ):
         super().__init__(message)
+        self.retry_after = retry_after  # seconds
 
 
 class ModelLoadError(OrtServeError):

@@ -2,14 +2,26 @@
 
 One worker because the models live in the worker's memory: a second worker would load a
 second copy of every model. Concurrency comes from threads, and scale from replicas.
+
+A thread is given a request only once it has arrived: waitress reads whole requests in its
+main loop, and ortserve's gunicorn worker does the same for the head and bodies up to 1 MiB
+(gthread alone hands a connection to a thread that then waits on the client, so 32 idle or
+half-sent connections stalled 32 threads). A client that sends nothing, or half a request,
+for ORTSERVE_READ_TIMEOUT is cut off, and while it waits it holds no thread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
+import selectors
 import signal
 import threading
+import time
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from ortserve.config import Settings
@@ -18,6 +30,18 @@ from ortserve.config import Settings
 # cancel what is left, write the streams' last lines and exit cleanly first.
 _EXIT_MARGIN_S = 5
 SERVERS = ("gunicorn", "waitress")
+# What the gunicorn worker's main loop reads before a thread takes the request: the head
+# (a longer one is refused with 431, as nginx's default buffers would) and a body up to
+# _BODY_BUFFER (a larger one, or one sent after `Expect: 100-continue`, is read by the
+# thread, each read waiting ORTSERVE_READ_TIMEOUT at most); all requests together hold
+# at most _BUFFER_BUDGET, beyond which complete heads go to threads at once.
+_MAX_HEAD = 64 * 1024
+_BODY_BUFFER = 1 << 20
+_BUFFER_BUDGET = 64 << 20
+_RECV = 64 * 1024
+# Connections the worker holds at once (reading, running or kept alive); more wait in
+# the socket backlog. Each one reading holds at most _MAX_HEAD + _BODY_BUFFER.
+WORKER_CONNECTIONS = 1000
 
 
 def serve(settings: Settings, *, server: str | None = None, runtime: Any = None) -> None:
@@ -83,15 +107,26 @@ def serve_waitress(settings: Settings, *, runtime: Any = None) -> None:
     from ortserve.api import create_app
 
     app = create_app(settings, runtime=runtime)
-    server = waitress.create_server(
-        app, host=settings.host, port=settings.port, threads=settings.threads
-    )
+    server = waitress.create_server(app, **waitress_options(settings))
     announce(settings)
     _stop_on_sigterm()
     try:
         server.run()  # returns after Ctrl+C, having given running requests a few seconds
     finally:
         app.extensions["ortserve"].shutdown(0)
+
+
+def waitress_options(settings: Settings) -> dict[str, Any]:
+    """waitress reads whole requests before a thread takes them; idle ones end at the timeout."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "threads": settings.threads,
+        # A connection with no request in progress that sent nothing for this long closes;
+        # the check runs every cleanup_interval, so the two together bound the wait.
+        "channel_timeout": max(1, math.ceil(settings.read_timeout)),
+        "cleanup_interval": max(1, min(30, math.ceil(settings.read_timeout / 2))),
+    }
 
 
 def _stop_on_sigterm() -> None:
@@ -118,6 +153,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "timeout": 0,
         "graceful_timeout": math.ceil(settings.grace_period + _EXIT_MARGIN_S),
         "keepalive": 5,
+        "worker_connections": WORKER_CONNECTIONS,
         "when_ready": lambda arbiter: announce(settings),
         "worker_exit": _worker_exit,
         "control_socket_disable": True,  # gunicorn >= 25: one shared default path otherwise
@@ -155,10 +191,17 @@ def gunicorn_application(settings: Settings, *, runtime: Any = None):
 
 
 def _graceful_worker():
-    """gthread, plus: on SIGTERM, turns get the grace period to finish, then are cancelled."""
-    from gunicorn.workers.gthread import ThreadWorker
+    """gthread, plus: requests are read before a thread takes them (see the module's
+    docstring), and on SIGTERM turns get the grace period to finish, then are cancelled."""
+    from gunicorn.workers.gthread import TConn, ThreadWorker
 
     class GracefulThreadWorker(ThreadWorker):
+        def init_process(self):
+            self.read_timeout = self.app.settings.read_timeout
+            self.arriving: dict[Any, Arriving] = {}
+            self.buffered = 0  # bytes the main loop holds for requests still arriving
+            super().init_process()
+
         def handle_exit(self, sig, frame):
             super().handle_exit(sig, frame)  # stop accepting; wait for open connections
             state = _state_of(self)
@@ -166,7 +209,201 @@ def _graceful_worker():
                 grace = self.app.settings.grace_period
                 threading.Thread(target=state.shutdown, args=(grace,), daemon=True).start()
 
+        # ---- main loop: new and kept-alive connections are read here, not in a thread ----
+
+        def accept(self, listener):
+            try:
+                client, address = listener.accept()
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                    raise
+                return
+            self.nr_conns += 1
+            self.await_request(TConn(self.cfg, client, address, listener.getsockname()))
+
+        def on_client_socket_readable(self, conn, client):
+            self.poller.unregister(client)
+            self.keepalived_conns.remove(conn)
+            self.await_request(conn)
+
+        def await_request(self, conn) -> None:
+            if self.cfg.is_ssl:
+                self.enqueue_req(conn)  # TLS: the handshake runs in the thread (gthread's way)
+                return
+            conn.sock.setblocking(False)
+            arriving = Arriving(conn, time.monotonic() + self.read_timeout)
+            self.arriving[conn] = arriving
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_data, arriving))
+
+        def on_data(self, arriving: Arriving, sock) -> None:
+            try:
+                data = sock.recv(_RECV)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:  # the client went away
+                self.drop(arriving)
+                return
+            arriving.data += data
+            self.buffered += len(data)
+            verdict = arriving.verdict(over_budget=self.buffered > _BUFFER_BUDGET)
+            if verdict == "ready":
+                self.dispatch(arriving)
+            elif verdict == "too large":
+                self.drop(arriving, _answer(431, "request header fields too large"))
+
+        def dispatch(self, arriving: Arriving) -> None:
+            """The request is in (or its body is for the thread to read): a thread takes it."""
+            self.forget(arriving)
+            arriving.conn.ortserve_received = bytes(arriving.data)
+            self.enqueue_req(arriving.conn)
+
+        def drop(self, arriving: Arriving, answer: bytes = b"") -> None:
+            self.forget(arriving)
+            if answer:
+                _send_quietly(arriving.conn.sock, answer)
+            self.nr_conns -= 1
+            arriving.conn.close()
+
+        def forget(self, arriving: Arriving) -> None:
+            self.poller.unregister(arriving.conn.sock)
+            del self.arriving[arriving.conn]
+            self.buffered -= len(arriving.data)
+
+        def murder_pending(self):
+            """Also: cut off requests past their deadline (and idle ones when stopping)."""
+            super().murder_pending()
+            now = time.monotonic()
+            for arriving in list(self.arriving.values()):  # in deadline order: as they came
+                if now >= arriving.deadline:
+                    answer = _answer(408, "request not received in time") if arriving.data else b""
+                    self.drop(arriving, answer)
+                elif not self.alive and not arriving.data:
+                    self.drop(arriving)
+                elif self.alive:
+                    break
+
+        # ---- thread: parse what the main loop read; later reads wait read_timeout at most ----
+
+        def handle(self, conn):
+            received = conn.__dict__.pop("ortserve_received", None)
+            if received is not None:
+                conn.init()  # the parser, on a blocking socket (idempotent)
+                conn.parser.unreader.unread(received)
+                if not isinstance(conn.parser.unreader.sock, PatientReader):
+                    conn.parser.unreader.sock = PatientReader(conn.sock, self.read_timeout)
+            return super().handle(conn)
+
     return GracefulThreadWorker
+
+
+@dataclass
+class Arriving:
+    """A request the worker's main loop is reading: what came so far, and its deadline."""
+
+    conn: Any
+    deadline: float
+    data: bytearray = field(default_factory=bytearray)
+    chunks_at: int = 0  # where the next unscanned chunk of a chunked body starts
+
+    def verdict(self, *, over_budget: bool = False) -> str:
+        """What to do next: `ready` (for a thread), `more` (wait) or `too large` (431)."""
+        end = self.data.find(b"\r\n\r\n")
+        if end < 0:
+            return "too large" if len(self.data) > _MAX_HEAD else "more"
+        head, body = bytes(self.data[: end + 4]), self.data[end + 4 :]
+        if over_budget or len(body) > _BODY_BUFFER:
+            return "ready"
+        framing = _framing(head)
+        if framing is None:
+            return "ready"  # no body, or one for the thread (large, 100-continue, unknown)
+        if framing == "chunked":
+            try:
+                self.chunks_at, done = scan_chunks(body, self.chunks_at)
+            except ValueError:
+                return "ready"  # malformed: gunicorn's parser answers it
+            return "ready" if done else "more"
+        return "ready" if len(body) >= framing else "more"
+
+
+def _framing(head: bytes) -> int | str | None:
+    """How the main loop waits for the body: "chunked", a length, or None (it does not)."""
+    headers: dict[str, str] = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+    if "100-continue" in headers.get("expect", "").lower():
+        return None  # the client waits for "100 Continue", which the thread sends
+    if "transfer-encoding" in headers:
+        return "chunked" if headers["transfer-encoding"].lower().endswith("chunked") else None
+    length = headers.get("content-length", "0")
+    if not length.isdigit() or int(length) == 0 or int(length) > _BODY_BUFFER:
+        return None
+    return int(length)
+
+
+def scan_chunks(body: bytes | bytearray, start: int = 0) -> tuple[int, bool]:
+    """Walk the complete chunks of a chunked body from `start`: (where the first incomplete
+    one starts, whether the last chunk and its trailers are in). ValueError: malformed."""
+    at = start
+    while True:
+        line_end = body.find(b"\r\n", at)
+        if line_end < 0:
+            return at, False
+        size = int(bytes(body[at:line_end]).split(b";")[0].strip(), 16)
+        if size < 0:
+            raise ValueError("negative chunk size")
+        if size == 0:  # the last chunk; then trailers, up to an empty line
+            rest = line_end + 2
+            done = body[rest : rest + 2] == b"\r\n" or body.find(b"\r\n\r\n", rest) >= 0
+            return at, done
+        next_chunk = line_end + 2 + size + 2
+        if next_chunk > len(body):
+            return at, False
+        at = next_chunk
+
+
+class PatientReader:
+    """A connection's socket as gunicorn's request parser reads it: each read waits at most
+    `timeout` for data, so a client that stops half-way through a body frees its thread.
+    (Writes use the socket itself: a slow reader of a long stream is not cut off.)"""
+
+    def __init__(self, sock, timeout: float):
+        self.sock = sock
+        self.default = timeout
+        self.timeout: float | None = timeout
+
+    def recv(self, size: int) -> bytes:
+        self.sock.settimeout(self.timeout)
+        try:
+            return self.sock.recv(size)
+        finally:
+            self.sock.settimeout(None)  # blocking again, as gthread's thread expects
+
+    def gettimeout(self) -> float | None:
+        return self.timeout
+
+    def settimeout(self, value: float | None) -> None:
+        """gunicorn's body drain bounds its reads through this."""
+        self.timeout = self.default if value is None else value
+
+
+def _answer(status: int, reason: str) -> bytes:
+    """A whole HTTP/1.1 error response, written by the main loop before it closes."""
+    body = f'{{"error":"{reason}"}}\n'.encode()
+    head = (
+        f"HTTP/1.1 {status} {reason.title()}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def _send_quietly(sock, data: bytes) -> None:
+    """Best effort, never blocking the main loop: the client may be gone or not reading."""
+    with contextlib.suppress(OSError):
+        sock.send(data)
 
 
 def _worker_exit(arbiter, worker) -> None:

@@ -37,18 +37,21 @@ def init_app(
     app: Flask, settings: Settings | None = None, runtime: Any = None, *, url_prefix: str = ""
 ) -> ServerState:
     """Mount ortserve's blueprints and error handlers into `app` (yours or create_app's)."""
+    from ortserve.api.anthropic import anthropic_bp
     from ortserve.api.create import create_bp
     from ortserve.api.embeddings import embeddings_bp
     from ortserve.api.native import native_bp
     from ortserve.api.openai import openai_bp
     from ortserve.api.ops import ops_bp
     from ortserve.api.pull import pull_bp
+    from ortserve.api.responses import responses_bp
     from ortserve.engine.install import check_flavours
 
     check_flavours()  # two onnxruntime-genai flavours: stop now, naming the fix
     state = ServerState(settings or Settings.from_env(), runtime, url_prefix=url_prefix)
     app.extensions[EXTENSION] = state
-    for blueprint in (native_bp, ops_bp, embeddings_bp, openai_bp, create_bp, pull_bp):
+    for blueprint in (native_bp, ops_bp, embeddings_bp, openai_bp, responses_bp, anthropic_bp,
+                      create_bp, pull_bp):  # fmt: skip
         app.register_blueprint(blueprint, url_prefix=url_prefix or None)
     register_error_handlers(app)
     install_security(app, _is_ours)
@@ -79,7 +82,10 @@ def _handle_error(error: Exception, previous=None):
         raise error  # Flask's default 500 handling, as if we were not here
     if isinstance(error, OrtServeError):
         metrics.ERRORS.labels(error.type).inc()
-        return error_response(error.status, error.message, error.type, error.param, error.code)
+        response = error_response(error.status, error.message, error.type, error.param, error.code)
+        if getattr(error, "retry_after", None) is not None:  # ServerBusy: when to come back
+            response.headers["Retry-After"] = str(error.retry_after)
+        return response
     if isinstance(error, HTTPException):
         response = error_response(error.code or 500, _http_message(error), _http_type(error))
         if getattr(error, "valid_methods", None):
@@ -91,7 +97,12 @@ def _handle_error(error: Exception, previous=None):
 
 
 def error_response(status: int, message: str, type_: str, param=None, code=None):
-    """`{"error": msg}` on Ollama's paths, `{"error": {message, type, param, code}}` on /v1."""
+    """`{"error": msg}` on Ollama's paths, `{"error": {message, type, param, code}}` on /v1,
+    `{"type": "error", "error": {type, message}}` on Anthropic's /v1/messages."""
+    if _is_under("/v1/messages"):
+        from ortserve.api.anthropic import error_body
+
+        return json_response(error_body(status, message), status)
     if _is_openai():
         body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     else:
@@ -103,16 +114,21 @@ def _is_ours() -> bool:
     state = current_app.extensions.get(EXTENSION)
     if not isinstance(state, ServerState) or state.owns_app:
         return True
-    if request.blueprint in ("native", "ops", "openai", "create", "pull"):
+    if request.blueprint in ("native", "ops", "openai", "responses", "anthropic", "create", "pull"):
         return True
     return request.path.startswith(tuple(state.url_prefix + p for p in _API_PATHS))
 
 
 def _is_openai() -> bool:
+    return _is_under("/v1")
+
+
+def _is_under(root: str) -> bool:
+    """Whether the request's path is `root` or below it (after the mount prefix)."""
     state = current_app.extensions.get(EXTENSION)
     prefix = state.url_prefix if isinstance(state, ServerState) else ""
     path = request.path
-    return path == f"{prefix}/v1" or path.startswith(f"{prefix}/v1/")
+    return path == f"{prefix}{root}" or path.startswith(f"{prefix}{root}/")
 
 
 def _http_message(error: HTTPException) -> str:

@@ -1,55 +1,41 @@
-"""Ollama's native API (/api/*): thin routes over the runtime and the library."""
+"""Ollama's native API (/api/*): translates requests into the serving core's and back."""
 
 from __future__ import annotations
 
-import itertools
-import json
-import logging
 import time
-from collections.abc import Callable, Iterator
-from datetime import datetime
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response
 
 from ortserve import __version__
+from ortserve.api import logprobs as shape_logprobs
+from ortserve.api.entries import ps_entry, show_entry, tag_entry
 from ortserve.api.state import current_state
-from ortserve.api.streaming import json_response, ndjson_line, rfc3339, stream_response
-from ortserve.api.structured import GuidedTurn, native_schema, start_turn
-from ortserve.api.tools import (
-    ToolCallEvent,
-    model_format,
-    native_call,
-    start_tool_turn,
-    template_calls,
-    tool_spec,
+from ortserve.api.streaming import (
+    exchange_stream,
+    json_response,
+    ndjson_line,
+    rfc3339,
 )
 from ortserve.api.validation import keep_alive_seconds, parsed_body, read_json, validate
 from ortserve.engine.guided import Retry
 from ortserve.engine.types import Finished, TextChunk
-from ortserve.errors import (
-    InvalidRequest,
-    NotSupportedYet,
-    OrtServeError,
-    ServerBusy,
-)
-from ortserve.library import Library, ModelInfo
-
-log = logging.getLogger("ortserve.api")
+from ortserve.errors import InvalidRequest, NotSupportedYet
+from ortserve.library import ModelInfo
+from ortserve.options import parse_options
+from ortserve.serving import core
+from ortserve.serving.core import Choice, Exchange, ThinkingChunk
+from ortserve.serving.requests import ChatPrompt, GenerationRequest, TextPrompt
+from ortserve.serving.structured import format_schema
+from ortserve.serving.tools import ToolCallEvent, template_calls, tool_spec
 
 native_bp = Blueprint("native", __name__)
 
 # Fields a later version implements, and when a value asks for them: refused, never ignored.
-_LATER: dict[str, Callable[[Any], bool]] = {
-    "images": bool,
-    "suffix": bool,
-    "template": bool,
-    "context": bool,
-    "think": lambda v: v is not False,
-    "logprobs": bool,
-    "top_logprobs": bool,
-}
+_LATER = ("images", "suffix", "template", "context")
 _MESSAGE_LATER = ("images",)
+MAX_TOP_LOGPROBS = 20
 
 
 # ---- routes --------------------------------------------------------------------------------
@@ -73,7 +59,8 @@ def tags():
 @native_bp.get("/api/ps")
 def ps():
     runtime = current_state().started_runtime  # nothing is loaded before the runtime exists
-    return json_response({"models": runtime.ps() if runtime is not None else []})
+    loaded = runtime.loaded_models() if runtime is not None else []
+    return json_response({"models": [ps_entry(m) for m in loaded]})
 
 
 @native_bp.post("/api/show")
@@ -100,8 +87,7 @@ def delete():
     body = validate("delete", _model_alias(read_json()))
     state = current_state()
     info = state.library.get(body["model"])
-    if state.started_runtime is not None:
-        state.started_runtime.unload(info.name)  # a deleted model must stop answering
+    core.unload(state, info.name)  # a deleted model must stop answering
     state.library.delete(info.name)
     return Response(status=200)
 
@@ -121,24 +107,27 @@ def generate():
                              param="tools")  # fmt: skip
     if body.get("raw") and any(body.get(k) for k in ("template", "system", "context")):
         raise InvalidRequest("raw mode does not support template, system, or context")
-    _refuse_later(body)
-    keep_alive = keep_alive_seconds(body)
     if not body.get("prompt"):
-        return _load_or_unload(body, keep_alive, "generate")
-    return _run(body, keep_alive, "generate", _generate_tokens)
+        return _load_or_unload(body, "generate")
+    prompt = TextPrompt(body["prompt"], system=body.get("system"), raw=body.get("raw", False))
+    return _answer(body, _request(body, prompt, "generate"), _Reply(body["model"], "generate"))
 
 
 @native_bp.post("/api/chat")
 def chat():
     body = parsed_body("chat")
-    _refuse_later(body)
-    keep_alive = keep_alive_seconds(body)
     if not body.get("messages"):
-        return _load_or_unload(body, keep_alive, "chat")
-    return _run(body, keep_alive, "chat", _chat_tokens)
+        return _load_or_unload(body, "chat")
+    messages = [_chat_message(i, m) for i, m in enumerate(body["messages"])]
+    prompt = ChatPrompt(messages, truncate=body.get("truncate", True))
+    request = _request(body, prompt, "chat")
+    request.tools = tool_spec(body.get("tools"))
+    if request.tools is not None and request.schema is not None and request.tools.choice != "none":
+        raise InvalidRequest("tools and format cannot be combined", param="tools")
+    return _answer(body, request, _Reply(body["model"], "chat"))
 
 
-# ---- request checks ------------------------------------------------------------------------
+# ---- requests in ---------------------------------------------------------------------------
 
 
 def _model_alias(body: dict[str, Any]) -> dict[str, Any]:
@@ -149,8 +138,8 @@ def _model_alias(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _refuse_later(body: dict[str, Any]) -> None:
-    for field, asks in _LATER.items():
-        if field in body and asks(body[field]):
+    for field in _LATER:
+        if body.get(field):
             raise NotSupportedYet(f'"{field}" is not supported yet', param=field)
     for i, message in enumerate(body.get("messages") or []):
         for field in _MESSAGE_LATER:
@@ -159,112 +148,37 @@ def _refuse_later(body: dict[str, Any]) -> None:
                 raise NotSupportedYet(f'"{param}" is not supported yet', param=param)
 
 
-def _require_completion(library: Library, name: str, kind: str) -> ModelInfo:
-    """The model, checked before loading: an embedding model cannot generate or chat."""
-    info = library.get(name)
-    if "completion" not in info.capabilities:
-        raise InvalidRequest(f'"{info.name}" does not support {kind}', param="model")
-    return info
-
-
-# ---- generate and chat ---------------------------------------------------------------------
-
-
-def _load_or_unload(body: dict[str, Any], keep_alive: float | None, kind: str) -> Response:
-    """An empty prompt loads the model; with keep_alive 0 it unloads it instead."""
-    state = current_state()
-    name = body["model"]
-    if keep_alive == 0:
-        state.library.get(name)  # 404 for a model that does not exist
-        if state.started_runtime is not None:
-            state.started_runtime.unload(name)
-        reason = "unload"
-    else:
-        _require_completion(state.library, name, kind)
-        loaded = state.runtime.acquire(name, keep_alive)
-        state.runtime.release(loaded, keep_alive)
-        reason = "load"
-    reply = _Reply(name, kind)
-    return json_response({**reply.chunk(""), "done": True, "done_reason": reason})
-
-
-def _run(body: dict[str, Any], keep_alive: float | None, kind: str, tokens_of) -> Response:
-    """Load the model, build and encode the prompt, start the turn, answer."""
-    started = time.perf_counter_ns()
-    state = current_state()
-    schema = native_schema(body)
-    spec = tool_spec(body) if kind == "chat" else None
-    if spec is not None and schema is not None and spec.choice != "none":
-        raise InvalidRequest("tools and format cannot be combined", param="tools")
-    _require_completion(state.library, body["model"], kind)
-    runtime = state.runtime
-    loaded = runtime.acquire(body["model"], keep_alive)
-    try:
-        options = _options(body, loaded)
-        tokens = tokens_of(body, loaded, options)
-        if spec is not None:
-            spec.fmt = model_format(loaded)
-            turn = start_tool_turn(loaded, tokens, options, spec, state.settings.format_retries)
-        else:
-            turn = start_turn(loaded, tokens, options, schema, state.settings)
-    except BaseException:
-        runtime.release(loaded, keep_alive, failed=True)
-        raise
-    exchange = _Exchange(runtime, loaded, keep_alive, turn, _Reply(body["model"], kind), started)
-    if body.get("stream", True):
-        return _stream(exchange)
-    return _collect(exchange)
-
-
-def _options(body: dict[str, Any], loaded):
-    from ortserve.engine.sampling import resolve_options
-
-    return resolve_options(
-        body.get("options"),
-        loaded.info.manifest.get("parameters"),
-        context_length=loaded.context_length,
-        max_tokens=current_state().settings.max_tokens,
+def _request(body: dict[str, Any], prompt, kind: str) -> GenerationRequest:
+    """The core's request: prompt, options, format, think, logprobs, keep_alive."""
+    _refuse_later(body)
+    return GenerationRequest(
+        model=body["model"],
+        prompts=[prompt],
+        kind=kind,
+        sampling=parse_options(body.get("options")),
+        keep_alive=keep_alive_seconds(body),
+        schema=format_schema(body.get("format")),
+        think=_think(body.get("think")),
+        logprobs=_logprobs(body),
     )
 
 
-def _generate_tokens(body: dict[str, Any], loaded, options) -> list[int]:
-    """The prompt of /api/generate: raw, or in the model's template with its system prompt."""
-    from ortserve.engine.prompts import build_chat_prompt, build_generate_prompt, template_of
-
-    template = template_of(loaded)
-    raw = body.get("raw", False)
-    system = body.get("system") or loaded.info.manifest.get("system")
-    examples = loaded.info.manifest.get("messages") or []
-    encoder = _Encoder(loaded)
-    if examples and not raw and template is not None:
-        # Modelfile MESSAGEs precede the prompt, as in Ollama; one prompt is never cut.
-        messages = [*examples, {"role": "user", "content": body["prompt"]}]
-        text, _ = build_chat_prompt(template, messages, system=system, tools=None,
-                                    count_tokens=encoder.count, num_ctx=options.num_ctx,
-                                    truncate=False)  # fmt: skip
-    else:
-        text, _ = build_generate_prompt(template, body["prompt"], system=system, raw=raw,
-                                        count_tokens=encoder.count, num_ctx=options.num_ctx)  # fmt: skip
-    return encoder.encode(text)
+def _think(value: bool | str | None) -> bool | None:
+    """think: a boolean, or a level ("low", "medium", "high"), which here means on."""
+    if isinstance(value, str):
+        if value not in ("low", "medium", "high"):
+            raise InvalidRequest('think must be true, false, "low", "medium" or "high"',
+                                 param="think")  # fmt: skip
+        return True
+    return value
 
 
-def _chat_tokens(body: dict[str, Any], loaded, options) -> list[int]:
-    """The prompt of /api/chat: Modelfile MESSAGEs, then the conversation, in the template."""
-    from ortserve.engine.prompts import build_chat_prompt, template_of
-
-    examples = loaded.info.manifest.get("messages") or []
-    messages = [*examples, *(_chat_message(i, m) for i, m in enumerate(body["messages"]))]
-    encoder = _Encoder(loaded)
-    text, _ = build_chat_prompt(
-        template_of(loaded),
-        messages,
-        system=loaded.info.manifest.get("system"),
-        tools=body.get("tools") or None,
-        count_tokens=encoder.count,
-        num_ctx=options.num_ctx,
-        truncate=body.get("truncate", True),
-    )
-    return encoder.encode(text)
+def _logprobs(body: dict[str, Any]) -> int | None:
+    """Ollama's logprobs (bool) and top_logprobs (0..20): None when not asked for."""
+    top = body.get("top_logprobs", 0)
+    if top and not body.get("logprobs"):
+        raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+    return top if body.get("logprobs") else None
 
 
 def _chat_message(i: int, message: dict[str, Any]) -> dict[str, Any]:
@@ -277,23 +191,22 @@ def _chat_message(i: int, message: dict[str, Any]) -> dict[str, Any]:
     return message
 
 
-class _Encoder:
-    """Counts tokens for the prompt builder and keeps the last result: one encode per prompt."""
+def _load_or_unload(body: dict[str, Any], kind: str) -> Response:
+    """An empty prompt loads the model; with keep_alive 0 it unloads it instead."""
+    _refuse_later(body)
+    keep_alive = keep_alive_seconds(body)
+    state = current_state()
+    if keep_alive == 0:
+        core.unload(state, body["model"])
+        reason = "unload"
+    else:
+        core.load(state, body["model"], keep_alive, kind)
+        reason = "load"
+    reply = _Reply(body["model"], kind)
+    return json_response({**reply.chunk(), "done": True, "done_reason": reason})
 
-    def __init__(self, loaded):
-        self._loaded = loaded
-        self._text: str | None = None
-        self._ids: list[int] = []
 
-    def count(self, text: str) -> int:
-        if self._loaded.exceeds_context(text):  # too long to fit: say so without tokenizing
-            return self._loaded.min_tokens(text)
-        return len(self.encode(text))
-
-    def encode(self, text: str) -> list[int]:
-        if text != self._text:
-            self._text, self._ids = text, self._loaded.encode(text)
-        return self._ids
+# ---- answers out ---------------------------------------------------------------------------
 
 
 class _Reply:
@@ -303,52 +216,39 @@ class _Reply:
         self.model = model
         self.kind = kind
 
-    def chunk(self, text: str, calls: list | None = None) -> dict[str, Any]:
+    def chunk(self, text: str = "", *, thinking: str = "", calls=(), logprobs=()) -> dict:
         body: dict[str, Any] = {"model": self.model, "created_at": rfc3339()}
         if self.kind == "chat":
-            body["message"] = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if thinking:
+                message["thinking"] = thinking
             if calls:
-                body["message"]["tool_calls"] = [native_call(c) for c in calls]
+                message["tool_calls"] = [native_call(c) for c in calls]
+            body["message"] = message
         else:
             body["response"] = text
+            if thinking:
+                body["thinking"] = thinking
         body["done"] = False
+        if logprobs:
+            body["logprobs"] = shape_logprobs.ollama(list(logprobs))
         return body
 
-
-class _Exchange:
-    """One running turn: its reply shape, its timing, and its clean-up (exactly once)."""
-
-    def __init__(self, runtime, loaded, keep_alive, turn, reply: _Reply, started_ns: int):
-        self.runtime = runtime
-        self.loaded = loaded
-        self.keep_alive = keep_alive
-        self.turn = turn
-        self.reply = reply
-        self.started_ns = started_ns
-        self.finished: Finished | None = None
-        self._closed = False
-
-    @property
-    def attempts(self) -> int | None:
-        """How many attempts a structured answer took (None for a plain turn)."""
-        return self.turn.attempts if isinstance(self.turn, GuidedTurn) else None
-
-    def retry(self, event: Retry) -> dict[str, Any]:
-        """The object that tells a client to discard the text streamed so far."""
-        reply = self.reply
-        return {"model": reply.model, "created_at": rfc3339(),
-                "retry": {"attempt": event.attempt, "reason": event.reason}, "done": False}  # fmt: skip
-
-    def final(self, finished: Finished, text: str = "", calls=None) -> dict[str, Any]:
+    def final(self, exchange: Exchange, choice: Choice, *, whole: bool) -> dict[str, Any]:
         """The done object with Ollama's metrics (all durations in nanoseconds)."""
-        self.finished = finished
-        attempts = {} if self.attempts is None else {"attempts": self.attempts}
+        finished = choice.finished
+        if whole:
+            out = self.chunk(choice.content, thinking=choice.thoughts, calls=choice.calls,
+                             logprobs=choice.logprobs)  # fmt: skip
+        else:
+            out = self.chunk()
+        attempts = {} if choice.attempts is None else {"attempts": choice.attempts}
         return {
-            **self.reply.chunk(text, calls),
+            **out,
             "done": True,
             "done_reason": finished.reason,
-            "total_duration": time.perf_counter_ns() - self.started_ns,
-            "load_duration": self.loaded.load_duration_ns,
+            "total_duration": time.perf_counter_ns() - exchange.started_ns,
+            "load_duration": exchange.load_duration_ns,
             "prompt_eval_count": finished.usage.prompt_tokens,
             "prompt_eval_duration": finished.prompt_eval_duration_ns,
             "eval_count": finished.usage.generated_tokens,
@@ -356,164 +256,38 @@ class _Exchange:
             **attempts,
         }
 
-    def close(self) -> None:
-        """Cancel an unfinished turn (the client left) and release the model, once."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if self.finished is None:
-                self.turn.cancel()
-        finally:
-            self.runtime.release(self.loaded, self.keep_alive)
 
-
-def _cancelled() -> ServerBusy:
-    return ServerBusy("generation was cancelled: the model was unloaded or the server is stopping")
-
-
-def _stream(exchange: _Exchange) -> Response:
-    """NDJSON, one object per chunk; an error before any output keeps its HTTP status."""
-    events = iter(exchange.turn)
-    try:
-        first = next(events)
-    except BaseException:
-        exchange.close()
-        raise
-    lines = _lines(exchange, itertools.chain([first], events))
-    return stream_response(lines, on_close=exchange.close)
-
-
-def _lines(exchange: _Exchange, events: Iterator[TextChunk | Finished]) -> Iterator[str]:
-    try:
-        for event in events:
-            if isinstance(event, TextChunk):
-                yield ndjson_line(exchange.reply.chunk(event.text))
-                continue
-            if isinstance(event, ToolCallEvent):
-                yield ndjson_line(exchange.reply.chunk("", [event.call]))
-                continue
-            if isinstance(event, Retry):
-                yield ndjson_line(exchange.retry(event))
-                continue
-            if event.reason == "cancelled":
-                raise _cancelled()
-            yield ndjson_line(exchange.final(event))
-            return
-        raise OrtServeError("generation ended without finishing")
-    except OrtServeError as exc:  # the status is sent already: the error is the last line
-        yield ndjson_line({"error": exc.message})
-    except Exception:
-        log.exception("unexpected error while streaming")
-        yield ndjson_line({"error": "internal error"})
-    finally:
-        exchange.close()  # also runs on GeneratorExit: the client went away
-
-
-def _collect(exchange: _Exchange) -> Response:
-    """stream:false: the whole text in one application/json object."""
-    try:
-        parts, calls = [], []
-        for event in exchange.turn:
-            if isinstance(event, TextChunk):
-                parts.append(event.text)
-            elif isinstance(event, ToolCallEvent):
-                calls.append(event.call)
-            elif isinstance(event, Retry):
-                parts.clear()  # a failed attempt's text is not the answer
-            elif event.reason == "cancelled":
-                raise _cancelled()
-            else:
-                final = exchange.final(event, "".join(parts), calls)
-                return _with_attempts(exchange, final)
-        raise OrtServeError("generation ended without finishing")
-    finally:
-        exchange.close()
-
-
-def _with_attempts(exchange: _Exchange, body: dict[str, Any]) -> Response:
-    """The stream:false response; X-Ortserve-Attempts on a structured answer."""
-    response = json_response(body)
-    if exchange.attempts is not None:
-        response.headers["X-Ortserve-Attempts"] = str(exchange.attempts)
+def _answer(body: dict[str, Any], request: GenerationRequest, reply: _Reply) -> Response:
+    exchange = core.start(current_state(), request)
+    if body.get("stream", True):
+        return exchange_stream(exchange, lambda events: _lines(exchange, reply, events),
+                               lambda exc: ndjson_line({"error": exc.message}),
+                               "application/x-ndjson")  # fmt: skip
+    choice = exchange.finish()[0]
+    response = json_response(reply.final(exchange, choice, whole=True))
+    if choice.attempts is not None:
+        response.headers["X-Ortserve-Attempts"] = str(choice.attempts)
     return response
 
 
-# ---- library entries -----------------------------------------------------------------------
+def _lines(exchange: Exchange, reply: _Reply, events: Iterator) -> Iterator[str]:
+    """NDJSON, one object per event; a Retry tells the client to discard what it has."""
+    for _, event in events:
+        if isinstance(event, TextChunk):
+            if event.text or event.logprobs:
+                yield ndjson_line(reply.chunk(event.text, logprobs=event.logprobs))
+        elif isinstance(event, ThinkingChunk):
+            yield ndjson_line(reply.chunk(thinking=event.text))
+        elif isinstance(event, ToolCallEvent):
+            yield ndjson_line(reply.chunk(calls=[event.call]))
+        elif isinstance(event, Retry):
+            yield ndjson_line({"model": reply.model, "created_at": rfc3339(),
+                               "retry": {"attempt": event.attempt, "reason": event.reason},
+                               "done": False})  # fmt: skip
+        elif isinstance(event, Finished):
+            yield ndjson_line(reply.final(exchange, exchange.choices[0], whole=False))
 
 
-def tag_entry(info: ModelInfo) -> dict[str, Any]:
-    """One /api/tags model."""
-    return {
-        "name": info.name,
-        "model": info.name,
-        "modified_at": _timestamp(info.modified),
-        "size": info.size,
-        "digest": info.digest.removeprefix("sha256-"),
-        "details": details(info),
-        "capabilities": info.capabilities,
-    }
-
-
-def show_entry(info: ModelInfo) -> dict[str, Any]:
-    """The /api/show body; empty fields are left out, as Ollama's omitempty does."""
-    from ortserve.library.modelfile import render_modelfile
-
-    manifest = info.manifest
-    license_ = manifest.get("license") or ""
-    body = {
-        "license": "\n".join(license_) if isinstance(license_, list) else license_,
-        "modelfile": render_modelfile(info),
-        "parameters": parameter_text(manifest.get("parameters") or {}),
-        "template": manifest.get("template") or "",
-        "system": manifest.get("system") or "",
-        "details": details(info),
-        "messages": manifest.get("messages") or [],
-        "model_info": model_info(info),
-        "capabilities": info.capabilities,
-        "modified_at": _timestamp(info.modified),
-    }
-    return {key: value for key, value in body.items() if value not in ("", [], None)}
-
-
-def details(info: ModelInfo) -> dict[str, Any]:
-    d = info.details
-    family = d.get("family", "")
-    out = {
-        "parent_model": "",
-        "format": d.get("format", ""),
-        "family": family,
-        "families": [family] if family else None,
-        "parameter_size": d.get("parameter_size", ""),
-        "quantization_level": d.get("quantization_level") or d.get("quantization", ""),
-    }
-    out.update({k: d[k] for k in ("context_length", "embedding_length") if d.get(k)})
-    return out
-
-
-def model_info(info: ModelInfo) -> dict[str, Any]:
-    """Ollama's GGUF-style keys: general.architecture, <arch>.context_length, ..."""
-    rest = dict(info.details)
-    arch = rest.pop("family", None) or "unknown"
-    out: dict[str, Any] = {"general.architecture": arch}
-    if "parameter_count" in rest:
-        out["general.parameter_count"] = rest.pop("parameter_count")
-    for key in ("context_length", "embedding_length"):
-        if key in rest:
-            out[f"{arch}.{key}"] = rest.pop(key)
-    out.update({f"general.{key}": value for key, value in sorted(rest.items())})
-    return out
-
-
-def parameter_text(parameters: dict[str, Any]) -> str:
-    """Ollama's text form: `key` padded to 30, a space, the value (strings quoted)."""
-    lines = []
-    for key, value in parameters.items():
-        for item in value if isinstance(value, list) else [value]:
-            lines.append(f"{key:<30} {json.dumps(item, ensure_ascii=False)}")
-    return "\n".join(lines)
-
-
-def _timestamp(when: datetime) -> str:
-    seconds = int(when.timestamp())
-    return rfc3339(seconds * 1_000_000_000 + when.microsecond * 1000)
+def native_call(call) -> dict[str, Any]:
+    """A call in Ollama's shape: arguments as an object."""
+    return {"id": call.id, "function": {"name": call.name, "arguments": call.arguments}}

@@ -1,4 +1,4 @@
-"""Operations endpoints: liveness and readiness for load balancers and orchestrators."""
+"""Operations endpoints: liveness and readiness probes, Prometheus metrics, the OpenAPI document."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from flask import Blueprint, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ortserve import metrics
+from ortserve.api.openapi import document
 from ortserve.api.state import current_state
 from ortserve.api.streaming import json_response
 
@@ -24,11 +25,19 @@ def healthz():
 def readyz():
     """Ready when the model library can be read (a missing or unreadable volume is not)."""
     root = current_state().library.root
+    # /readyz answers without a key: the message names no server path
     if not root.is_dir():
-        return json_response({"status": "not ready", "error": f"{root} is not a directory"}, 503)
+        return json_response({"status": "not ready", "error": "the model library is missing"}, 503)
     if not os.access(root, os.R_OK | os.X_OK):
-        return json_response({"status": "not ready", "error": f"{root} is not readable"}, 503)
+        return json_response({"status": "not ready", "error": "the model library is not readable"},
+                             503)  # fmt: skip
     return json_response({"status": "ready"})
+
+
+@ops_bp.get("/openapi.json")
+def openapi_document():
+    """The OpenAPI 3.1 document of every route (docs/openapi.json is a copy)."""
+    return json_response(document())
 
 
 @ops_bp.get("/metrics")

@@ -1,9 +1,10 @@
-"""Who may call: API keys, the Host guard (DNS rebinding), Origin checks and CORS.
+"""Who may call, and how many at once: API keys, the Host guard, Origin checks, CORS, admission.
 
 One `before_request` hook runs the checks in order on ortserve's routes: a preflight for an
 allowed origin is answered at once; a disallowed Origin is 403; while bound to loopback, a
 Host that is not a loopback name or address is 403 (as Ollama's allowedHostsMiddleware);
-with keys configured, a request without a valid key is 401 (health checks stay open). An
+with keys configured, a request without a valid key is 401 (health checks stay open); a
+generation request beyond Settings.generation_slots is 503 with Retry-After. An
 `after_request` hook adds the CORS headers for allowed origins.
 """
 
@@ -12,13 +13,14 @@ from __future__ import annotations
 import fnmatch
 import hmac
 import ipaddress
+import threading
 from collections.abc import Callable
 
 from flask import Flask, Response, g, request
 
 from ortserve.api.state import current_state
 from ortserve.config import Settings
-from ortserve.errors import OrtServeError
+from ortserve.errors import OrtServeError, ServerBusy
 
 # Ollama's built-in origins: a page served by this machine, and desktop/editor app schemes.
 DEFAULT_ORIGINS = tuple(
@@ -29,6 +31,11 @@ DEFAULT_ORIGINS = tuple(
 ) + ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
 # Paths that answer without a key: load balancers and orchestrators probe them.
 OPEN_PATHS = ("/", "/healthz", "/readyz")
+# Requests that generate or embed: each holds a thread for as long as its turn runs.
+GENERATION_PATHS = (
+    "/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
+)  # fmt: skip
 _CORS_HEADERS = (
     "Authorization, Content-Type, X-Api-Key, X-Request-Id, Anthropic-Version, "
     "Anthropic-Beta, OpenAI-Organization, OpenAI-Project, X-Stainless-*"
@@ -54,11 +61,30 @@ def install(app: Flask, is_ours: Callable[[], bool]) -> None:
         return  # init_app called again: the hooks read the current settings already
     app.extensions["ortserve.security"] = True
 
+    admission = Admission()
+
     @app.before_request
     def _guard():
         if not is_ours():
             return None
-        return check_request(current_state().settings)
+        answer = check_request(current_state().settings)
+        if answer is None:
+            admission.admit()
+        return answer
+
+    @app.after_request
+    def _release_when_sent(response: Response) -> Response:
+        # A stream holds its slot until it is sent: released when the server closes it.
+        release = g.pop("ortserve_admitted", None)
+        if release is not None:
+            response.call_on_close(release)
+        return response
+
+    @app.teardown_request
+    def _release_if_unsent(exc: BaseException | None) -> None:
+        release = g.pop("ortserve_admitted", None)  # no response was made (an error above us)
+        if release is not None:
+            release()
 
     @app.after_request
     def _cors(response: Response) -> Response:
@@ -86,6 +112,54 @@ def check_request(settings: Settings) -> Response | None:
         return _preflight()
     g.ortserve_key_name = authenticate(settings)
     return None
+
+
+class Admission:
+    """Counts generation requests in flight; one beyond Settings.generation_slots is 503.
+
+    Without it, requests past the thread count wait unseen in the socket backlog; with it,
+    the caller hears at once that the server is busy and when to try again, and the
+    threads left over keep answering health checks and library calls.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.in_flight = 0
+
+    def admit(self) -> None:
+        """Take a slot for a generation request (nothing for others); raise ServerBusy."""
+        state = current_state()
+        if request.method != "POST" or _route_path(state.url_prefix) not in GENERATION_PATHS:
+            return
+        limit = state.settings.generation_slots
+        with self._lock:
+            if self.in_flight >= limit:
+                raise ServerBusy(
+                    f"server busy: {limit} generation requests are in progress; try again "
+                    "shortly (raise ORTSERVE_THREADS, or add replicas)"
+                )
+            self.in_flight += 1
+        g.ortserve_admitted = _once(self._release)
+
+    def _release(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+
+def _once(action: Callable[[], None]) -> Callable[[], None]:
+    """`action`, run on the first call only (a response may be closed more than once)."""
+    first = threading.Lock()
+
+    def run() -> None:
+        if first.acquire(blocking=False):  # never released: later calls do nothing
+            action()
+
+    return run
+
+
+def _route_path(url_prefix: str) -> str:
+    path = request.path
+    return path[len(url_prefix) :] if url_prefix and path.startswith(url_prefix) else path
 
 
 def _preflight() -> Response:

@@ -1,13 +1,19 @@
-"""Writers: one JSON body, NDJSON streams (Ollama) and SSE streams (OpenAI)."""
+"""Writers: one JSON body, NDJSON streams (Ollama) and SSE streams (OpenAI, Anthropic)."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flask import Response, stream_with_context
+
+from ortserve.errors import OrtServeError
+
+log = logging.getLogger("ortserve.api")
 
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
@@ -27,8 +33,10 @@ def ndjson_line(obj: Any) -> str:
     return dumps(obj) + "\n"
 
 
-def sse_event(obj: Any) -> str:
-    return f"data: {dumps(obj)}\n\n"
+def sse_event(obj: Any, event: str | None = None) -> str:
+    """One server-sent event; `event` names it (Anthropic's and the Responses API's)."""
+    named = f"event: {event}\n" if event else ""
+    return f"{named}data: {dumps(obj)}\n\n"
 
 
 def sse_events(events: Iterable[Any]) -> Iterator[str]:
@@ -61,3 +69,32 @@ def rfc3339(ns: int | None = None) -> str:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
     digits = f"{fraction:09d}".rstrip("0")  # Go trims trailing zeros, and the dot with them
     return f"{stamp}.{digits}Z" if digits else f"{stamp}Z"
+
+
+def exchange_stream(exchange, render: Callable[[Iterator], Iterable[str]],
+                    on_error: Callable[[OrtServeError], str], mimetype: str) -> Response:  # fmt: skip
+    """Stream an exchange's events through a protocol's `render` (events -> encoded strings).
+
+    The first event is read before the response starts, so an error before any output keeps
+    its HTTP status; after that, an error is the stream's last item (`on_error`), and the
+    exchange is closed however the stream ends (the client leaving included).
+    """
+    events = exchange.events()
+    try:
+        first = next(events)
+    except BaseException:
+        exchange.close()
+        raise
+
+    def body() -> Iterator[str]:
+        try:
+            yield from render(itertools.chain([first], events))
+        except OrtServeError as exc:  # the status is sent already: the error is an event
+            yield on_error(exc)
+        except Exception:
+            log.exception("unexpected error while streaming")
+            yield on_error(OrtServeError("internal error"))
+        finally:
+            exchange.close()  # also runs on GeneratorExit: the client went away
+
+    return stream_response(body(), mimetype, on_close=exchange.close)

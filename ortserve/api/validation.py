@@ -28,6 +28,7 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_JSON_DEPTH = 64
 # Uploaded blobs (POST /api/blobs) are model weights: streamed to disk, never held whole.
 MAX_BLOB_BYTES = 1 << 40
+_READ_CHUNK = 1 << 20
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,10 +53,7 @@ def read_json(limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
     _check_content_type()
     if request.content_length is not None and request.content_length > limit:
         raise RequestEntityTooLarge(f"request body is larger than {limit} bytes")
-    # A chunked body has no Content-Length: read one byte past the limit to notice.
-    raw = request.stream.read(limit + 1)
-    if len(raw) > limit:
-        raise RequestEntityTooLarge(f"request body is larger than {limit} bytes")
+    raw = read_body(limit)
     if not raw.strip():
         raise InvalidRequest("missing request body")
     try:
@@ -68,6 +66,42 @@ def read_json(limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
         raise InvalidRequest("request body must be a JSON object")
     check_json_values(body)
     return body
+
+
+def read_body(limit: int) -> bytes:
+    """The whole body, at most `limit` bytes: 413 beyond, chunked bodies included.
+
+    A chunked body has no Content-Length, and werkzeug's stream stops at the limit as if
+    the body ended there (it was cut and parsed): read the server's own stream, which ends
+    where the body does, until it ends or passes the limit.
+    """
+    chunked = request.content_length is None and request.environ.get("wsgi.input_terminated")
+    stream = request.environ["wsgi.input"] if chunked else request.stream
+    parts, size = [], 0
+    while size <= limit:
+        part = _read_part(stream, min(_READ_CHUNK, limit + 1 - size))
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    if size > limit:
+        raise RequestEntityTooLarge(f"request body is larger than {limit} bytes")
+    return b"".join(parts)
+
+
+def _read_part(stream: Any, size: int) -> bytes:
+    """One read of the body; a client that stalls, leaves or breaks the framing is a 400."""
+    try:
+        return stream.read(size)
+    except RequestEntityTooLarge:
+        raise
+    # ClientDisconnected is werkzeug's word for a failed read; OSError a read timeout or a
+    # reset; anything else the server's own framing errors (a malformed chunk).
+    except Exception:
+        raise InvalidRequest(
+            "the request body could not be read: it stopped arriving (see ORTSERVE_READ_TIMEOUT), "
+            "ended early or had broken chunked framing"
+        ) from None
 
 
 def check_json_values(body: Any) -> None:

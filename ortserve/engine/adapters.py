@@ -9,6 +9,11 @@ token, finish_reason, usage), implemented over one og.Generator per turn. A lane
 turn at a time, so a model with adapters generates as many turns at once as it has lanes,
 each unbatched.
 
+The same lanes serve turns that ask for log probabilities (og.Engine gives no logits):
+a turn with `set_logprobs(k)` reads the Generator's raw logits before each step and its
+events carry them (engine/logprobs.py). A model without adapters gets such a lane when a
+logprob turn first arrives (scheduler.py).
+
 Everything here runs on the model's scheduler thread, like every other og call.
 """
 
@@ -22,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ortserve.engine.logprobs import StepLogprobs, step_logprobs
 from ortserve.errors import ModelLoadError
 
 
@@ -59,6 +65,8 @@ class GeneratorEvent:
     finish_reason: Any  # og.FinishReason
     usage: GeneratorUsage | None = None
     error_code: int = 0
+    logprobs: StepLogprobs | None = None  # only for a turn that asked for them
+    error: str | None = None  # why a FAILED turn failed (og's message)
 
 
 class GeneratorTurn:
@@ -68,6 +76,11 @@ class GeneratorTurn:
         self.max_generated = 1
         self.search: dict[str, Any] = {"do_sample": False}
         self.guidance: tuple | None = None
+        self.logprobs: int | None = None  # None: none; k: the chosen token's + top k
+
+    def set_logprobs(self, k: int | None) -> None:
+        """Not an og.TurnOptions setter: only Generator lanes can see the logits."""
+        self.logprobs = None if k is None else int(k)
 
     def set_max_generated_tokens(self, n: int) -> None:
         self.max_generated = int(n)
@@ -123,6 +136,7 @@ class GeneratorEngine:
     """og.Engine's interface over og.Generators with every adapter of the model active."""
 
     def __init__(self, model, adapters, names: list[str], bundle: Path):
+        """`adapters` None and `names` empty: a plain Generator lane (for logprob turns)."""
         self.model = model
         self.adapters = adapters
         self.names = list(names)
@@ -148,9 +162,10 @@ class GeneratorEngine:
         for request in list(self.pending):
             try:
                 event = self._step(request)
-            except Exception:  # the scheduler fails the turn; it must not be stepped again
-                request.close()
-                raise
+            except Exception as exc:  # this turn fails alone: each has its own Generator
+                request.close()  # never stepped again
+                events.append(self._failed(request, exc))
+                continue
             if event.finish_reason.name != "NONE":
                 self.pending.remove(request)
             events.append(event)
@@ -164,14 +179,19 @@ class GeneratorEngine:
         if request.generator is None:
             request.generator = self._start(request)
         generator = request.generator
+        k = request.turn.logprobs
+        # before the step: the raw logits the token is chosen from (after it, the next ones)
+        logits = None if k is None else np.array(generator.get_logits(), copy=True)
         generator.generate_next_token()
         token = int(generator.get_next_tokens()[0])
         if token in self.eos:
             return self._finish(request, og.FinishReason.EOS, token=None)
         request.generated += 1
+        scores = None if logits is None else step_logprobs(logits, token, k)
         if generator.is_done() or request.generated >= request.turn.max_generated:
-            return self._finish(request, og.FinishReason.MAX_GENERATED_TOKENS, token=token)
-        return GeneratorEvent(request, int(og.EngineEventFlags.TOKEN), token, og.FinishReason.NONE)
+            return self._finish(request, og.FinishReason.MAX_GENERATED_TOKENS, token, scores)
+        flags = int(og.EngineEventFlags.TOKEN)
+        return GeneratorEvent(request, flags, token, og.FinishReason.NONE, logprobs=scores)
 
     def _start(self, request: GeneratorRequest):
         """A Generator for the turn, adapters active, prompt prefilled."""
@@ -189,7 +209,17 @@ class GeneratorEngine:
         generator.append_tokens(np.asarray([request.prompt], dtype=np.int32))
         return generator
 
-    def _finish(self, request: GeneratorRequest, reason, token: int | None) -> GeneratorEvent:
+    def _failed(self, request: GeneratorRequest, exc: Exception) -> GeneratorEvent:
+        import onnxruntime_genai as og
+
+        flags = int(og.EngineEventFlags.FAILED)
+        usage = GeneratorUsage(len(request.prompt), request.generated)
+        reason, code = og.FinishReason.FAILED, og.EngineErrorCode.REQUEST_UNSERVICEABLE
+        return GeneratorEvent(request, flags, None, reason, usage, code, error=str(exc))
+
+    def _finish(
+        self, request: GeneratorRequest, reason, token: int | None, scores=None
+    ) -> GeneratorEvent:
         import onnxruntime_genai as og
 
         flags = int(og.EngineEventFlags.TURN_FINISHED)
@@ -197,4 +227,4 @@ class GeneratorEngine:
             flags |= int(og.EngineEventFlags.TOKEN)
         request.generator = None  # its KV cache goes now, not when the request is closed
         usage = GeneratorUsage(len(request.prompt), request.generated)
-        return GeneratorEvent(request, flags, token, reason, usage)
+        return GeneratorEvent(request, flags, token, reason, usage, logprobs=scores)

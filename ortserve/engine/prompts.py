@@ -20,7 +20,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ortserve.errors import InvalidRequest
-from ortserve.library.bundle import chat_template
+from ortserve.library.bundle import chat_template, template_thinks
 
 ROLES = ("system", "user", "assistant", "tool")
 # The special-token names transformers passes to every template (SPECIAL_TOKENS_ATTRIBUTES).
@@ -52,6 +52,19 @@ class ChatTemplate:
         if not source:
             return None
         return cls(source, special_tokens(bundle_dir))
+
+    @property
+    def thinking(self) -> bool:
+        """Whether the template has a thinking section (the 'thinking' capability)."""
+        return template_thinks(self.source)
+
+    @property
+    def can_disable_thinking(self) -> bool:
+        """Whether think=False reaches the template: it reads Qwen3's enable_thinking switch.
+
+        Templates that always open <think> (DeepSeek-R1, Qwen3-*-Thinking-2507) cannot.
+        """
+        return "enable_thinking" in self.source
 
     def render(
         self,
@@ -122,6 +135,10 @@ def validate_messages(messages: Any) -> list[dict]:
             raise InvalidRequest(
                 f"invalid type for {where}.content: expected string", param=f"{where}.content"
             )
+        if not isinstance(message.get("thinking"), (str, type(None))):
+            raise InvalidRequest(
+                f"invalid type for {where}.thinking: expected string", param=f"{where}.thinking"
+            )
         if "tool_calls" in message and not isinstance(message["tool_calls"], (list, type(None))):
             raise InvalidRequest(
                 f"invalid type for {where}.tool_calls: expected array",
@@ -148,17 +165,23 @@ def build_chat_prompt(
     count_tokens: CountTokens,
     num_ctx: int,
     truncate: bool = True,
+    think: bool | None = None,
 ) -> tuple[str, int]:
-    """The chat prompt and its token count, dropping the oldest messages to fit num_ctx."""
+    """The chat prompt and its token count, dropping the oldest messages to fit num_ctx.
+
+    think: None leaves thinking to the template's default; True or False is passed to it as
+    enable_thinking (True on a template without a thinking section is InvalidRequest).
+    """
     if template is None:
         raise InvalidRequest("this model has no chat template; use raw generation", param="model")
-    messages = list(validate_messages(messages))
+    messages = [_with_reasoning(m) for m in validate_messages(messages)]
     tools = validate_tools(tools)
+    switch = thinking_variables(template, think)
     if system and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system})
 
     def render(kept: list[dict]) -> tuple[str, int]:
-        prompt = template.render(kept, tools=tools, add_generation_prompt=True)
+        prompt = template.render(kept, tools=tools, add_generation_prompt=True, **switch)
         return prompt, count_tokens(prompt)
 
     prompt, tokens = render(messages)
@@ -181,8 +204,12 @@ def build_generate_prompt(
     raw: bool,
     count_tokens: CountTokens,
     num_ctx: int,
+    think: bool | None = None,
 ) -> tuple[str, int]:
-    """The /api/generate prompt and its token count: raw, templated, or plain text."""
+    """The /api/generate prompt and its token count: raw, templated, or plain text.
+
+    think is passed to the template as in build_chat_prompt; a raw prompt is the caller's own.
+    """
     if not isinstance(prompt, str):
         raise InvalidRequest("invalid type for prompt: expected string", param="prompt")
     if raw:
@@ -190,14 +217,41 @@ def build_generate_prompt(
     elif template is None:
         text = f"{system}\n\n{prompt}" if system else prompt
     else:
+        switch = thinking_variables(template, think)
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": prompt})
-        text = template.render(messages, add_generation_prompt=True)
+        text = template.render(messages, add_generation_prompt=True, **switch)
     tokens = count_tokens(text)
     if tokens > num_ctx:
         # A single prompt has nothing to drop: cutting it would change what was asked.
         raise _too_long(tokens, num_ctx, param="prompt")
     return text, tokens
+
+
+def thinking_variables(template: ChatTemplate, think: bool | None) -> dict[str, bool]:
+    """The template variables for a request's think: {"enable_thinking": think}, or none.
+
+    Asking a template without a thinking section to think is refused rather than ignored, as
+    Ollama refuses it: the caller would wait for thinking that never comes.
+    """
+    if think is None:
+        return {}
+    if think and not template.thinking:
+        raise InvalidRequest("this model does not support thinking", param="think")
+    return {"enable_thinking": think}
+
+
+def _with_reasoning(message: dict) -> dict:
+    """A message whose `thinking` (Ollama's name) is also `reasoning_content` (the templates').
+
+    Qwen3's template renders an earlier answer's reasoning_content inside <think> where the
+    model was trained to see it (and drops it where it was not); an explicit
+    reasoning_content stays as given.
+    """
+    thinking = message.get("thinking")
+    if not thinking or "reasoning_content" in message:
+        return message
+    return {**message, "reasoning_content": thinking}
 
 
 @functools.lru_cache(maxsize=32)

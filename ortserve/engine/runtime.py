@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -174,7 +173,7 @@ class Runtime:
         log.info("unloaded %s", info.name)
         return True
 
-    def ps(self) -> list[dict]:
+    def loaded_models(self) -> list[LoadedModel | LoadedEmbedder]:
         """Loaded models, most recently used first; ones deleted from the library are unloaded."""
         with self._lock:
             models = list(self._models.values())
@@ -182,7 +181,7 @@ class Runtime:
         for loaded in gone:  # removed behind the server's back (another process's rm)
             self._unload_if_idle(loaded)
         models = [m for m in models if m not in gone]
-        return [_ps_entry(m) for m in sorted(models, key=lambda m: -m.last_used)]
+        return sorted(models, key=lambda m: -m.last_used)
 
     def turn_counts(self) -> dict[str, tuple[int, int]]:
         """Loaded model name -> (turns queued, turns running), for metrics."""
@@ -262,6 +261,7 @@ class Runtime:
         started = time.perf_counter()
         bundle = Path(info.path)
         try:
+            self.library.check(info)  # a damaged bundle must not serve wrong output
             candidates = load_candidates(self.settings.provider, bundle_target(bundle))
             tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
             template = ChatTemplate.from_bundle(bundle)
@@ -355,33 +355,3 @@ def _same_model(loaded: ModelInfo, current: ModelInfo) -> bool:
 
 def _adapters(info: ModelInfo) -> list:
     return [a.get("digest") for a in info.manifest.get("adapters") or [] if isinstance(a, dict)]
-
-
-def _ps_entry(loaded: LoadedModel | LoadedEmbedder) -> dict:
-    info = loaded.info
-    expires = loaded.expires_at
-    if loaded.active or expires is None:
-        # in use, or kept forever: Ollama shows a far-future time for "forever"
-        stamp = datetime(2318, 1, 1, tzinfo=UTC) if not loaded.active else datetime.now(UTC)
-    else:
-        stamp = datetime.fromtimestamp(expires, tz=UTC)
-    details = info.details
-    return {
-        "name": info.name,
-        "model": info.name,
-        "size": info.size,
-        "digest": info.digest.removeprefix("sha256-"),
-        "details": {
-            "parent_model": "",
-            "format": details.get("format", ""),
-            "family": details.get("family", ""),
-            "families": [details.get("family", "")],
-            "parameter_size": details.get("parameter_size", ""),
-            "quantization_level": details.get("quantization", ""),
-        },
-        "expires_at": stamp.isoformat().replace("+00:00", "Z"),
-        "size_vram": info.size if loaded.provider != "cpu" else 0,
-        "context_length": loaded.context_length,
-        "provider": loaded.provider,
-        "pending": loaded.pending(),  # turns queued or generating (not Ollama's)
-    }

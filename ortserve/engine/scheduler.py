@@ -19,6 +19,13 @@ greedy results then match the lone request exactly.
 LoRA adapters. og 0.18 activates adapters only on an og.Generator, not on Engine requests,
 so a model with adapters gets GeneratorEngine lanes (engine/adapters.py: the same interface,
 one turn per lane, unbatched) instead of og.Engine lanes.
+
+Log probabilities. og.Engine 0.18 gives no logits, og.Generator does: a job whose options ask
+for logprobs runs on a Generator lane, whose token events carry them (engine/logprobs.py).
+A model without adapters gets one such lane ("logprobs") when the first of these jobs
+arrives; its turns each have their own Generator, stepped in turn, unbatched. Plain jobs
+never go there, and nothing changes on their og.Engine lanes. On a model with adapters any
+of its Generator lanes takes both kinds.
 """
 
 from __future__ import annotations
@@ -71,12 +78,29 @@ class Job:
 
 @dataclass(eq=False)
 class Lane:
-    """One og.Engine and the jobs in its current batch."""
+    """One og.Engine (or GeneratorEngine) and the jobs in its current batch.
+
+    kind: "engine" (og.Engine: plain jobs, a static batch admitted only when idle),
+    "generator" (a model's adapter lane: any job) or "logprobs" (a Generator lane of a model
+    without adapters: logprob jobs only, each joining as soon as there is room).
+    """
 
     engine: Any
     buffer: Any
-    capacity: int  # turns in one batch: the Engine's batch size, 1 for a GeneratorEngine
+    capacity: int  # turns in one batch: the Engine's batch size, 1 for an adapter lane
     jobs: dict[Any, Job] = field(default_factory=dict)
+    kind: str = "engine"
+
+    def takes(self, job: Job) -> bool:
+        if self.kind == "generator":
+            return True
+        return (job.options.logprobs is not None) == (self.kind == "logprobs")
+
+    def room(self) -> int:
+        """Turns it can start now: a static batch takes none until it is over."""
+        if self.kind == "engine" and self.jobs:
+            return 0
+        return self.capacity - len(self.jobs)
 
 
 class Scheduler:
@@ -202,7 +226,20 @@ class Scheduler:
         self._adapters, self._adapter_names = adapters, names  # kept to rebuild a lane
         for _ in range(self.lane_count):
             engine = GeneratorEngine(self._model, adapters, names, self.bundle)
-            self._lanes.append(Lane(engine, None, 1))
+            self._lanes.append(Lane(engine, None, 1, kind="generator"))
+
+    def _logprob_lane(self) -> Lane:
+        """The lane for logprob jobs of a model without adapters, made on first use."""
+        from ortserve.engine.adapters import GeneratorEngine
+
+        for lane in self._lanes:
+            if lane.kind == "logprobs":
+                return lane
+        engine = GeneratorEngine(self._model, None, [], self.bundle)
+        lane = Lane(engine, None, self.batch_size, kind="logprobs")
+        self._lanes.append(lane)
+        log.info("%s: a Generator lane for turns with logprobs (unbatched)", self.name)
+        return lane
 
     def _busy(self) -> bool:
         return bool(self._waiting) or any(lane.jobs for lane in self._lanes)
@@ -218,7 +255,7 @@ class Scheduler:
             if kind == "stop":
                 return False
             if kind == "submit":
-                self._waiting.append(job)
+                self._enqueue(job)
             else:
                 self._cancel(job)
             try:
@@ -226,13 +263,26 @@ class Scheduler:
             except queue.Empty:
                 return True
 
+    def _enqueue(self, job: Job) -> None:
+        """A submitted job waits; a logprob job first makes sure a lane can take it."""
+        if job.options.logprobs is not None and not self.adapters:
+            try:
+                self._logprob_lane()
+            except Exception as exc:  # e.g. an unreadable genai_config.json: this job only
+                log.warning("cannot make a logprobs lane for %s: %s", self.name, exc)
+                message = f"cannot start generation with logprobs: {_first_line(exc)}"
+                self._complete_with_error(job, OrtServeError(message))
+                return
+        self._waiting.append(job)
+
     def _admit(self) -> None:
-        """Start waiting jobs on idle lanes: the oldest job and others of its prompt length."""
+        """Start waiting jobs on lanes with room: the oldest job a lane takes, and others of
+        its prompt length on an og.Engine lane (a static batch shares one length)."""
         for lane in self._lanes:
             room = self.parallel - sum(len(other.jobs) for other in self._lanes)
-            if lane.jobs or not self._waiting or room <= 0:
+            if not self._waiting or room <= 0 or lane.room() <= 0:
                 continue
-            for job in self._same_length_group(min(room, lane.capacity)):
+            for job in self._group_for(lane, min(room, lane.room())):
                 try:
                     self._begin(lane, job)
                 except Exception as exc:  # a bad turn fails alone
@@ -241,10 +291,14 @@ class Scheduler:
                         job, OrtServeError(f"cannot start generation: {_first_line(exc)}")
                     )
 
-    def _same_length_group(self, limit: int) -> list[Job]:
-        """Take the oldest waiting job and up to limit-1 more with the same prompt length."""
-        length = len(self._waiting[0].tokens)
-        group = [job for job in self._waiting if len(job.tokens) == length][:limit]
+    def _group_for(self, lane: Lane, limit: int) -> list[Job]:
+        """Take up to `limit` waiting jobs for `lane`, oldest first (one prompt length on an
+        og.Engine lane)."""
+        group = [job for job in self._waiting if lane.takes(job)]
+        if group and lane.kind == "engine":
+            length = len(group[0].tokens)
+            group = [job for job in group if len(job.tokens) == length]
+        group = group[:limit]
         for job in group:
             self._waiting.remove(job)
         return group
@@ -257,6 +311,8 @@ class Scheduler:
         request = lane.engine.create_request(options=options)
         turn = getattr(lane.engine, "turn_options", og.TurnOptions)(request)
         apply_turn_options(turn, job.options, len(job.tokens))
+        if job.options.logprobs is not None:
+            turn.set_logprobs(job.options.logprobs)  # only a Generator lane's turn has it
         job.begun_at = time.perf_counter()
         job.turn_id = request.begin_turn(np.asarray(job.tokens, dtype=np.int32), turn)
         job.request = request
@@ -286,9 +342,12 @@ class Scheduler:
                     metrics.TIME_TO_FIRST_TOKEN.labels(self.name).observe(
                         job.first_token_at - job.submitted_at
                     )
-                job.events.put(("token", int(event.token)))
+                if lane.kind == "engine":
+                    job.events.put(("token", int(event.token)))
+                else:  # a Generator lane's event may carry the token's logprobs
+                    job.events.put(("token", int(event.token), event.logprobs))
             if flags & failed_flag or reason == og.FinishReason.FAILED:
-                error = OrtServeError(f"generation failed (engine error {event.error_code.name})")
+                error = OrtServeError(_failure(event))
                 self._retire(lane, job, error=error)
                 if event.error_code == og.EngineErrorCode.ENGINE_EXECUTION_FAILURE:
                     # og marks the whole Engine unhealthy: every later turn on it would fail
@@ -304,11 +363,11 @@ class Scheduler:
             request.close()
             self._complete_with_error(job, OrtServeError(message))
         lane.jobs.clear()
-        if self.adapters:
+        if lane.kind != "engine":
             from ortserve.engine.adapters import GeneratorEngine
 
-            lane.engine = GeneratorEngine(self._model, self._adapters, self._adapter_names,
-                                          self.bundle)  # fmt: skip
+            adapters, names = (self._adapters, self._adapter_names) if self.adapters else (None, [])
+            lane.engine = GeneratorEngine(self._model, adapters, names, self.bundle)
             return
         import onnxruntime_genai as og
 
@@ -371,7 +430,15 @@ class Scheduler:
         self._model = None
 
 
-def _first_line(exc: BaseException) -> str:
+def _failure(event) -> str:
+    """Why a turn failed: og's message where a Generator lane kept it, else the error code."""
+    message = getattr(event, "error", None)
+    if message:
+        return f"generation failed: {_first_line(message)}"
+    return f"generation failed (engine error {event.error_code.name})"
+
+
+def _first_line(exc: BaseException | str) -> str:
     """An og error's first line: what went wrong, without grammar or parser state dumps."""
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__

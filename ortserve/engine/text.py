@@ -4,6 +4,11 @@ Decoding one token at a time breaks multi-byte characters (byte-level BPE splits
 tokens) and loses the spaces some decoders add between tokens. As HF TGI and vLLM do, each
 step decodes a short window of ids twice, with and without the new token, and emits the
 difference once it no longer ends in an incomplete UTF-8 sequence (U+FFFD).
+
+It also counts which tokens' text has been released (`completed_tokens`), so that per-token
+data (log probabilities) travels with the text it belongs to: a token is complete once all
+of its text is out; at a stop string, the tokens whose text reached the output are complete
+and the rest are dropped with the text they made; a flush completes every token.
 """
 
 from __future__ import annotations
@@ -32,10 +37,25 @@ class TextDecoder:
         self._read_offset = 0  # ids before this are already turned into text
         self._pending = ""  # decoded text held back: it may be the start of a stop string
         self._stopped = False
+        # where each decoded token's text lies in the stream (tokens decoded together share
+        # one span), how much of the stream is decoded and released, and tokens complete
+        self._spans: list[tuple[int, int]] = []
+        self._decoded = 0
+        self._released = 0
+        self._completed = 0
 
     @property
     def stopped(self) -> bool:
         return self._stopped
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    @property
+    def completed_tokens(self) -> int:
+        """How many of the pushed tokens have all their text released (never decreases)."""
+        return self._completed
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add one generated token: (text that is safe to emit now, whether a stop string hit)."""
@@ -50,8 +70,10 @@ class TextDecoder:
         if self._stopped:
             return ""
         self._pending += self._decode_new(final=True)
-        text, _ = self._release(final=True)
+        text, cut = self._release(final=True)
         self._stopped = True  # nothing more comes out of a flushed decoder
+        if not cut:  # every token is complete, even one that made no text (a special token)
+            self._completed = len(self._ids)
         return text
 
     def _decode_new(self, *, final: bool) -> str:
@@ -63,19 +85,34 @@ class TextDecoder:
         # A skipped special token adds nothing: keep the window and wait for real text.
         if len(full) <= len(prefix) or (full.endswith(REPLACEMENT) and not final):
             return ""
+        text = full[len(prefix) :]
+        start, self._decoded = self._decoded, self._decoded + len(text)
+        self._spans.extend([(start, self._decoded)] * (len(self._ids) - self._read_offset))
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        return full[len(prefix) :]
+        return text
 
     def _release(self, *, final: bool = False) -> tuple[str, bool]:
         """Emit pending text up to a stop string, or up to a tail that may begin one."""
         cut = self._first_stop()
         if cut is not None:
             text, self._pending, self._stopped = self._pending[:cut], "", True
+            self._count_released(text, cut=True)
             return text, True
         keep = 0 if final else self._stop_prefix_length()
         split = len(self._pending) - keep
         text, self._pending = self._pending[:split], self._pending[split:]
+        self._count_released(text, cut=False)
         return text, False
+
+    def _count_released(self, text: str, *, cut: bool) -> None:
+        """Advance completed_tokens past the tokens `text` finishes; at a stop string, past
+        those it shows any of (the others are cut with the stop string)."""
+        self._released += len(text)
+        while self._completed < len(self._spans):
+            start, end = self._spans[self._completed]
+            if not (start < self._released if cut else end <= self._released):
+                break
+            self._completed += 1
 
     def _first_stop(self) -> int | None:
         """Where the earliest stop string starts in the pending text."""

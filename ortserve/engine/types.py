@@ -18,6 +18,9 @@ class GenerationOptions:
     repeat_penalty: float = 1.1
     num_ctx: int = 4096
     guidance: tuple[str, str] | None = None  # (kind, data) for TurnOptions.set_guidance
+    # None: no log probabilities; k >= 0: each generated token's, plus its top k alternatives
+    # (OpenAI allows 0..20). Such a turn runs unbatched on an og.Generator (engine.md).
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -32,11 +35,38 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log probability (natural log, from the model's raw logits).
+
+    token: the token's own text (its bytes as UTF-8; U+FFFD where it holds only part of a
+    character). raw: its exact bytes, which such partial tokens need to be joined again.
+    top: the most likely tokens at that position, most likely first (empty for those).
+    """
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[TokenLogprob, ...] = ()
+    raw: bytes | None = None  # None: the UTF-8 of `token`
+
+    @property
+    def utf8(self) -> list[int]:
+        """The token's bytes as a list of ints (OpenAI's and Ollama's `bytes`)."""
+        return list(self.token.encode("utf-8") if self.raw is None else self.raw)
+
+
+@dataclass(frozen=True)
 class TextChunk:
-    """Newly generated text (stop strings already cut out)."""
+    """Newly generated text (stop strings already cut out).
+
+    logprobs: one per generated token whose text this chunk completes, in order (a token
+    held back with its text, an incomplete character or a possible stop string, comes with
+    the chunk that releases it); empty unless the turn asked for them.
+    """
 
     text: str
     tokens: int = 1
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

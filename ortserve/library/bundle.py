@@ -33,6 +33,14 @@ SUPPORT_FILES = (
     POOLING_CONFIG,
 )
 LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE")
+# Thinking sections' (open, close) tags, the usual first; templates are matched on them.
+THINKING_TAGS = (
+    ("<think>", "</think>"),  # Qwen3, QwQ, DeepSeek-R1, Phi-4-reasoning, SmolLM3, GLM-4.5
+    ("<seed:think>", "</seed:think>"),  # ByteDance Seed-OSS
+    ("[THINK]", "[/THINK]"),  # Magistral
+)
+# Template variables of thinking: the switch and an earlier answer's thinking (Qwen3's names).
+THINKING_VARIABLES = ("enable_thinking", "reasoning_content")
 
 
 def bundle_kind(bundle: Path) -> str:
@@ -60,10 +68,34 @@ def chat_template(bundle: Path) -> str | None:
 
 
 def capabilities(bundle: Path) -> list[str]:
+    """What the bundle can do: 'embedding', or 'completion' and what its template offers."""
     if bundle_kind(bundle) == "embedding":
         return ["embedding"]
-    template = chat_template(bundle) or ""
-    return ["completion", "tools"] if "tools" in template else ["completion"]
+    return template_capabilities(chat_template(bundle) or "")
+
+
+def template_capabilities(source: str) -> list[str]:
+    """'completion', plus 'tools' and 'thinking' when the chat template renders them.
+
+    One place for both a bundle's template and a Modelfile TEMPLATE that replaces it.
+    """
+    found = ["completion"]
+    if "tools" in source:
+        found.append("tools")
+    if template_thinks(source):
+        found.append("thinking")
+    return found
+
+
+def template_thinks(source: str) -> bool:
+    """Whether a chat template has a thinking section (Qwen3's <think>, DeepSeek-R1's, ...).
+
+    A tag in the source counts, the closing one alone too: DeepSeek-R1's first templates only
+    cut '</think>' out of earlier answers. So do the variables Qwen3's template reads.
+    """
+    if any(tag in source for pair in THINKING_TAGS for tag in pair):
+        return True
+    return any(name in source for name in THINKING_VARIABLES)
 
 
 def describe(bundle: Path) -> dict[str, Any]:

@@ -24,7 +24,6 @@ _WORD = re.compile(r"^([A-Za-z]+)(?:[ \t]+(.*))?$", re.DOTALL)
 _PARAMETER = re.compile(r"^([A-Za-z0-9_]+)(?:[ \t]+(.*))?$", re.DOTALL)
 _TRUE = ("1", "t", "T", "TRUE", "true", "True")  # Go's strconv.ParseBool, as Ollama reads them
 _FALSE = ("0", "f", "F", "FALSE", "false", "False")
-_NO_CONTEXT_LIMIT = 1 << 40
 _TRIPLE = '"""'
 
 
@@ -214,8 +213,8 @@ def _adapter_files(line: int, base_dir: Path, text: str) -> list[tuple[str, Path
 
 
 def parameter_value(name: str, text: str) -> Any:
-    """A PARAMETER's text as the type its option takes (sampling.py's table)."""
-    from ortserve.engine.sampling import option_type
+    """A PARAMETER's text as the type its option takes (ortserve/options.py's table)."""
+    from ortserve.options import option_type
 
     kind = option_type(name)
     if kind is None:
@@ -243,11 +242,9 @@ def parameter_value(name: str, text: str) -> Any:
 
 def check_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
     """Parameters checked as request options are (types, ranges); stop always a list."""
-    from ortserve.engine.sampling import resolve_options
+    from ortserve.options import parse_options
 
-    resolve_options(
-        parameters, None, context_length=_NO_CONTEXT_LIMIT, param_prefix="parameters", strict=True
-    )
+    parse_options(parameters, "parameters", strict=True)
     out = {k: v for k, v in parameters.items() if v is not None}
     if isinstance(out.get("stop"), str):
         out["stop"] = [out["stop"]]

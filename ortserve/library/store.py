@@ -6,12 +6,18 @@ Layout under the root (ORTSERVE_MODELS, default ~/.ortserve/models):
     bundles/sha256-<hex>/                      immutable bundle, named by its digest
     tmp/<random>/                              staging; renamed into bundles/ when complete
     blobs/sha256-<hex>                         uploaded files (/api/blobs), named by sha256
+    verified.json                              size and mtime of bundle files that hashed right
 
 A bundle's digest is the sha256 of its file index (every file's path, size and sha256), and
 the index is kept in the bundle as `ortserve-files.json`. Every write lands in a temporary
 place first and is renamed into place, so a process killed at any moment leaves either the
 old state or the new one: `list` only ever reads complete manifests, and a manifest is only
 written once its bundle is in place.
+
+A bundle is checked against its digest each time it loads (`check`), cheaply: a file whose
+size and modification time are those it had when it last hashed right (verified.json) is not
+hashed again, so a changed file is caught without re-reading gigabytes on every load.
+`verify` always re-hashes everything.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +41,7 @@ from ortserve.errors import InvalidName, InvalidRequest, LibraryCorrupt, ModelNo
 from ortserve.library.names import ModelName
 
 INDEX_FILE = "ortserve-files.json"
+VERIFIED_FILE = "verified.json"
 MANIFEST_VERSION = 1
 _CHUNK = 1 << 20
 _STALE_STAGING_S = 24 * 3600
@@ -41,6 +49,8 @@ _STALE_STAGING_S = 24 * 3600
 _BLOB_GRACE_S = 3600
 _BLOB_DIGEST = re.compile(r"^sha256[:-]([0-9a-fA-F]{64})$")
 _PARTIAL_BLOB = ".partial-"
+# A temporary file of an atomic JSON write lives milliseconds; one this old was abandoned.
+_TEMP_FILE_GRACE_S = 600
 
 
 @dataclass
@@ -100,6 +110,7 @@ class Library:
         self.bundles_dir = self.root / "bundles"
         self.tmp_dir = self.root / "tmp"
         self.blobs_dir = self.root / "blobs"
+        self._verified = _VerifiedFiles(self.root / VERIFIED_FILE)
 
     # ---- staging and bundles -------------------------------------------------------------
 
@@ -130,6 +141,9 @@ class Library:
             if not target.exists():
                 raise
             shutil.rmtree(staged, ignore_errors=True)  # a concurrent writer won the rename
+            return digest
+        # Just hashed: its first load need not hash it again.
+        self._verified.record(digest, _stamps(target, index))
         return digest
 
     def bundle_path(self, digest: str) -> Path:
@@ -247,7 +261,12 @@ class Library:
     # ---- maintenance ---------------------------------------------------------------------
 
     def prune(self) -> list[str]:
-        """Remove bundles and (hour-old) blobs no manifest uses, and dead processes' staging."""
+        """Remove bundles and (hour-old) blobs no manifest uses, and crashed writes' leftovers.
+
+        Leftovers: staging of processes that are gone (or a day old), and temporary files of
+        atomic JSON writes that never got renamed. The names removed are the bundles' and
+        the blobs'.
+        """
         used = self._used_digests()
         removed = []
         for bundle in self._bundle_dirs():
@@ -255,6 +274,8 @@ class Library:
                 shutil.rmtree(bundle, ignore_errors=True)
                 removed.append(bundle.name)
         self._remove_stale_staging()
+        self._remove_abandoned_temp_files()
+        self._verified.forget_missing(self.bundles_dir)
         return removed + self._prune_blobs()
 
     def verify(self, name: str | None = None) -> list[VerifyResult]:
@@ -264,6 +285,21 @@ class Library:
             users.setdefault(model.digest, []).append(model.name)
         digests = [self.get(name).digest] if name else sorted(users)
         return [VerifyResult(d, users.get(d, []), self._bundle_problem(d)) for d in digests]
+
+    def check(self, info: ModelInfo) -> None:
+        """Refuse to load a bundle whose files do not match its digest (LibraryCorrupt).
+
+        Files unchanged (size, mtime) since they last hashed right are trusted; the rest are
+        hashed. The message names the model and the files, never a server path.
+        """
+        stamps = self._verified.stamps(info.digest)
+        problem = self._bundle_problem(info.digest, stamps)
+        if problem is not None:
+            raise LibraryCorrupt(
+                f'model "{info.name}" is damaged and will not be loaded: {problem}. '
+                "`ortserve verify` checks the library; pull or create the model again"
+            )
+        self._verified.record(info.digest, stamps)
 
     # ---- internals -----------------------------------------------------------------------
 
@@ -318,20 +354,30 @@ class Library:
             return
         for entry in self.tmp_dir.iterdir():
             if _staging_is_stale(entry):
-                shutil.rmtree(entry, ignore_errors=True)
+                _remove(entry)
 
-    def _bundle_problem(self, digest: str) -> str | None:
+    def _remove_abandoned_temp_files(self) -> None:
+        """`.<name>.json.<random>` files of atomic writes killed before their rename."""
+        folders = [self.root, *(p for p in self.manifests_dir.rglob("*") if p.is_dir())]
+        for folder in (f for f in folders if f.is_dir()):
+            for entry in folder.iterdir():
+                if _is_temp_json(entry) and _age(entry) > _TEMP_FILE_GRACE_S:
+                    entry.unlink(missing_ok=True)
+
+    def _bundle_problem(
+        self, digest: str, stamps: dict[str, list[int]] | None = None
+    ) -> str | None:
+        """What is wrong with a bundle, or None; files in `stamps` unchanged are not hashed."""
         path = self.bundle_path(digest)
         if not path.is_dir():
             return "bundle directory is missing"
-        recorded = _read_json(path / INDEX_FILE)
+        recorded = _read_index(path / INDEX_FILE)
         if recorded is None:
             return f"{INDEX_FILE} is missing or unreadable"
-        actual = index_files(path)
         if index_digest(recorded) != digest:
             return "file index does not match the bundle's digest"
-        if actual != recorded:
-            changed = _index_difference(recorded, actual)
+        changed = _changed_files(path, recorded, stamps)
+        if changed:
             return f"files differ from the index: {', '.join(changed[:5])}"
         return None
 
@@ -446,7 +492,133 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _index_difference(recorded: dict[str, Any], actual: dict[str, Any]) -> list[str]:
-    a = {f["path"]: f for f in recorded["files"]}
-    b = {f["path"]: f for f in actual["files"]}
-    return sorted(p for p in a.keys() | b.keys() if a.get(p) != b.get(p))
+def _changed_files(
+    directory: Path, recorded: dict[str, Any], stamps: dict[str, list[int]] | None
+) -> list[str]:
+    """Files missing, added, resized or re-hashing differently from the index.
+
+    A file whose [size, mtime_ns] is in `stamps` is trusted unhashed; `stamps` (when given)
+    is updated with every file that hashed right, and loses those that did not.
+    """
+    expected = {f["path"]: f for f in recorded["files"]}
+    on_disk = {p.relative_to(directory).as_posix(): p for p in directory.rglob("*") if p.is_file()}
+    on_disk.pop(INDEX_FILE, None)
+    changed = set(expected.keys() ^ on_disk.keys())
+    for rel in sorted(expected.keys() & on_disk.keys()):
+        stat = on_disk[rel].stat()
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        if (
+            stamps is not None
+            and stamps.get(rel) == stamp
+            and stat.st_size == expected[rel]["size"]
+        ):
+            continue
+        if (
+            stat.st_size != expected[rel]["size"]
+            or file_sha256(on_disk[rel]) != expected[rel]["sha256"]
+        ):
+            changed.add(rel)
+            if stamps is not None:
+                stamps.pop(rel, None)
+        elif stamps is not None:
+            stamps[rel] = stamp
+    return sorted(changed)
+
+
+def _stamps(directory: Path, index: dict[str, Any]) -> dict[str, list[int]]:
+    """[size, mtime_ns] of every indexed file as it is now."""
+    stamps = {}
+    for entry in index["files"]:
+        stat = (directory / entry["path"]).stat()
+        stamps[entry["path"]] = [stat.st_size, stat.st_mtime_ns]
+    return stamps
+
+
+class _VerifiedFiles:
+    """verified.json: bundle digest -> {file: [size, mtime_ns]} of files that hashed right.
+
+    Kept in memory and written through (best effort: a read-only library still works, its
+    loads just hash again). Several processes may share the file: each write merges what is
+    on disk, and a lost entry only costs one more hash.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._data: dict[str, dict[str, list[int]]] | None = None
+
+    def stamps(self, digest: str) -> dict[str, list[int]]:
+        """A copy of what is known of `digest`'s files (the caller updates it, then records)."""
+        with self._lock:
+            return dict(self._load().get(digest, {}))
+
+    def record(self, digest: str, stamps: dict[str, list[int]]) -> None:
+        with self._lock:
+            data = self._load()
+            if data.get(digest) == stamps:
+                return
+            data[digest] = stamps
+            self._write()
+
+    def forget_missing(self, bundles_dir: Path) -> None:
+        """Drop the entries of bundles that are gone (prune)."""
+        with self._lock:
+            data = {**_read_verified(self.path), **self._load()}
+            kept = {d: v for d, v in data.items() if (bundles_dir / d).is_dir()}
+            if kept != data:
+                self._data = kept
+                self._write(merge=False)
+
+    def _load(self) -> dict[str, dict[str, list[int]]]:
+        if self._data is None:
+            self._data = _read_verified(self.path)
+        return self._data
+
+    def _write(self, *, merge: bool = True) -> None:
+        assert self._data is not None
+        merged = {**_read_verified(self.path), **self._data} if merge else self._data
+        try:
+            _write_json_atomic(self.path, merged)
+        except OSError:
+            return  # a read-only library: remembered in memory only
+        self._data = merged
+
+
+def _read_verified(path: Path) -> dict[str, dict[str, list[int]]]:
+    """verified.json's entries; an unreadable or malformed file is an empty one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict)}
+
+
+def _read_index(path: Path) -> dict[str, Any] | None:
+    """A bundle's file index, or None when it is missing or not JSON."""
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return index if isinstance(index, dict) and isinstance(index.get("files"), list) else None
+
+
+def _is_temp_json(entry: Path) -> bool:
+    """`.latest.json.k2j3h4`: what _write_json_atomic writes before its rename."""
+    return entry.is_file() and entry.name.startswith(".") and ".json." in entry.name
+
+
+def _age(entry: Path) -> float:
+    try:
+        return time.time() - entry.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _remove(entry: Path) -> None:
+    """A leftover directory or file, whichever it is."""
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)

@@ -131,9 +131,8 @@ def merge(base: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:
     if spec.template is not None:
         manifest["template"] = spec.template or None
         if "completion" in (manifest.get("capabilities") or []) and spec.template:
-            # as bundle.capabilities decides: tools are offered when the template renders them
-            tools = ["tools"] if "tools" in spec.template else []
-            manifest["capabilities"] = ["completion", *tools]
+            # as bundle.capabilities decides (tools, thinking), from the new template
+            manifest["capabilities"] = bundles.template_capabilities(spec.template)
     if spec.system is not None:
         manifest["system"] = spec.system or None
     if spec.license:

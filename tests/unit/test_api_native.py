@@ -117,8 +117,11 @@ class FakeRuntime:
         self.unloaded.append(self.library.get(name).name)
         return True
 
-    def ps(self):
-        return [{"name": "tiny:latest", "model": "tiny:latest", "provider": "cpu"}]
+    def loaded_models(self):
+        loaded = FakeLoaded(self, self.library.get("tiny"))
+        loaded.active, loaded.expires_at, loaded.provider = 0, 1.5e9, "cpu"
+        loaded.pending = lambda: 2
+        return [loaded]
 
     def loaded(self, name):
         info = self.library.get(name)
@@ -239,10 +242,14 @@ def test_show_accepts_the_older_name_field_and_404s(client):
     assert missing.get_json() == {"error": 'model "nope:latest" not found, try pulling it first'}
 
 
-def test_ps_passes_the_runtimes_entries_through(client):
-    assert client.get("/api/ps").get_json() == {
-        "models": [{"name": "tiny:latest", "model": "tiny:latest", "provider": "cpu"}]
-    }
+def test_ps_shapes_the_runtimes_loaded_models(client, library):
+    info = library.get("tiny")
+    (entry,) = client.get("/api/ps").get_json()["models"]
+    assert entry["name"] == entry["model"] == "tiny:latest"
+    assert entry["digest"] == info.digest.removeprefix("sha256-") and entry["size"] == info.size
+    assert entry["expires_at"] == "2017-07-14T02:40:00Z"
+    assert (entry["provider"], entry["size_vram"], entry["pending"]) == ("cpu", 0, 2)
+    assert entry["context_length"] == 64 and entry["details"]["family"] == "qwen2"
 
 
 def test_ps_does_not_start_a_runtime(library):
@@ -461,6 +468,18 @@ def test_unknown_options_are_ignored_and_nulls_mean_not_given(client, runtime):
     assert sent.top_k == 7 and sent.stop == ("<end>", "<eot>")  # null stop: the model's own
 
 
+@pytest.mark.parametrize("think", [True, "high"])
+@pytest.mark.parametrize("route", ["/api/generate", "/api/chat"])
+def test_think_on_a_model_without_a_thinking_section_is_400(client, runtime, route, think):
+    body = {"model": "tiny", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}
+    response = client.post(route, json={**body, "think": think})
+    assert response.status_code == 400
+    assert response.get_json() == {
+        "error": '"tiny:latest" does not support thinking: its chat template has no thinking section'
+    }
+    assert runtime.generated == []
+
+
 @pytest.mark.parametrize(
     "route, extra, field",
     [
@@ -468,9 +487,6 @@ def test_unknown_options_are_ignored_and_nulls_mean_not_given(client, runtime):
         ("/api/generate", {"suffix": "end"}, "suffix"),
         ("/api/generate", {"template": "{{ .Prompt }}"}, "template"),
         ("/api/generate", {"context": [1, 2]}, "context"),
-        ("/api/generate", {"think": True}, "think"),
-        ("/api/generate", {"think": "high"}, "think"),
-        ("/api/generate", {"logprobs": True}, "logprobs"),
         (
             "/api/chat",
             {"messages": [{"role": "user", "content": "x", "images": ["aGk="]}]},

@@ -224,17 +224,26 @@ def test_busy_on_a_later_choice_cancels_the_submitted_ones(client, runtime, monk
 # ---- errors ----------------------------------------------------------------------------------
 
 
+def test_top_logprobs_without_logprobs_is_400(client, runtime):
+    error = error_of(client.post("/v1/chat/completions", json={**CHAT, "top_logprobs": 2}), 400)
+    assert error["param"] == "top_logprobs" and "requires logprobs" in error["message"]
+    assert runtime.acquired == []
+
+
 @pytest.mark.parametrize(
-    ("extra", "param"),
+    ("route", "extra", "asked"),
     [
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 3}, 3),
+        ("/v1/chat/completions", {"logprobs": True}, 0),
+        ("/v1/chat/completions", {"logprobs": False, "top_logprobs": 0}, None),
+        ("/v1/completions", {"logprobs": 2}, 2),
     ],
 )
-def test_logprobs_are_refused_saying_why(client, extra, param):
-    error = error_of(client.post("/v1/chat/completions", json={**CHAT, **extra}), 400)
-    assert error["param"] == param
-    assert "onnxruntime-genai" in error["message"]
+def test_logprobs_reach_the_engine(client, runtime, route, extra, asked):
+    body = CHAT if route == "/v1/chat/completions" else COMPLETION
+    assert client.post(route, json={**body, **extra}).status_code == 200
+    (_, options), *_ = runtime.generated
+    assert options.logprobs == asked
 
 
 @pytest.mark.parametrize(
@@ -314,7 +323,7 @@ def test_invalid_model_name_is_400(client):
 
 def test_embedding_model_cannot_chat(client, runtime):
     error = error_of(client.post("/v1/chat/completions", json={**CHAT, "model": "minilm"}), 400)
-    assert "model does not support chat" in error["message"] and error["param"] == "model"
+    assert "does not support chat" in error["message"] and error["param"] == "model"
     assert runtime.acquired == []
 
 
@@ -430,7 +439,7 @@ def test_completion_stream_with_echo_and_usage(client):
     ("body", "param"),
     [
         ({**COMPLETION, "suffix": "end"}, "suffix"),
-        ({**COMPLETION, "logprobs": 2}, "logprobs"),
+        ({**COMPLETION, "logprobs": 6}, "logprobs"),
         ({**COMPLETION, "best_of": 3}, "best_of"),
         ({**COMPLETION, "prompt": [1, 2, 3]}, "prompt[0]"),  # token arrays
         ({**COMPLETION, "prompt": ""}, "prompt"),
@@ -451,7 +460,7 @@ def test_completion_prompt_over_the_context(client):
 
 def test_embedding_model_cannot_complete(client):
     error = error_of(client.post("/v1/completions", json={**COMPLETION, "model": "minilm"}), 400)
-    assert "model does not support completions" in error["message"]
+    assert "does not support completions" in error["message"]
 
 
 # ---- models ----------------------------------------------------------------------------------

@@ -136,14 +136,14 @@ def test_runtime_loads_once_lists_in_ps_and_unloads_after_keep_alive(runtime):
     runtime.release(first, 0.3)
     again = runtime.acquire_embedder("all-minilm")
     assert again is first and again.load_duration_ns == 0  # shared, not reloaded
-    (entry,) = runtime.ps()
-    assert entry["name"] == "all-minilm:latest" and entry["pending"] == 1
-    assert entry["context_length"] == 256 and entry["provider"] == "cpu"
+    (entry,) = runtime.loaded_models()
+    assert entry.name == "all-minilm:latest" and entry.pending() == 1
+    assert entry.context_length == 256 and entry.provider == "cpu"
     runtime.release(again, 0.3)
     deadline = time.monotonic() + 5
-    while runtime.ps() and time.monotonic() < deadline:
+    while runtime.loaded_models() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert runtime.ps() == []
+    assert runtime.loaded_models() == []
     assert first.stopped
     with pytest.raises(Exception, match="unloaded"):
         first.embed(["too late"])
@@ -153,7 +153,7 @@ def test_runtime_loads_once_lists_in_ps_and_unloads_after_keep_alive(runtime):
 def test_runtime_refuses_generate_on_an_embedding_model(runtime):
     with pytest.raises(InvalidRequest, match="does not support generate"):
         runtime.acquire("all-minilm")
-    assert runtime.ps() == []
+    assert runtime.loaded_models() == []
 
 
 # ---- routes (Flask test client, real runtime) ------------------------------------------------

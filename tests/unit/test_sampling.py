@@ -7,13 +7,11 @@ from dataclasses import fields
 
 import pytest
 
+from ortserve import options as checks
+from ortserve.api.openai import sampling as openai_sampling
 from ortserve.engine import sampling
-from ortserve.engine.sampling import (
-    SUPPORTED_OPTIONS,
-    UNSUPPORTED_OPTIONS,
-    openai_options,
-    resolve_options,
-)
+from ortserve.engine.sampling import resolve_options
+from ortserve.options import SUPPORTED_OPTIONS, UNSUPPORTED_OPTIONS
 from ortserve.engine.types import GenerationOptions
 from ortserve.errors import InvalidRequest, LibraryCorrupt
 
@@ -21,7 +19,7 @@ from ortserve.errors import InvalidRequest, LibraryCorrupt
 @pytest.fixture(autouse=True)
 def fresh_warnings(monkeypatch):
     """Each test sees a process that has warned about nothing yet."""
-    monkeypatch.setattr(sampling, "_warned", set())
+    monkeypatch.setattr(checks, "_warned", set())
 
 
 def resolve(request=None, parameters=None, context_length=8192, **kwargs):
@@ -138,7 +136,7 @@ def test_out_of_range_is_400(name, value):
 
 def test_param_prefix_names_the_field():
     with pytest.raises(InvalidRequest) as info:
-        resolve({"top_k": "x"}, param_prefix="body.options")
+        checks.parse_options({"top_k": "x"}, "body.options")
     assert info.value.param == "body.options.top_k"
     assert "body.options.top_k" in str(info.value)
 
@@ -161,7 +159,7 @@ def test_an_unknown_option_is_ignored_with_one_warning(caplog):
 
 def test_an_unknown_parameter_of_a_modelfile_is_400():
     with pytest.raises(InvalidRequest) as info:
-        resolve({"temprature": 0.5}, param_prefix="parameters", strict=True)
+        checks.parse_options({"temprature": 0.5}, "parameters", strict=True)
     assert str(info.value) == 'unknown option "temprature"'
     assert info.value.param == "parameters.temprature"
 
@@ -192,8 +190,8 @@ def test_unsupported_options_accept_any_number():
 
 def test_option_sets_cover_ollamas_names():
     # Every field of GenerationOptions is an option a request can set, and nothing else is.
-    # guidance comes from a request's format, never from its options.
-    names = [f.name for f in fields(GenerationOptions) if f.name != "guidance"]
+    # guidance comes from a request's format, logprobs from its own fields, never options.
+    names = [f.name for f in fields(GenerationOptions) if f.name not in ("guidance", "logprobs")]
     assert sorted(SUPPORTED_OPTIONS) == sorted(names)
     assert not SUPPORTED_OPTIONS & UNSUPPORTED_OPTIONS
     assert {"num_keep", "typical_p", "mirostat_eta", "embedding_only", "num_thread"} <= (
@@ -208,6 +206,12 @@ def test_bad_model_parameter_is_a_broken_manifest():
 
 
 # --- OpenAI fields ---
+
+
+def openai_options(body, parameters, context_length, max_tokens=None):
+    """OpenAI's fields as api/openai.py reads them, resolved as the serving core does."""
+    return sampling.resolve(openai_sampling(body), parameters, context_length=context_length,
+                            max_tokens=max_tokens)  # fmt: skip
 
 
 def oai(body, parameters=None, context_length=8192):

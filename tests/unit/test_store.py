@@ -180,3 +180,46 @@ def test_manifest_files_are_written_atomically(library, monkeypatch):
     assert library.get("m").manifest["system"] == "v1"
     leftovers = [p for p in library.manifests_dir.rglob("*") if p.is_file()]
     assert [p.name for p in leftovers] == ["latest.json"]
+
+
+def _dead_pid() -> str:
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+
+
+def _age(path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_prune_removes_leftovers_of_crashed_writes(library):
+    library.add("m", _stage(library, {"m": b"used"}), _manifest())
+    folder = library.manifests_dir / "library" / "m"
+    # a manifest write killed between its temporary file and the rename
+    abandoned = folder / ".latest.json.k2j3h4"
+    abandoned.write_text("{")
+    _age(abandoned, 3600)
+    in_progress = folder / ".other.json.x9y8z7"  # a write happening right now
+    in_progress.write_text("{")
+    # staging of a killed convert: a directory, and a stray file, both of a dead process
+    staged = library.tmp_dir / f"convert-{_dead_pid()}-abc"
+    (staged / "sub").mkdir(parents=True)
+    (staged / "sub" / "model.onnx.data").write_bytes(b"half")
+    stray = library.tmp_dir / f"pull-{_dead_pid()}-file"
+    stray.write_bytes(b"half")
+    old_record = library.root / ".verified.json.q1w2e3"
+    old_record.write_text("{")
+    _age(old_record, 3600)
+
+    assert library.prune() == []  # the names it returns are bundles' and blobs'
+    assert not abandoned.exists() and not staged.exists() and not stray.exists()
+    assert not old_record.exists()
+    assert in_progress.exists()
+    assert [m.name for m in library.list()] == ["m:latest"]
+
+
+def test_prune_keeps_the_staging_of_a_live_process(library):
+    with library.staging("convert") as staged:
+        (staged / "model.onnx").write_bytes(b"in progress")
+        library.prune()
+        assert staged.exists()

@@ -1,4 +1,4 @@
-"""The tool-call grammar builder and request checks (ortserve.api.tools)."""
+"""The tool-call grammar builder and request checks (ortserve.serving.tools)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import json
 
 import pytest
 
-from ortserve.api.tools import (
+from ortserve.engine.guided import InvalidOutput, Retry
+from ortserve.engine.prompts import ChatTemplate, template_of
+from ortserve.engine.toolcalls import ToolCall, ToolCallError
+from ortserve.engine.types import Finished, GenerationOptions, TextChunk, Usage
+from ortserve.errors import InvalidRequest
+from ortserve.serving.tools import (
     MAX_PARALLEL_CALLS,
     ToolCallEvent,
     ToolSpec,
@@ -20,11 +25,13 @@ from ortserve.api.tools import (
     tool_grammar,
     tool_spec,
 )
-from ortserve.engine.guided import InvalidOutput, Retry
-from ortserve.engine.prompts import ChatTemplate, template_of
-from ortserve.engine.toolcalls import ToolCall, ToolCallError
-from ortserve.engine.types import Finished, GenerationOptions, TextChunk, Usage
-from ortserve.errors import InvalidRequest
+
+
+def spec_of(body):
+    """The ToolSpec of a request body's tools, tool_choice and parallel_tool_calls."""
+    return tool_spec(
+        body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls", True)
+    )
 
 
 def _tool(name, **props):
@@ -46,33 +53,31 @@ def _payload(grammar: str) -> dict:
 
 
 def test_no_tools_no_spec():
-    assert tool_spec({}) is None
-    assert tool_spec({"tools": []}) is None
+    assert spec_of({}) is None
+    assert spec_of({"tools": []}) is None
 
 
 def test_auto_allows_text_or_calls():
-    grammar = tool_grammar(tool_spec({"tools": TOOLS}))
+    grammar = tool_grammar(spec_of({"tools": TOOLS}))
     assert grammar.startswith("start: calls | TEXT")
     assert '"<tool_call>"' in grammar and '"</tool_call>"' in grammar
     assert len(_payload(grammar)["anyOf"]) == 2
 
 
 def test_required_needs_a_call_and_caps_parallel_calls():
-    grammar = tool_grammar(tool_spec({"tools": TOOLS, "tool_choice": "required"}))
+    grammar = tool_grammar(spec_of({"tools": TOOLS, "tool_choice": "required"}))
     assert grammar.splitlines()[0] == "start: calls"
     calls_line = next(ln for ln in grammar.splitlines() if ln.startswith("calls:"))
     assert calls_line.split(":", 1)[1].count("call") == MAX_PARALLEL_CALLS
 
 
 def test_parallel_false_allows_one_call():
-    spec = tool_spec({"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False})
+    spec = spec_of({"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False})
     assert "calls: call\n" in tool_grammar(spec)
 
 
 def test_named_function_is_the_only_option():
-    spec = tool_spec(
-        {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "b"}}}
-    )
+    spec = spec_of({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "b"}}})
     payload = _payload(tool_grammar(spec))
     assert payload["properties"]["name"] == {"const": "b"}
     assert payload["properties"]["arguments"]["additionalProperties"] is False
@@ -80,23 +85,23 @@ def test_named_function_is_the_only_option():
 
 
 def test_none_has_no_grammar():
-    assert tool_grammar(tool_spec({"tools": TOOLS, "tool_choice": "none"})) is None
+    assert tool_grammar(spec_of({"tools": TOOLS, "tool_choice": "none"})) is None
 
 
 def test_special_token_markers_by_id():
-    grammar = tool_grammar(tool_spec({"tools": TOOLS}), _Tokenizer())
+    grammar = tool_grammar(spec_of({"tools": TOOLS}), _Tokenizer())
     assert "<[7]>" in grammar and "<[8]>" in grammar
 
 
 def test_formats_without_closing_marker_take_an_array():
-    spec = tool_spec({"tools": TOOLS, "tool_choice": "required"})
+    spec = spec_of({"tools": TOOLS, "tool_choice": "required"})
     spec.fmt = "mistral"
     grammar = tool_grammar(spec)
     assert '"[TOOL_CALLS]"' in grammar and _payload(grammar)["type"] == "array"
 
 
 def test_call_schema_is_bounded():
-    schema = call_schema(tool_spec({"tools": TOOLS[:1]}))
+    schema = call_schema(spec_of({"tools": TOOLS[:1]}))
     assert schema["properties"]["arguments"]["properties"]["x"]["maxLength"] == 256
 
 
@@ -110,7 +115,7 @@ def test_call_schema_is_bounded():
 )
 def test_bad_requests(body):
     with pytest.raises(InvalidRequest):
-        tool_spec(body)
+        spec_of(body)
 
 
 def test_template_calls_decode_string_arguments():
@@ -131,7 +136,7 @@ def test_openai_call_shape():
 
 
 def _spec(fmt: str, **body) -> ToolSpec:
-    spec = tool_spec({"tools": TOOLS, **body})
+    spec = spec_of({"tools": TOOLS, **body})
     spec.fmt = fmt
     return spec
 

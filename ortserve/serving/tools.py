@@ -1,4 +1,4 @@
-"""Tool calling shared by both APIs: request checks, the call grammar, and tool turns.
+"""Tool calling for every protocol: request checks, the call grammar, and tool turns.
 
 A request with tools is generated under a lark grammar (llguidance) that admits, by
 tool_choice, plain text and/or calls in the model family's own format, each call's JSON
@@ -15,7 +15,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ortserve.api.structured import GuidedTurn
 from ortserve.engine.guided import OutputRejected, bounded_schema
 from ortserve.engine.toolcalls import (
     StreamingToolCallParser,
@@ -28,6 +27,7 @@ from ortserve.engine.toolcalls import (
 )
 from ortserve.engine.types import GenerationOptions, TextChunk
 from ortserve.errors import InvalidRequest
+from ortserve.serving.structured import GuidedTurn
 
 CHOICES = ("auto", "none", "required")
 # The most calls one answer may make: a weak model would otherwise call until max_tokens.
@@ -76,18 +76,18 @@ class ToolSpec:
     names: list[str] = field(default_factory=list)
 
 
-def tool_spec(body: dict[str, Any]) -> ToolSpec | None:
-    """The request's tools, tool_choice and parallel_tool_calls; None without tools."""
-    tools = body.get("tools")
+def tool_spec(tools: Any, tool_choice: Any = "auto", parallel: Any = True) -> ToolSpec | None:
+    """Tools in OpenAI's shape ({type: function, function: {name, parameters}}), a
+    tool_choice ("auto", "none", "required" or {function: {name}}) and whether several calls
+    may be made; None without tools."""
     if not tools:
         return None
     if not isinstance(tools, list) or not all(_is_function(t) for t in tools):
         raise InvalidRequest("tools must be an array of {type: function, function: {name}}",
                              param="tools")  # fmt: skip
     names = [t["function"]["name"] for t in tools]
-    choice, name = _choice(body.get("tool_choice", "auto"), names)
-    parallel = body.get("parallel_tool_calls", True) is not False
-    return ToolSpec(tools, choice, name, parallel, names=names)
+    choice, name = _choice("auto" if tool_choice is None else tool_choice, names)
+    return ToolSpec(tools, choice, name, parallel is not False, names=names)
 
 
 def _is_function(tool: Any) -> bool:

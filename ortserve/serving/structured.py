@@ -1,4 +1,4 @@
-"""Structured output shared by both APIs: schemas from requests, and turns retried until valid."""
+"""Structured output for every protocol: schemas from requests, and turns retried until valid."""
 
 from __future__ import annotations
 
@@ -24,38 +24,34 @@ from ortserve.errors import InvalidRequest, OrtServeError
 DEFAULT_MAX_TOKENS = 512
 
 
-def native_schema(body: dict[str, Any]) -> dict | None:
+def format_schema(fmt: Any, param: str = "format") -> dict | None:
     """The schema of Ollama's `format`: "json", a JSON Schema object, or none."""
-    fmt = body.get("format")
     if fmt is None or fmt == "":
         return None
     if fmt == "json":
         return JSON_OBJECT_SCHEMA
     if isinstance(fmt, dict):
-        return check_schema(fmt, "format")
-    raise InvalidRequest('invalid format: expected "json" or a JSON Schema object', param="format")
+        return check_schema(fmt, param)
+    raise InvalidRequest('invalid format: expected "json" or a JSON Schema object', param=param)
 
 
-def openai_schema(body: dict[str, Any]) -> dict | None:
-    """The schema of OpenAI's `response_format`: text, json_object or json_schema."""
-    fmt = body.get("response_format")
-    if fmt is None:
-        return None
-    kind = fmt.get("type", "text")
+def response_format_schema(kind: str, schema: Any, *, param: str, schema_param: str
+                           ) -> dict | None:  # fmt: skip
+    """OpenAI's response formats: text (None), json_object, or json_schema with its schema.
+
+    `param` names the format object ("response_format" on chat, "text.format" on responses),
+    `schema_param` its schema ("response_format.json_schema.schema", "text.format.schema").
+    """
     if kind == "text":
         return None
     if kind == "json_object":
         return JSON_OBJECT_SCHEMA
     if kind == "json_schema":
-        spec = fmt.get("json_schema")
-        if not isinstance(spec, dict) or "schema" not in spec:
-            raise InvalidRequest("response_format.json_schema.schema is required",
-                                 param="response_format.json_schema.schema")  # fmt: skip
-        return check_schema(spec["schema"], "response_format.json_schema.schema")
-    raise InvalidRequest(
-        f"response_format.type must be text, json_object or json_schema, not {kind!r}",
-        param="response_format.type",
-    )
+        if not isinstance(schema, dict):
+            raise InvalidRequest(f"{schema_param} is required", param=schema_param)
+        return check_schema(schema, schema_param)
+    raise InvalidRequest(f"{param}.type must be text, json_object or json_schema, not {kind!r}",
+                         param=f"{param}.type")  # fmt: skip
 
 
 def start_turn(loaded, tokens: list[int], options: GenerationOptions, schema: dict | None,

@@ -1,0 +1,284 @@
+"""Anthropic's Messages API (/v1/messages, /v1/messages/count_tokens) over the serving core.
+
+Content blocks become template messages, tools OpenAI-style function tools; a choice becomes
+a message of content blocks, its events Anthropic's SSE events. Errors on these paths take
+Anthropic's shape (error_body, used by api/app.py).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint
+
+from ortserve.api.state import current_state
+from ortserve.api.streaming import SSE, exchange_stream, json_response, sse_event
+from ortserve.api.validation import parsed_body
+from ortserve.engine.guided import Retry
+from ortserve.engine.types import GenerationOptions, TextChunk
+from ortserve.errors import InvalidRequest, NotSupportedYet, OrtServeError
+from ortserve.options import INT32, api_sampling
+from ortserve.serving import core
+from ortserve.serving.core import Choice, Exchange, ThinkingChunk
+from ortserve.serving.prompting import render
+from ortserve.serving.requests import ChatPrompt, GenerationRequest
+from ortserve.serving.tools import ToolCallEvent, ToolSpec, tool_spec
+
+anthropic_bp = Blueprint("anthropic", __name__)
+
+_SAMPLING = (("max_tokens", "num_predict"), ("temperature", "temperature"), ("top_p", "top_p"),
+             ("top_k", "top_k"), ("stop_sequences", "stop"))  # fmt: skip
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
+_TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}  # fmt: skip
+
+
+@anthropic_bp.post("/v1/messages")
+def messages():
+    """The next assistant message, whole or as Anthropic's SSE events."""
+    body = parsed_body("messages")
+    request = _request(body)
+    # Empty stop_sequences ask for nothing: they must not replace the model's own stops.
+    request.sampling = api_sampling([(f, o, body.get(f) or None) for f, o in _SAMPLING],
+                                    max_temperature=1.0)  # fmt: skip
+    exchange = core.start(current_state(), request)
+    message = _Message(body["model"])
+    if body.get("stream"):
+        return exchange_stream(exchange, lambda events: message.stream(exchange, events),
+                               lambda exc: _sse("error", error_body(exc.status, exc.message)),
+                               SSE)  # fmt: skip
+    choice = exchange.finish()[0]
+    return json_response(message.whole(choice, exchange))
+
+
+@anthropic_bp.post("/v1/messages/count_tokens")
+def count_tokens():
+    """The tokens of the prompt a request renders to: template, system, tools and all."""
+    return json_response({"input_tokens": prompt_tokens(current_state(), _request(
+        parsed_body("count_tokens")))})  # fmt: skip
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    """Anthropic's error object for an HTTP status."""
+    kind = _ERROR_TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def prompt_tokens(state, request: GenerationRequest) -> int:
+    """The rendered prompt's token count; leases the model, so it belongs in the core."""
+    core.require(state.library, request.model, "completion", request.kind)
+    loaded = state.runtime.acquire(request.model, None)
+    try:  # any length is counted: the context only limits what can be generated
+        return len(render(loaded, request.prompts[0], request, GenerationOptions(num_ctx=INT32))
+                   .tokens)  # fmt: skip
+    finally:
+        state.runtime.release(loaded, None)
+
+
+# ---- requests in ---------------------------------------------------------------------------
+
+
+def _request(body: dict[str, Any]) -> GenerationRequest:
+    """The core's request: system and messages as template messages, tools, thinking."""
+    turns, names = _system(body.get("system")), {}  # names: tool_use id -> its tool
+    for i, message in enumerate(body["messages"]):
+        turns += _turns(i, message, names)
+    last = len(body["messages"]) - 1
+    if body["messages"][last]["role"] == "assistant":  # the template would close it as a turn
+        raise NotSupportedYet("a final assistant message (prefill) is not supported yet",
+                              param=f"messages[{last}]")  # fmt: skip
+    tools = _tools(body.get("tools"), body.get("tool_choice") or {"type": "auto"})
+    return GenerationRequest(model=body["model"], prompts=[ChatPrompt(turns, truncate=False)],
+                             kind="chat", tools=tools, think=_think(body, tools))  # fmt: skip
+
+
+def _system(system: str | list[dict] | None) -> list[dict[str, Any]]:
+    text = system if isinstance(system, str) else "\n".join(b["text"] for b in system or [])
+    return [{"role": "system", "content": text}] if text else []
+
+
+def _turns(i: int, message: dict[str, Any], names: dict[str, str]) -> list[dict[str, Any]]:
+    """One message -> template messages: a user's tool results first, then its text."""
+    role, content = message["role"], message["content"]
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    texts, calls, thinking, results = [], [], [], []
+    for j, block in enumerate(content):
+        where, kind = f"messages[{i}].content[{j}]", block["type"]
+        if kind == "text":
+            texts.append(block["text"])
+        elif kind == "tool_use" and role == "assistant":
+            names[block["id"]] = block["name"]
+            calls.append({"id": block["id"], "type": "function",
+                          "function": {"name": block["name"], "arguments": block["input"]}})  # fmt: skip
+        elif kind == "tool_result" and role == "user":
+            results.append(_tool_result(block, names.get(block["tool_use_id"]), where))
+        elif kind == "thinking" and role == "assistant":
+            thinking.append(block["thinking"])
+        elif kind != "redacted_thinking":  # encrypted by Anthropic: nothing a local model reads
+            raise _unsupported(kind, role, where)
+    turn: dict[str, Any] = {"role": role, "content": "\n".join(texts)}
+    turn.update({"tool_calls": calls} if calls else {})
+    turn.update({"thinking": "".join(thinking)} if thinking else {})
+    return results + ([turn] if texts or calls or thinking else [])
+
+
+def _tool_result(block: dict[str, Any], name: str | None, where: str) -> dict[str, Any]:
+    content = block.get("content", "")
+    if isinstance(content, list):
+        for k, part in enumerate(content):
+            if part["type"] != "text" or not isinstance(part.get("text"), str):
+                raise _unsupported(part["type"], "tool_result", f"{where}.content[{k}]")
+        content = "\n".join(part["text"] for part in content)
+    if block.get("is_error"):  # templates have no error flag: the model reads it in the text
+        content = f"Error: {content}"
+    result = {"role": "tool", "content": content, "tool_call_id": block["tool_use_id"]}
+    return {**result, "name": name} if name else result
+
+
+def _unsupported(kind: str, holder: str, where: str) -> InvalidRequest:
+    if kind in ("image", "document"):
+        return InvalidRequest(f"{where}: {kind} blocks are not supported: no model here reads "
+                              f"{kind}s", param=where)  # fmt: skip
+    return InvalidRequest(f"{where}: unsupported content block {kind!r} in a {holder}", param=where)
+
+
+def _tools(tools: list[dict] | None, choice: dict[str, Any]) -> ToolSpec | None:
+    """Anthropic's tools and tool_choice as the core's (OpenAI-shaped) ToolSpec."""
+    kind = choice["type"]
+    if not tools:
+        if kind in ("any", "tool"):
+            raise InvalidRequest(f'tool_choice "{kind}" needs tools', param="tool_choice")
+        return None
+    functions = [{"type": "function", "function": {
+        "name": t["name"], "parameters": t["input_schema"],
+        **({"description": t["description"]} if "description" in t else {})}} for t in tools]  # fmt: skip
+    forced = {"type": "function", "function": {"name": choice.get("name")}}
+    return tool_spec(functions, _TOOL_CHOICES.get(kind, forced),
+                     not choice.get("disable_parallel_tool_use", False))  # fmt: skip
+
+
+def _think(body: dict[str, Any], tools: ToolSpec | None) -> bool | None:
+    """enabled: think; disabled: don't; adaptive or absent: the template's default."""
+    think = {"enabled": True, "disabled": False}.get((body.get("thinking") or {}).get("type"))
+    if think and tools is not None and tools.choice != "none":
+        raise InvalidRequest("thinking cannot be combined with tools: the grammar that writes the "
+                             "calls leaves no room for a thinking section", param="thinking")  # fmt: skip
+    return think
+
+
+# ---- answers out ---------------------------------------------------------------------------
+
+
+class _Message:
+    """One answer in Anthropic's shape: whole (stream:false) or as SSE events, block by block."""
+
+    def __init__(self, model: str):
+        self.id = f"msg_{secrets.token_hex(12)}"
+        self.model = model
+        self.blocks = 0  # content blocks started so far
+        self.open: str | None = None  # the type of the block taking deltas
+        self.held = ""  # whitespace not yet sent: no blank text block before tool_use
+
+    def envelope(self, content: list, reason: str | None, usage: dict) -> dict[str, Any]:
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                "content": content, "stop_reason": reason, "stop_sequence": None,
+                "usage": usage}  # fmt: skip
+
+    def whole(self, choice: Choice, exchange: Exchange) -> dict[str, Any]:
+        content: list[dict[str, Any]] = []
+        if choice.thoughts:
+            content.append({"type": "thinking", "thinking": choice.thoughts, "signature": ""})
+        if choice.content and (choice.content.strip() or not choice.calls):
+            content.append({"type": "text", "text": choice.content})
+        content += [_tool_use(call) for call in choice.calls]
+        return self.envelope(content, stop_reason(choice), _usage(exchange))
+
+    def stream(self, exchange: Exchange, events: Iterator) -> Iterator[str]:
+        usage = {"input_tokens": _prompt_tokens(exchange), "output_tokens": 0}
+        yield _sse("message_start", {"message": self.envelope([], None, usage)})
+        for _, event in events:
+            yield from self._event(event)
+        choice = exchange.choices[0]
+        if self.held and not choice.calls:  # an answer of whitespace only is still the answer
+            yield from self._delta("text", {"type": "text_delta", "text": self.held})
+        yield from self._close()
+        yield _sse("message_delta", {"delta": {"stop_reason": stop_reason(choice),
+                                               "stop_sequence": None}, "usage": _usage(exchange)})  # fmt: skip
+        yield _sse("message_stop", {})
+
+    def _event(self, event: Any) -> Iterator[str]:
+        if isinstance(event, ThinkingChunk):
+            yield from self._delta("thinking", {"type": "thinking_delta", "thinking": event.text})
+        elif isinstance(event, TextChunk) and event.text:
+            text, self.held = self.held + event.text, ""
+            if self.open != "text" and not text.strip():
+                self.held = text
+            else:
+                yield from self._delta("text", {"type": "text_delta", "text": text})
+        elif isinstance(event, ToolCallEvent):  # whole and validated: one delta carries it
+            yield from self._close()
+            yield from self._start({**_tool_use(event.call), "input": {}})
+            yield from self._delta("tool_use", {"type": "input_json_delta", "partial_json":
+                                   json.dumps(event.call.arguments, ensure_ascii=False)})  # fmt: skip
+            yield from self._close()
+        elif isinstance(event, Retry):
+            # Tool attempts show no text (the grammar's text and calls exclude each other), so
+            # a retry is almost always invisible; text already sent cannot be taken back.
+            if self.blocks:
+                raise OrtServeError("the model's tool call failed validation after its text was "
+                                    "streamed; send the request again")  # fmt: skip
+            self.held = ""
+
+    def _delta(self, kind: str, delta: dict[str, Any]) -> Iterator[str]:
+        if self.open != kind:
+            yield from self._close()
+            yield from self._start({"type": kind, **_EMPTY.get(kind, {})})
+        yield _sse("content_block_delta", {"index": self.blocks - 1, "delta": delta})
+
+    def _start(self, block: dict[str, Any]) -> Iterator[str]:
+        yield _sse("content_block_start", {"index": self.blocks, "content_block": block})
+        self.blocks += 1
+        self.open = block["type"]
+
+    def _close(self) -> Iterator[str]:
+        if self.open is not None:
+            yield _sse("content_block_stop", {"index": self.blocks - 1})
+            self.open = None
+
+
+_EMPTY = {"text": {"text": ""}, "thinking": {"thinking": "", "signature": ""}}
+
+
+def stop_reason(choice: Choice) -> str:
+    """tool_use for validated calls, else the engine's reason.
+
+    The engine cuts a stop string without saying which one (or whether EOS came first), so
+    a stop sequence is reported as end_turn with stop_sequence null (docs/anthropic.md).
+    """
+    if choice.calls:
+        return "tool_use"
+    return _STOP_REASONS.get(choice.finished.reason, "end_turn")
+
+
+def _tool_use(call) -> dict[str, Any]:
+    return {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
+
+
+def _usage(exchange: Exchange) -> dict[str, int]:
+    used = exchange.usage()  # every attempt counted, as OpenAI's usage
+    return {"input_tokens": used.prompt_tokens, "output_tokens": used.completion_tokens}
+
+
+def _prompt_tokens(exchange: Exchange) -> int:
+    """The prompt's tokens before any output (message_start): the rendered prompts'."""
+    return sum(len(rendered.tokens) for rendered in exchange._rendered)
+
+
+def _sse(name: str, data: dict[str, Any]) -> str:
+    return sse_event({"type": name, **data}, event=name)

@@ -1,0 +1,110 @@
+"""The library as Ollama shows it: /api/tags, /api/show and /api/ps entries."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from ortserve.api.streaming import rfc3339
+from ortserve.library import ModelInfo
+
+
+def tag_entry(info: ModelInfo) -> dict[str, Any]:
+    """One /api/tags model."""
+    return {
+        "name": info.name,
+        "model": info.name,
+        "modified_at": _timestamp(info.modified),
+        "size": info.size,
+        "digest": info.digest.removeprefix("sha256-"),
+        "details": details(info),
+        "capabilities": info.capabilities,
+    }
+
+
+def show_entry(info: ModelInfo) -> dict[str, Any]:
+    """The /api/show body; empty fields are left out, as Ollama's omitempty does."""
+    from ortserve.library.modelfile import render_modelfile
+
+    manifest = info.manifest
+    license_ = manifest.get("license") or ""
+    body = {
+        "license": "\n".join(license_) if isinstance(license_, list) else license_,
+        "modelfile": render_modelfile(info),
+        "parameters": parameter_text(manifest.get("parameters") or {}),
+        "template": manifest.get("template") or "",
+        "system": manifest.get("system") or "",
+        "details": details(info),
+        "messages": manifest.get("messages") or [],
+        "model_info": model_info(info),
+        "capabilities": info.capabilities,
+        "modified_at": _timestamp(info.modified),
+    }
+    return {key: value for key, value in body.items() if value not in ("", [], None)}
+
+
+def details(info: ModelInfo) -> dict[str, Any]:
+    d = info.details
+    family = d.get("family", "")
+    out = {
+        "parent_model": "",
+        "format": d.get("format", ""),
+        "family": family,
+        "families": [family] if family else None,
+        "parameter_size": d.get("parameter_size", ""),
+        "quantization_level": d.get("quantization_level") or d.get("quantization", ""),
+    }
+    out.update({k: d[k] for k in ("context_length", "embedding_length") if d.get(k)})
+    return out
+
+
+def model_info(info: ModelInfo) -> dict[str, Any]:
+    """Ollama's GGUF-style keys: general.architecture, <arch>.context_length, ..."""
+    rest = dict(info.details)
+    arch = rest.pop("family", None) or "unknown"
+    out: dict[str, Any] = {"general.architecture": arch}
+    if "parameter_count" in rest:
+        out["general.parameter_count"] = rest.pop("parameter_count")
+    for key in ("context_length", "embedding_length"):
+        if key in rest:
+            out[f"{arch}.{key}"] = rest.pop(key)
+    out.update({f"general.{key}": value for key, value in sorted(rest.items())})
+    return out
+
+
+def parameter_text(parameters: dict[str, Any]) -> str:
+    """Ollama's text form: `key` padded to 30, a space, the value (strings quoted)."""
+    lines = []
+    for key, value in parameters.items():
+        for item in value if isinstance(value, list) else [value]:
+            lines.append(f"{key:<30} {json.dumps(item, ensure_ascii=False)}")
+    return "\n".join(lines)
+
+
+def ps_entry(loaded) -> dict[str, Any]:
+    """One /api/ps model, from the runtime's record of a loaded model."""
+    info = loaded.info
+    expires = loaded.expires_at
+    if loaded.active or expires is None:
+        # in use, or kept forever: Ollama shows a far-future time for "forever"
+        stamp = datetime(2318, 1, 1, tzinfo=UTC) if not loaded.active else datetime.now(UTC)
+    else:
+        stamp = datetime.fromtimestamp(expires, tz=UTC)
+    return {
+        "name": info.name,
+        "model": info.name,
+        "size": info.size,
+        "digest": info.digest.removeprefix("sha256-"),
+        "details": details(info),
+        "expires_at": stamp.isoformat().replace("+00:00", "Z"),
+        "size_vram": info.size if loaded.provider != "cpu" else 0,
+        "context_length": loaded.context_length,
+        "provider": loaded.provider,
+        "pending": loaded.pending(),  # turns queued or generating (not Ollama's)
+    }
+
+
+def _timestamp(when: datetime) -> str:
+    seconds = int(when.timestamp())
+    return rfc3339(seconds * 1_000_000_000 + when.microsecond * 1000)

@@ -1,0 +1,301 @@
+"""OpenAI's Responses API (/v1/responses) over the serving core: items in, items and events out.
+
+Responses are stored in memory (serving/store.py) for GET, DELETE and previous_response_id;
+errors take OpenAI's shape in api/app.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, current_app
+
+from ortserve.api.state import current_state
+from ortserve.api.streaming import SSE, exchange_stream, json_response, sse_event
+from ortserve.api.validation import parsed_body
+from ortserve.engine.guided import Retry
+from ortserve.engine.toolcalls import ToolCall
+from ortserve.engine.types import Finished, TextChunk
+from ortserve.errors import InvalidRequest, NotSupportedYet, OrtServeError
+from ortserve.options import api_sampling
+from ortserve.serving import core
+from ortserve.serving.core import Exchange, ThinkingChunk
+from ortserve.serving.requests import ChatPrompt, GenerationRequest
+from ortserve.serving.store import (
+    ResponseStore,
+    StoredResponse,
+    call_item,
+    incomplete,
+    item_messages,
+    message_item,
+    new_id,
+    output_items,
+    output_text,
+    reasoning_item,
+    usage_object,
+)
+from ortserve.serving.structured import response_format_schema
+from ortserve.serving.tools import ToolCallEvent, tool_spec
+
+responses_bp = Blueprint("responses", __name__)
+
+STORE = "ortserve.responses"  # the app.extensions key of the app's ResponseStore
+# Fields that ask for what this server does not do: refused, never silently ignored.
+_LATER = ("background", "conversation", "prompt", "top_logprobs")
+# Core errors name the core's fields; a client of this API knows them by these.
+_PARAMS = {"think": "reasoning.effort", "messages": "input", "format": "text.format"}
+
+
+@responses_bp.record_once
+def _add_store(setup) -> None:
+    setup.app.extensions.setdefault(STORE, ResponseStore())
+
+
+def _store() -> ResponseStore:
+    return current_app.extensions[STORE]
+
+
+# ---- routes --------------------------------------------------------------------------------
+
+
+@responses_bp.post("/v1/responses")
+def create():
+    """A model response to `input`, after the stored conversation of previous_response_id."""
+    body = parsed_body("responses")
+    for field in _LATER:
+        if body.get(field):
+            raise NotSupportedYet(f'"{field}" is not supported yet', param=field)
+    store = _store()
+    before: list[dict] = []
+    if "previous_response_id" in body:
+        before = store.get(body["previous_response_id"], "previous_response_id").conversation
+    conversation = [*before, *item_messages(body["input"], "input", before)]
+    shape = _Shape(body, store, conversation)
+    exchange = _start(_request(body, conversation))
+    if body.get("stream"):
+        events = _Events(shape, exchange)
+        return exchange_stream(exchange, events.render, events.error, SSE)
+    choice = exchange.finish()[0]
+    status = "incomplete" if incomplete(choice) else "completed"
+    response = json_response(shape.final(output_items(choice), status, exchange))
+    if exchange.attempts is not None:
+        response.headers["X-Ortserve-Attempts"] = str(exchange.attempts)
+    return response
+
+
+@responses_bp.get("/v1/responses/<response_id>")
+def retrieve(response_id: str):
+    return json_response(_store().get(response_id).response)
+
+
+@responses_bp.delete("/v1/responses/<response_id>")
+def delete(response_id: str):
+    _store().delete(response_id)
+    return json_response({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+# ---- requests in ---------------------------------------------------------------------------
+
+
+def _request(body: dict[str, Any], conversation: list[dict]) -> GenerationRequest:
+    """The core's request: instructions first, tools, text.format, sampling, reasoning."""
+    instructions = body.get("instructions")
+    system = [{"role": "system", "content": instructions}] if instructions else []
+    fmt = (body.get("text") or {}).get("format") or {}
+    schema = response_format_schema(fmt.get("type", "text"), fmt.get("schema"),
+                                    param="text.format", schema_param="text.format.schema")  # fmt: skip
+    tools = tool_spec(_tools(body.get("tools")), _tool_choice(body.get("tool_choice")),
+                      body.get("parallel_tool_calls", True))  # fmt: skip
+    if tools is not None and schema is not None and tools.choice != "none":
+        raise InvalidRequest("tools and text.format cannot be combined", param="tools")
+    sampling = api_sampling([("temperature", "temperature", body.get("temperature")),
+                             ("top_p", "top_p", body.get("top_p")),
+                             ("max_output_tokens", "num_predict", body.get("max_output_tokens"))])  # fmt: skip
+    # truncation "auto" drops the oldest turns to fit the context; "disabled" refuses (400).
+    prompt = ChatPrompt([*system, *conversation], truncate=body.get("truncation") == "auto")
+    return GenerationRequest(model=body["model"], prompts=[prompt], kind="chat",
+                             sampling=sampling, schema=schema, tools=tools,
+                             think=_think(body))  # fmt: skip
+
+
+def _tools(tools: list[dict] | None) -> list[dict]:
+    """Function tools in chat's shape, as the core takes them; other tool types are refused."""
+    converted = []
+    for i, tool in enumerate(tools or []):
+        if tool["type"] != "function":
+            raise InvalidRequest(f"tools[{i}].type: {tool['type']!r} tools are not supported, "
+                                 "only function tools", param=f"tools[{i}].type")  # fmt: skip
+        function = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
+        converted.append({"type": "function", "function": function})
+    return converted
+
+
+def _tool_choice(value: str | dict | None) -> str | dict | None:
+    """Responses' {type: function, name} as chat's {type: function, function: {name}}."""
+    if value is None or isinstance(value, str):
+        return value
+    if value.get("type") == "function" and isinstance(value.get("name"), str):
+        return {"type": "function", "function": {"name": value["name"]}}
+    raise InvalidRequest('tool_choice must be "auto", "none", "required" or '
+                         '{"type": "function", "name": ...}', param="tool_choice")  # fmt: skip
+
+
+def _think(body: dict[str, Any]) -> bool | None:
+    """reasoning.effort: none or minimal turn thinking off, any other level on."""
+    effort = (body.get("reasoning") or {}).get("effort")
+    return None if effort is None else effort not in ("none", "minimal")
+
+
+def _start(request: GenerationRequest) -> Exchange:
+    """core.start, its 400s naming this API's fields."""
+    try:
+        return core.start(current_state(), request)
+    except InvalidRequest as exc:
+        param = _PARAMS.get((exc.param or "").partition("[")[0].partition(".")[0])
+        if param is None:
+            raise
+        raise InvalidRequest(f"{param}: {exc.message}", param=param, code=exc.code) from None
+
+
+# ---- answers out ---------------------------------------------------------------------------
+
+
+class _Shape:
+    """One response's id and the fields it echoes; stores it when it ends (store: true)."""
+
+    def __init__(self, body: dict[str, Any], store: ResponseStore, conversation: list[dict]):
+        self.body, self.store, self.conversation = body, store, conversation
+        self.id = new_id("resp")
+        self.created_at = int(time.time())
+
+    def response(self, output: list[dict], status: str, usage: dict | None = None) -> dict:
+        body = self.body
+        reason = {"reason": "max_output_tokens"} if status == "incomplete" else None
+        effort = (body.get("reasoning") or {}).get("effort")
+        fmt = (body.get("text") or {}).get("format") or {"type": "text"}
+        return {"id": self.id, "object": "response", "created_at": self.created_at,
+                "status": status, "background": False, "error": None,
+                "incomplete_details": reason, "instructions": body.get("instructions"),
+                "max_output_tokens": body.get("max_output_tokens"), "model": body["model"],
+                "output": output, "parallel_tool_calls": body.get("parallel_tool_calls", True),
+                "previous_response_id": body.get("previous_response_id"),
+                "reasoning": {"effort": effort, "summary": None},
+                "store": body.get("store", True), "temperature": body.get("temperature"),
+                "text": {"format": fmt}, "tool_choice": body.get("tool_choice", "auto"),
+                "tools": body.get("tools", []), "top_p": body.get("top_p"),
+                "truncation": body.get("truncation", "disabled"), "usage": usage,
+                "user": body.get("user"), "metadata": body.get("metadata", {})}  # fmt: skip
+
+    def final(self, output: list[dict], status: str, exchange: Exchange) -> dict:
+        """The finished response, stored (with its conversation) unless store is false."""
+        response = self.response(output, status, usage_object(exchange.usage()))
+        if self.body.get("store", True):
+            answer = item_messages(output, "output", self.conversation)
+            self.store.put(StoredResponse(response, [*self.conversation, *answer]))
+        return response
+
+
+class _Events:
+    """A streamed response: the core's events as Responses events, numbered in order.
+
+    Text and thinking open a message or reasoning item and stream into it; a call arrives
+    whole (validated) and is sent as one item. A Retry ends the open item as "incomplete"
+    (with `ortserve_retry`, and no output_text.done, so the SDK never parses its text) and
+    drops it from the final output; output_index keeps counting, as each index names one item.
+    """
+
+    def __init__(self, shape: _Shape, exchange: Exchange):
+        self.shape, self.exchange = shape, exchange
+        self.sequence = 0
+        self.output: list[dict] = []  # the finished items the final response holds
+        self.added = 0  # items added so far: the next item's output_index
+        self.open: dict | None = None  # the message or reasoning item streaming now
+        self.parts: list[str] = []
+
+    def event(self, kind: str, **fields: Any) -> str:
+        self.sequence += 1
+        return sse_event({"type": kind, **fields, "sequence_number": self.sequence - 1}, kind)
+
+    def error(self, exc: OrtServeError) -> str:
+        return self.event("error", code=exc.code or exc.type, message=exc.message,
+                          param=exc.param)  # fmt: skip
+
+    def render(self, events: Iterator) -> Iterator[str]:
+        for kind in ("response.created", "response.in_progress"):
+            yield self.event(kind, response=self.shape.response([], "in_progress"))
+        for _, event in events:
+            if isinstance(event, TextChunk) and event.text:
+                yield from self._stream("message", event.text)
+            elif isinstance(event, ThinkingChunk):
+                yield from self._stream("reasoning", event.text)
+            elif isinstance(event, ToolCallEvent):
+                yield from self._close("completed")
+                yield from self._call(event.call)
+            elif isinstance(event, Retry):
+                yield from self._close("incomplete", retry=event)
+            elif isinstance(event, Finished):
+                choice = self.exchange.choices[0]
+                status = "incomplete" if incomplete(choice) else "completed"
+                yield from self._close(status)
+                yield self.event(f"response.{status}",
+                                 response=self.shape.final(self.output, status, self.exchange))  # fmt: skip
+
+    def _stream(self, kind: str, text: str) -> Iterator[str]:
+        if self.open is None or self.open["type"] != kind:
+            yield from self._close("completed")
+            yield from self._open(kind)
+        self.parts.append(text)
+        extra = {"logprobs": []} if kind == "message" else {}
+        name = "output_text" if kind == "message" else "reasoning_text"
+        yield self.event(f"response.{name}.delta", **self._where(), delta=text, **extra)
+
+    def _open(self, kind: str) -> Iterator[str]:
+        if kind == "message":
+            item = message_item(new_id("msg"), None, "in_progress")
+            part = output_text("")
+        else:
+            item, part = reasoning_item(new_id("rs"), None), {"type": "reasoning_text", "text": ""}
+        self.open, self.parts = item, []
+        self.added += 1
+        yield self.event("response.output_item.added", output_index=self.added - 1, item=item)
+        yield self.event("response.content_part.added", **self._where(), part=part)
+
+    def _close(self, status: str, retry: Retry | None = None) -> Iterator[str]:
+        """End the open item; a retried one is sent as incomplete and left out of the output."""
+        if self.open is None:
+            return
+        item, text = self.open, "".join(self.parts)
+        if item["type"] == "message":
+            done = message_item(item["id"], text, "incomplete" if retry else status)
+        else:
+            done = reasoning_item(item["id"], text)
+        if retry is None:
+            name = "output_text" if item["type"] == "message" else "reasoning_text"
+            extra = {"logprobs": []} if item["type"] == "message" else {}
+            yield self.event(f"response.{name}.done", **self._where(), text=text, **extra)
+            yield self.event("response.content_part.done", **self._where(),
+                             part=done["content"][0])  # fmt: skip
+            self.output.append(done)
+        ours = {"ortserve_retry": vars(retry)} if retry else {}
+        yield self.event("response.output_item.done", output_index=self.added - 1, item=done,
+                         **ours)  # fmt: skip
+        self.open = None
+
+    def _call(self, call: ToolCall) -> Iterator[str]:
+        item = call_item(new_id("fc"), call, "in_progress")
+        index, where = self.added, {"item_id": item["id"], "output_index": self.added}
+        self.added += 1
+        yield self.event("response.output_item.added", output_index=index,
+                         item={**item, "arguments": ""})  # fmt: skip
+        yield self.event("response.function_call_arguments.delta", **where,
+                         delta=item["arguments"])  # fmt: skip
+        yield self.event("response.function_call_arguments.done", **where, name=call.name,
+                         arguments=item["arguments"])  # fmt: skip
+        done = {**item, "status": "completed"}
+        yield self.event("response.output_item.done", output_index=index, item=done)
+        self.output.append(done)
+
+    def _where(self) -> dict[str, Any]:
+        return {"item_id": self.open["id"], "output_index": self.added - 1, "content_index": 0}

@@ -1,0 +1,1 @@
+"""The one serving pipeline every generation endpoint runs: protocol-neutral and typed."""

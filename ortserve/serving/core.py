@@ -1,0 +1,302 @@
+"""The one pipeline every generation endpoint runs, whatever its protocol.
+
+resolve the model and check its capability -> lease it (released when the exchange closes,
+a client disconnect included) -> render each prompt (template, tools, thinking) -> start
+the turns (plain, guided or tool turns) -> one stream of (choice index, event), each event
+also recorded in its Choice, so a protocol either streams the events or reads the choices.
+
+Events: engine TextChunk (with logprobs when asked), ThinkingChunk, ToolCallEvent, Retry
+(a failed structured attempt: discard that choice's output so far) and Finished.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ortserve.engine.guided import Retry
+from ortserve.engine.types import Finished, GenerationOptions, TextChunk
+from ortserve.errors import InvalidRequest, OrtServeError, ServerBusy
+from ortserve.serving.prompting import Rendered, render
+from ortserve.serving.requests import GenerationRequest
+from ortserve.serving.structured import GuidedTurn, attempt_usages, start_turn
+from ortserve.serving.thinking import ThinkingSplitter
+from ortserve.serving.tools import ToolCallEvent, model_format, start_tool_turn
+
+
+@dataclass(frozen=True)
+class ThinkingChunk:
+    """Text the model wrote in its thinking section, separated from the answer."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens of a whole request: every attempt counted, a prompt shared by n choices once."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(eq=False)
+class Choice:
+    """One choice's output so far; a Retry starts it afresh."""
+
+    prompt: int  # the index of the prompt it continues
+    turn: Any
+    text: list[str] = field(default_factory=list)
+    thinking: list[str] = field(default_factory=list)
+    calls: list = field(default_factory=list)  # toolcalls.ToolCall, validated
+    logprobs: list = field(default_factory=list)  # engine.types.TokenLogprob
+    finished: Finished | None = None
+
+    @property
+    def content(self) -> str:
+        return "".join(self.text)
+
+    @property
+    def thoughts(self) -> str:
+        return "".join(self.thinking)
+
+    @property
+    def attempts(self) -> int | None:
+        """How many attempts a structured answer took (None for a plain turn)."""
+        return self.turn.attempts if isinstance(self.turn, GuidedTurn) else None
+
+    def record(self, event: Any) -> None:
+        if isinstance(event, TextChunk):
+            self.text.append(event.text)
+            self.logprobs.extend(getattr(event, "logprobs", ()) or ())
+        elif isinstance(event, ThinkingChunk):
+            self.thinking.append(event.text)
+        elif isinstance(event, ToolCallEvent):
+            self.calls.append(event.call)
+        elif isinstance(event, Retry):
+            self.text, self.thinking, self.calls, self.logprobs = [], [], [], []
+        elif isinstance(event, Finished):
+            self.finished = event
+
+
+class Exchange:
+    """One request's turns, their events as they come, and the clean-up (exactly once)."""
+
+    def __init__(self, runtime, loaded, request: GenerationRequest):
+        self.runtime = runtime
+        self.loaded = loaded
+        self.request = request
+        self.started_ns = time.perf_counter_ns()
+        self.choices: list[Choice] = []
+        self._splitters: dict[int, ThinkingSplitter] = {}
+        self._rendered: list[Rendered] = []
+        self._closed = False
+
+    @property
+    def load_duration_ns(self) -> int:
+        return self.loaded.load_duration_ns
+
+    @property
+    def attempts(self) -> int | None:
+        """The most attempts any structured choice took (None for plain text)."""
+        guided = [c.attempts for c in self.choices if c.attempts is not None]
+        return max(guided) if guided else None
+
+    def events(self) -> Iterator[tuple[int, Any]]:
+        """(choice index, event) as they come, each recorded in its Choice first."""
+        for index, event in _merged([c.turn for c in self.choices]):
+            for item in self._split(index, event):
+                if isinstance(item, Finished) and item.reason == "cancelled":
+                    raise ServerBusy("generation was cancelled: the model was unloaded or the "
+                                     "server is stopping")  # fmt: skip
+                self.choices[index].record(item)
+                yield index, item
+        if any(c.finished is None for c in self.choices):
+            raise OrtServeError("generation ended without finishing")
+
+    def finish(self) -> list[Choice]:
+        """Run every choice to its end (stream:false); closes the exchange."""
+        try:
+            for _ in self.events():
+                pass
+            return self.choices
+        finally:
+            self.close()
+
+    def usage(self) -> Usage:
+        """The engine's counts of every attempt; a prompt shared by n choices counts once."""
+        prompts: dict[int, int] = {}
+        retried = 0  # a retry prefilled the prompt again: it counts
+        for choice in self.choices:
+            if choice.finished is None:
+                continue
+            attempts = attempt_usages(choice.turn, choice.finished)
+            prompts[choice.prompt] = attempts[0].prompt_tokens
+            retried += sum(u.prompt_tokens for u in attempts[1:])
+        completion = sum(c.finished.usage.generated_tokens for c in self.choices if c.finished)
+        return Usage(sum(prompts.values()) + retried, completion)
+
+    def close(self, *, failed: bool = False) -> None:
+        """Cancel unfinished turns (the client left, or a choice failed); release the model."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for choice in self.choices:
+                if choice.finished is None:
+                    choice.turn.cancel()
+        finally:
+            self.runtime.release(self.loaded, self.request.keep_alive, failed=failed)
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _start(self, rendered: list[Rendered], options: GenerationOptions, settings) -> None:
+        """Submit every turn before reading any, so that the batch runs them side by side."""
+        request = self.request
+        self._rendered = rendered
+        spec = request.tools
+        if spec is not None:
+            spec = replace(spec, fmt=model_format(self.loaded))
+        for group, prompt in enumerate(rendered):
+            for _ in range(request.n):
+                if spec is not None:
+                    turn = start_tool_turn(self.loaded, prompt.tokens, options, spec,
+                                           settings.format_retries)  # fmt: skip
+                else:
+                    turn = start_turn(self.loaded, prompt.tokens, options, request.schema,
+                                      settings)  # fmt: skip
+                if prompt.thinking is not None:
+                    self._splitters[len(self.choices)] = prompt.thinking.splitter()
+                self.choices.append(Choice(group, turn))
+
+    def _split(self, index: int, event: Any) -> list[Any]:
+        """Text into thinking and answer, where the prompt's template has a thinking section."""
+        splitter = self._splitters.get(index)
+        if splitter is None:
+            return [event]
+        if isinstance(event, TextChunk):
+            pieces = splitter.feed(event.text)
+        elif isinstance(event, Finished):
+            pieces = splitter.finish()
+        else:
+            if isinstance(event, Retry):  # the next attempt starts where the prompt ends
+                self._splitters[index] = self._thinking_of(index).splitter()
+            return [event]
+        hidden = self._thinking_of(index).hidden  # think: false, yet the model thinks
+        out: list[Any] = [_piece(kind, text, event) for kind, text in pieces
+                          if text and not (hidden and kind == "thinking")]  # fmt: skip
+        if isinstance(event, Finished):
+            out.append(event)
+        elif not out and getattr(event, "logprobs", ()):
+            out.append(TextChunk("", event.tokens, logprobs=event.logprobs))  # held text's
+        return out
+
+    def _thinking_of(self, index: int):
+        return self._rendered[self.choices[index].prompt].thinking
+
+
+def _piece(kind: str, text: str, source: Any) -> Any:
+    if kind == "thinking":
+        return ThinkingChunk(text)
+    logprobs = getattr(source, "logprobs", ()) if isinstance(source, TextChunk) else ()
+    if logprobs:
+        return TextChunk(text, getattr(source, "tokens", 0), logprobs=logprobs)
+    return TextChunk(text)
+
+
+def start(state, request: GenerationRequest) -> Exchange:
+    """Resolve, lease, render and start: the Exchange of `request` (its turns submitted).
+
+    `state` gives the library, the runtime and the settings (api/state.ServerState, or any
+    object with those three). Errors before the turns start release the lease.
+    """
+    require(state.library, request.model, "completion", request.kind)
+    if request.think and (request.schema is not None or request.tools is not None):
+        _refuse_guided_thinking(request)
+    runtime = state.runtime
+    loaded = runtime.acquire(request.model, request.keep_alive)
+    exchange = Exchange(runtime, loaded, request)
+    try:
+        options = _options(loaded, request, state.settings)
+        rendered = [render(loaded, prompt, request, options) for prompt in request.prompts]
+        exchange._start(rendered, options, state.settings)
+    except BaseException:
+        exchange.close(failed=True)
+        raise
+    return exchange
+
+
+def require(library, name: str, capability: str, kind: str):
+    """The model's library entry, checked before loading: it must have `capability`."""
+    info = library.get(name)
+    if capability not in info.capabilities:
+        raise InvalidRequest(f'"{info.name}" does not support {kind}', param="model")
+    return info
+
+
+def load(state, name: str, keep_alive: float | None, kind: str) -> None:
+    """Load a model (and start its keep-alive) without generating: Ollama's empty prompt."""
+    require(state.library, name, "completion", kind)
+    loaded = state.runtime.acquire(name, keep_alive)
+    state.runtime.release(loaded, keep_alive)
+
+
+def unload(state, name: str) -> None:
+    """Unload a model now if it is loaded (404 for a model that does not exist)."""
+    state.library.get(name)
+    if state.started_runtime is not None:
+        state.started_runtime.unload(name)
+
+
+def _refuse_guided_thinking(request: GenerationRequest) -> None:
+    field_ = "format" if request.schema is not None else "tools"
+    raise InvalidRequest(f"think cannot be combined with {field_}: the grammar that enforces "
+                         "the answer leaves no room for a thinking section", param="think")  # fmt: skip
+
+
+def _options(loaded, request: GenerationRequest, settings) -> GenerationOptions:
+    from ortserve.engine.sampling import resolve
+
+    options = resolve(request.sampling, loaded.info.manifest.get("parameters"),
+                      context_length=loaded.context_length,
+                      max_tokens=settings.max_tokens)  # fmt: skip
+    if request.logprobs is not None:
+        options = replace(options, logprobs=request.logprobs)
+    return options
+
+
+def _merged(turns: list[Any]) -> Iterator[tuple[int, Any]]:
+    """(choice index, event) of every turn as they come: one thread reads each of several."""
+    if len(turns) == 1:
+        yield from ((0, event) for event in turns[0])
+        return
+    inbox: queue.Queue = queue.Queue()
+    for index, turn in enumerate(turns):
+        threading.Thread(target=_pump, args=(index, turn, inbox), daemon=True).start()
+    running = len(turns)
+    while running:
+        index, event = inbox.get()
+        if isinstance(event, BaseException):
+            raise event
+        if isinstance(event, Finished):
+            running -= 1
+        yield index, event
+
+
+def _pump(index: int, turn, inbox: queue.Queue) -> None:
+    """Read one turn into `inbox` (a thread's work), ending with Finished or an exception."""
+    try:
+        for event in turn:
+            inbox.put((index, event))
+            if isinstance(event, Finished):
+                return
+        inbox.put((index, OrtServeError("generation ended without finishing")))
+    except BaseException as exc:  # handed to the request thread, which answers it
+        inbox.put((index, exc))

@@ -1,0 +1,54 @@
+"""Typed generation requests: what every protocol builds once, at its boundary.
+
+A protocol module reads its HTTP body (checked against its JSON Schema), converts messages,
+tools and sampling fields into these types, and hands one GenerationRequest to the core.
+Nothing below the protocol layer sees an HTTP dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ortserve.serving.tools import ToolSpec
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation rendered with the model's chat template.
+
+    `messages` are template-ready: role, content as a string, tool_calls with arguments as
+    objects, name / tool_call_id on tool results, thinking on assistant turns.
+    """
+
+    messages: list[dict[str, Any]]
+    truncate: bool = True  # drop the oldest turns to fit (Ollama); False: refuse (OpenAI)
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    """One prompt: raw, or wrapped in the template as a single user message (Ollama's generate)."""
+
+    text: str
+    system: str | None = None  # overrides the model's system prompt
+    raw: bool = False  # no template, no system prompt, no Modelfile MESSAGEs
+    param: str = "prompt"  # the request field errors name
+
+
+Prompt = ChatPrompt | TextPrompt
+
+
+@dataclass
+class GenerationRequest:
+    """One request for text: the model, its prompts, and how to generate each choice."""
+
+    model: str
+    prompts: list[Prompt]
+    kind: str = "chat"  # what a capability error names: chat, generate, completions
+    sampling: dict[str, Any] = field(default_factory=dict)  # checked values, Ollama's names
+    n: int = 1  # choices per prompt
+    keep_alive: float | None = None  # seconds; None: the server's default; <0: forever
+    schema: dict | None = None  # structured output: guided, validated, retried
+    tools: ToolSpec | None = None
+    think: bool | None = None  # None: the template's default
+    logprobs: int | None = None  # None: none; k: the chosen token's and the top k

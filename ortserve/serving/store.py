@@ -1,0 +1,234 @@
+"""The Responses API's stored responses, and its items <-> the core's template-ready messages.
+
+Stored responses live in memory only: the most recent MAX_STORED, least recently used
+dropped first, lost when the server stops. A stored response keeps its response object (for
+GET) and its conversation (for previous_response_id): every message before it, its own
+input, then its output, without its instructions (OpenAI does not carry them over).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ortserve.errors import InvalidRequest, OrtServeError
+
+# Responses kept for GET and previous_response_id: enough for many conversations, bounded so
+# that a long-running server's memory stays flat.
+MAX_STORED = 1000
+# Content parts read as text: what clients send, and what our own output items hold.
+_TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_text")
+_MEDIA_PARTS = ("input_image", "input_file", "input_audio", "image_url")
+_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+
+
+class ResponseNotFound(OrtServeError):
+    """An id this server does not hold: never stored, deleted, dropped, or from before a restart."""
+
+    status = 404
+    type = "invalid_request_error"
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    response: dict[str, Any]  # the response object as it was sent
+    conversation: list[dict[str, Any]]  # template-ready messages, its output last
+
+
+class ResponseStore:
+    """The most recent responses by id; thread-safe (gunicorn's threads share it)."""
+
+    def __init__(self, capacity: int = MAX_STORED):
+        self.capacity = capacity
+        self._items: OrderedDict[str, StoredResponse] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, stored: StoredResponse) -> None:
+        with self._lock:
+            self._items[stored.response["id"]] = stored
+            self._items.move_to_end(stored.response["id"])
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def get(self, response_id: str, param: str | None = None) -> StoredResponse:
+        """The stored response (now the most recently used); 404 naming `param` otherwise."""
+        with self._lock:
+            stored = self._items.get(response_id)
+            if stored is not None:
+                self._items.move_to_end(response_id)
+                return stored
+        what = "Previous response" if param == "previous_response_id" else "Response"
+        raise ResponseNotFound(f"{what} with id '{response_id}' not found.", param=param)
+
+    def delete(self, response_id: str) -> None:
+        with self._lock:
+            if self._items.pop(response_id, None) is not None:
+                return
+        raise ResponseNotFound(f"Response with id '{response_id}' not found.")
+
+
+def new_id(prefix: str) -> str:
+    """An unguessable id ("resp_...", "msg_..."): ids are the only key to a stored response."""
+    return f"{prefix}_{secrets.token_hex(24)}"
+
+
+# ---- input items -> template-ready messages ------------------------------------------------
+
+
+def item_messages(items: str | list[dict[str, Any]], where: str = "input",
+                  before: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:  # fmt: skip
+    """Responses input (a string, or items) as the messages templates take.
+
+    Function calls join the assistant turn before them (or one of their own); a reasoning
+    item's text becomes the thinking of the assistant turn after it; a tool result takes
+    its function's name from the call it answers, here or in `before`.
+    """
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    names = {c["id"]: c["function"]["name"] for m in before for c in m.get("tool_calls", ())}
+    messages: list[dict[str, Any]] = []
+    thinking = ""  # a reasoning item's text, for the next assistant turn
+    for i, item in enumerate(items):
+        at = f"{where}[{i}]"
+        kind = item.get("type", "message")
+        if kind == "reasoning":
+            thinking += _reasoning_text(item, at)
+            continue
+        if kind == "function_call_output":
+            messages.append(_tool_result(item, at, names))
+            continue
+        if kind == "message":
+            message = _message(item, at)
+            messages.append(message)
+        else:  # function_call
+            message = _calling_turn(messages)
+            call = _call(item, at)
+            names[call["id"]] = call["function"]["name"]
+            message.setdefault("tool_calls", []).append(call)
+        if thinking and message["role"] == "assistant":
+            message["thinking"], thinking = thinking, ""
+    return messages
+
+
+def _message(item: dict[str, Any], at: str) -> dict[str, Any]:
+    role = _ROLES[item["role"]]
+    return {"role": role, "content": parts_text(item["content"], f"{at}.content")}
+
+
+def _calling_turn(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The assistant turn a function call belongs to: the last one, or a new one."""
+    if messages and messages[-1]["role"] == "assistant":
+        return messages[-1]
+    messages.append({"role": "assistant", "content": ""})
+    return messages[-1]
+
+
+def _call(item: dict[str, Any], at: str) -> dict[str, Any]:
+    """A function_call item as a template's tool call: arguments as an object."""
+    try:
+        arguments = json.loads(item["arguments"]) if item["arguments"].strip() else {}
+    except json.JSONDecodeError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise InvalidRequest(f"{at}.arguments must be a JSON object", param=f"{at}.arguments")
+    function = {"name": item["name"], "arguments": arguments}
+    return {"id": item["call_id"], "type": "function", "function": function}
+
+
+def _tool_result(item: dict[str, Any], at: str, names: dict[str, str]) -> dict[str, Any]:
+    """A function_call_output as a tool message; its call must be in the conversation."""
+    call_id = item["call_id"]
+    if call_id not in names:  # OpenAI refuses it too: the model could not tell what it answers
+        raise InvalidRequest(f"No tool call found for function call output with call_id "
+                             f"{call_id}.", param=f"{at}.call_id")  # fmt: skip
+    content = parts_text(item["output"], f"{at}.output")
+    return {"role": "tool", "content": content, "tool_call_id": call_id, "name": names[call_id]}
+
+
+def _reasoning_text(item: dict[str, Any], at: str) -> str:
+    """A reasoning item's text: its reasoning_text content, else its summary."""
+    parts = item.get("content") or item.get("summary") or []
+    return parts_text(parts, f"{at}.content")
+
+
+def parts_text(content: str | list[dict[str, Any]], where: str) -> str:
+    """Content as one string: text parts joined; no model here reads images or files."""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        kind, param = part.get("type"), f"{where}[{j}]"
+        if kind in _TEXT_PARTS:
+            texts.append(part["text"])
+        elif kind == "refusal":
+            texts.append(part["refusal"])
+        elif kind in _MEDIA_PARTS:
+            raise InvalidRequest(f"{param}: {kind} is not supported: no model here reads "
+                                 "images, files or audio", param=param)  # fmt: skip
+        else:
+            raise InvalidRequest(f"{param}: unsupported content part {kind!r}", param=param)
+    return "\n".join(texts)
+
+
+# ---- the core's output -> output items -----------------------------------------------------
+
+
+def output_items(choice: Any) -> list[dict[str, Any]]:
+    """A finished Choice as output items: reasoning, the message, then each function call.
+
+    The message is left out when the answer is only calls (what OpenAI sends), kept (empty
+    if need be) otherwise, so that every answer has its text where clients look for it.
+    """
+    items = []
+    if choice.thoughts:
+        items.append(reasoning_item(new_id("rs"), choice.thoughts))
+    if choice.content.strip() or not choice.calls:
+        status = "incomplete" if incomplete(choice) else "completed"
+        items.append(message_item(new_id("msg"), choice.content, status))
+    items.extend(call_item(new_id("fc"), call) for call in choice.calls)
+    return items
+
+
+def incomplete(choice: Any) -> bool:
+    """Cut by the token cap; calls that parsed and validated whole still count as complete."""
+    return choice.finished.reason == "length" and not choice.calls
+
+
+def message_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
+    """An assistant message; text None: the item as it opens, before its content part."""
+    content = [] if text is None else [output_text(text)]
+    return {"id": item_id, "type": "message", "status": status, "role": "assistant",
+            "content": content}  # fmt: skip
+
+
+def output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
+def reasoning_item(item_id: str, text: str | None) -> dict[str, Any]:
+    content = [] if text is None else [{"type": "reasoning_text", "text": text}]
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": content}
+
+
+def call_item(item_id: str, call: Any, status: str = "completed") -> dict[str, Any]:
+    """A function_call item; its call_id is the core's call id, arguments a JSON string."""
+    arguments = json.dumps(call.arguments, ensure_ascii=False)
+    return {"id": item_id, "type": "function_call", "status": status, "call_id": call.id,
+            "name": call.name, "arguments": arguments}  # fmt: skip
+
+
+def usage_object(used: Any) -> dict[str, Any]:
+    """The core's Usage in the Responses shape (no prompt cache; thinking not counted apart)."""
+    cache = {"cached_tokens": 0, "cache_write_tokens": 0}
+    return {"input_tokens": used.prompt_tokens, "input_tokens_details": cache,
+            "output_tokens": used.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": used.total_tokens}  # fmt: skip
