@@ -251,7 +251,7 @@ def _graceful_worker():
             if verdict == "ready":
                 self.dispatch(arriving)
             elif verdict == "too large":
-                self.drop(arriving, _answer(431, "request header fields too large"))
+                self.drop(arriving, _TOO_LARGE)
 
         def dispatch(self, arriving: Arriving) -> None:
             """The request is in (or its body is for the thread to read): a thread takes it."""
@@ -277,7 +277,7 @@ def _graceful_worker():
             now = time.monotonic()
             for arriving in list(self.arriving.values()):  # in deadline order: as they came
                 if now >= arriving.deadline:
-                    answer = _answer(408, "request not received in time") if arriving.data else b""
+                    answer = _TIMED_OUT if arriving.data else b""
                     self.drop(arriving, answer)
                 elif not self.alive and not arriving.data:
                     self.drop(arriving)
@@ -380,7 +380,8 @@ class PatientReader:
         try:
             return self.sock.recv(size)
         finally:
-            self.sock.settimeout(None)  # blocking again, as gthread's thread expects
+            with contextlib.suppress(OSError):  # blocking again, as gthread's thread expects
+                self.sock.settimeout(None)
 
     def gettimeout(self) -> float | None:
         return self.timeout
@@ -390,14 +391,19 @@ class PatientReader:
         self.timeout = self.default if value is None else value
 
 
-def _answer(status: int, reason: str) -> bytes:
+def _answer(status: str, message: str) -> bytes:
     """A whole HTTP/1.1 error response, written by the main loop before it closes."""
-    body = f'{{"error":"{reason}"}}\n'.encode()
+    body = f'{{"error":"{message}"}}\n'.encode()
     head = (
-        f"HTTP/1.1 {status} {reason.title()}\r\nContent-Type: application/json\r\n"
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+# What the main loop answers a request it gives up on, before closing.
+_TIMED_OUT = _answer("408 Request Timeout", "request not received within ORTSERVE_READ_TIMEOUT")
+_TOO_LARGE = _answer("431 Request Header Fields Too Large", "request head over 64 KiB")
 
 
 def _send_quietly(sock, data: bytes) -> None:

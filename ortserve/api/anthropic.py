@@ -2,7 +2,7 @@
 
 Content blocks become template messages, tools OpenAI-style function tools; a choice becomes
 a message of content blocks, its events Anthropic's SSE events. Errors on these paths take
-Anthropic's shape (error_body, used by api/app.py).
+Anthropic's shape (error_body, used by api/app.py). docs/anthropic.md lists what is supported.
 """
 
 from __future__ import annotations
@@ -29,13 +29,16 @@ from ortserve.serving.tools import ToolCallEvent, ToolSpec, tool_spec
 
 anthropic_bp = Blueprint("anthropic", __name__)
 
-_SAMPLING = (("max_tokens", "num_predict"), ("temperature", "temperature"), ("top_p", "top_p"),
-             ("top_k", "top_k"), ("stop_sequences", "stop"))  # fmt: skip
+_SAMPLING = {"max_tokens": "num_predict", "temperature": "temperature", "top_p": "top_p",
+             "top_k": "top_k", "stop_sequences": "stop"}  # fmt: skip
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
 _TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+_THINK = {"enabled": True, "disabled": False}  # adaptive, between_tools: the template's default
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                 403: "permission_error", 404: "not_found_error", 413: "request_too_large",
-                429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}  # fmt: skip
+                429: "rate_limit_error", 503: "overloaded_error",
+                529: "overloaded_error"}  # fmt: skip
+_EMPTY_BLOCKS = {"text": {"text": ""}, "thinking": {"thinking": "", "signature": ""}}
 
 
 @anthropic_bp.post("/v1/messages")
@@ -43,8 +46,10 @@ def messages():
     """The next assistant message, whole or as Anthropic's SSE events."""
     body = parsed_body("messages")
     request = _request(body)
-    # Empty stop_sequences ask for nothing: they must not replace the model's own stops.
-    request.sampling = api_sampling([(f, o, body.get(f) or None) for f, o in _SAMPLING],
+    # An empty stop_sequences asks for nothing: it must not replace the model's own stops.
+    given = {**body, "stop_sequences": body.get("stop_sequences") or None}
+    request.sampling = api_sampling([(name, option, given.get(name))
+                                     for name, option in _SAMPLING.items()],
                                     max_temperature=1.0)  # fmt: skip
     exchange = core.start(current_state(), request)
     message = _Message(body["model"])
@@ -52,15 +57,14 @@ def messages():
         return exchange_stream(exchange, lambda events: message.stream(exchange, events),
                                lambda exc: _sse("error", error_body(exc.status, exc.message)),
                                SSE)  # fmt: skip
-    choice = exchange.finish()[0]
-    return json_response(message.whole(choice, exchange))
+    return json_response(message.whole(exchange.finish()[0], exchange))
 
 
 @anthropic_bp.post("/v1/messages/count_tokens")
 def count_tokens():
-    """The tokens of the prompt a request renders to: template, system, tools and all."""
-    return json_response({"input_tokens": prompt_tokens(current_state(), _request(
-        parsed_body("count_tokens")))})  # fmt: skip
+    """The tokens of the prompt a request renders to: template, system and tools included."""
+    request = _request(parsed_body("count_tokens"))
+    return json_response({"input_tokens": prompt_tokens(current_state(), request)})
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
@@ -70,12 +74,12 @@ def error_body(status: int, message: str) -> dict[str, Any]:
 
 
 def prompt_tokens(state, request: GenerationRequest) -> int:
-    """The rendered prompt's token count; leases the model, so it belongs in the core."""
+    """The rendered prompt's token count. It leases the model: a core function to be."""
     core.require(state.library, request.model, "completion", request.kind)
     loaded = state.runtime.acquire(request.model, None)
-    try:  # any length is counted: the context only limits what can be generated
-        return len(render(loaded, request.prompts[0], request, GenerationOptions(num_ctx=INT32))
-                   .tokens)  # fmt: skip
+    try:  # a prompt of any length is counted: the context only limits generation
+        rendered = render(loaded, request.prompts[0], request, GenerationOptions(num_ctx=INT32))
+        return len(rendered.tokens)
     finally:
         state.runtime.release(loaded, None)
 
@@ -85,16 +89,28 @@ def prompt_tokens(state, request: GenerationRequest) -> int:
 
 def _request(body: dict[str, Any]) -> GenerationRequest:
     """The core's request: system and messages as template messages, tools, thinking."""
-    turns, names = _system(body.get("system")), {}  # names: tool_use id -> its tool
+    _refuse_later(body)
+    turns, names = _system(body.get("system")), {}  # names: tool_use id -> its tool's name
     for i, message in enumerate(body["messages"]):
         turns += _turns(i, message, names)
+    tools = _tools(body.get("tools"), body.get("tool_choice") or {"type": "auto"})
+    think = _THINK.get((body.get("thinking") or {}).get("type"))
+    if think and tools is not None and tools.choice != "none":
+        raise InvalidRequest("thinking cannot be combined with tools: the grammar that writes "
+                             "the calls leaves no room for thinking", param="thinking")  # fmt: skip
+    return GenerationRequest(model=body["model"], prompts=[ChatPrompt(turns, truncate=False)],
+                             kind="chat", tools=tools, think=think)  # fmt: skip
+
+
+def _refuse_later(body: dict[str, Any]) -> None:
+    """What a later version may do: refused, never silently ignored."""
     last = len(body["messages"]) - 1
     if body["messages"][last]["role"] == "assistant":  # the template would close it as a turn
         raise NotSupportedYet("a final assistant message (prefill) is not supported yet",
                               param=f"messages[{last}]")  # fmt: skip
-    tools = _tools(body.get("tools"), body.get("tool_choice") or {"type": "auto"})
-    return GenerationRequest(model=body["model"], prompts=[ChatPrompt(turns, truncate=False)],
-                             kind="chat", tools=tools, think=_think(body, tools))  # fmt: skip
+    if (body.get("output_config") or {}).get("format"):
+        raise NotSupportedYet("output_config.format is not supported yet",
+                              param="output_config.format")  # fmt: skip
 
 
 def _system(system: str | list[dict] | None) -> list[dict[str, Any]]:
@@ -114,14 +130,14 @@ def _turns(i: int, message: dict[str, Any], names: dict[str, str]) -> list[dict[
             texts.append(block["text"])
         elif kind == "tool_use" and role == "assistant":
             names[block["id"]] = block["name"]
-            calls.append({"id": block["id"], "type": "function",
-                          "function": {"name": block["name"], "arguments": block["input"]}})  # fmt: skip
+            function = {"name": block["name"], "arguments": block["input"]}
+            calls.append({"id": block["id"], "type": "function", "function": function})
         elif kind == "tool_result" and role == "user":
             results.append(_tool_result(block, names.get(block["tool_use_id"]), where))
         elif kind == "thinking" and role == "assistant":
             thinking.append(block["thinking"])
         elif kind != "redacted_thinking":  # encrypted by Anthropic: nothing a local model reads
-            raise _unsupported(kind, role, where)
+            raise _unsupported(kind, f"a {role} message", where)
     turn: dict[str, Any] = {"role": role, "content": "\n".join(texts)}
     turn.update({"tool_calls": calls} if calls else {})
     turn.update({"thinking": "".join(thinking)} if thinking else {})
@@ -133,7 +149,7 @@ def _tool_result(block: dict[str, Any], name: str | None, where: str) -> dict[st
     if isinstance(content, list):
         for k, part in enumerate(content):
             if part["type"] != "text" or not isinstance(part.get("text"), str):
-                raise _unsupported(part["type"], "tool_result", f"{where}.content[{k}]")
+                raise _unsupported(part["type"], "a tool_result", f"{where}.content[{k}]")
         content = "\n".join(part["text"] for part in content)
     if block.get("is_error"):  # templates have no error flag: the model reads it in the text
         content = f"Error: {content}"
@@ -143,9 +159,10 @@ def _tool_result(block: dict[str, Any], name: str | None, where: str) -> dict[st
 
 def _unsupported(kind: str, holder: str, where: str) -> InvalidRequest:
     if kind in ("image", "document"):
-        return InvalidRequest(f"{where}: {kind} blocks are not supported: no model here reads "
-                              f"{kind}s", param=where)  # fmt: skip
-    return InvalidRequest(f"{where}: unsupported content block {kind!r} in a {holder}", param=where)
+        why = f"{kind} blocks are not supported: no model here reads {kind}s"
+    else:
+        why = f"unsupported content block {kind!r} in {holder}"
+    return InvalidRequest(f"{where}: {why}", param=where)
 
 
 def _tools(tools: list[dict] | None, choice: dict[str, Any]) -> ToolSpec | None:
@@ -155,21 +172,15 @@ def _tools(tools: list[dict] | None, choice: dict[str, Any]) -> ToolSpec | None:
         if kind in ("any", "tool"):
             raise InvalidRequest(f'tool_choice "{kind}" needs tools', param="tool_choice")
         return None
-    functions = [{"type": "function", "function": {
-        "name": t["name"], "parameters": t["input_schema"],
-        **({"description": t["description"]} if "description" in t else {})}} for t in tools]  # fmt: skip
+    functions = [{"type": "function", "function": _function(tool)} for tool in tools]
     forced = {"type": "function", "function": {"name": choice.get("name")}}
     return tool_spec(functions, _TOOL_CHOICES.get(kind, forced),
                      not choice.get("disable_parallel_tool_use", False))  # fmt: skip
 
 
-def _think(body: dict[str, Any], tools: ToolSpec | None) -> bool | None:
-    """enabled: think; disabled: don't; adaptive or absent: the template's default."""
-    think = {"enabled": True, "disabled": False}.get((body.get("thinking") or {}).get("type"))
-    if think and tools is not None and tools.choice != "none":
-        raise InvalidRequest("thinking cannot be combined with tools: the grammar that writes the "
-                             "calls leaves no room for a thinking section", param="thinking")  # fmt: skip
-    return think
+def _function(tool: dict[str, Any]) -> dict[str, Any]:
+    described = {"description": tool["description"]} if "description" in tool else {}
+    return {"name": tool["name"], **described, "parameters": tool["input_schema"]}
 
 
 # ---- answers out ---------------------------------------------------------------------------
@@ -183,7 +194,7 @@ class _Message:
         self.model = model
         self.blocks = 0  # content blocks started so far
         self.open: str | None = None  # the type of the block taking deltas
-        self.held = ""  # whitespace not yet sent: no blank text block before tool_use
+        self.held = ""  # whitespace not sent yet: no blank text block before a tool_use
 
     def envelope(self, content: list, reason: str | None, usage: dict) -> dict[str, Any]:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
@@ -208,8 +219,8 @@ class _Message:
         if self.held and not choice.calls:  # an answer of whitespace only is still the answer
             yield from self._delta("text", {"type": "text_delta", "text": self.held})
         yield from self._close()
-        yield _sse("message_delta", {"delta": {"stop_reason": stop_reason(choice),
-                                               "stop_sequence": None}, "usage": _usage(exchange)})  # fmt: skip
+        delta = {"stop_reason": stop_reason(choice), "stop_sequence": None}
+        yield _sse("message_delta", {"delta": delta, "usage": _usage(exchange)})
         yield _sse("message_stop", {})
 
     def _event(self, event: Any) -> Iterator[str]:
@@ -224,21 +235,22 @@ class _Message:
         elif isinstance(event, ToolCallEvent):  # whole and validated: one delta carries it
             yield from self._close()
             yield from self._start({**_tool_use(event.call), "input": {}})
-            yield from self._delta("tool_use", {"type": "input_json_delta", "partial_json":
-                                   json.dumps(event.call.arguments, ensure_ascii=False)})  # fmt: skip
+            arguments = json.dumps(event.call.arguments, ensure_ascii=False)
+            yield from self._delta("tool_use", {"type": "input_json_delta",
+                                                "partial_json": arguments})  # fmt: skip
             yield from self._close()
         elif isinstance(event, Retry):
-            # Tool attempts show no text (the grammar's text and calls exclude each other), so
-            # a retry is almost always invisible; text already sent cannot be taken back.
+            # A tool attempt's text and calls exclude each other (the grammar), so a retried
+            # attempt has almost never shown anything; text already sent cannot be taken back.
             if self.blocks:
-                raise OrtServeError("the model's tool call failed validation after its text was "
-                                    "streamed; send the request again")  # fmt: skip
+                raise OrtServeError("the model's tool call failed validation after its text "
+                                    "was streamed; send the request again")  # fmt: skip
             self.held = ""
 
     def _delta(self, kind: str, delta: dict[str, Any]) -> Iterator[str]:
         if self.open != kind:
             yield from self._close()
-            yield from self._start({"type": kind, **_EMPTY.get(kind, {})})
+            yield from self._start({"type": kind, **_EMPTY_BLOCKS.get(kind, {})})
         yield _sse("content_block_delta", {"index": self.blocks - 1, "delta": delta})
 
     def _start(self, block: dict[str, Any]) -> Iterator[str]:
@@ -252,14 +264,11 @@ class _Message:
             self.open = None
 
 
-_EMPTY = {"text": {"text": ""}, "thinking": {"thinking": "", "signature": ""}}
-
-
 def stop_reason(choice: Choice) -> str:
     """tool_use for validated calls, else the engine's reason.
 
-    The engine cuts a stop string without saying which one (or whether EOS came first), so
-    a stop sequence is reported as end_turn with stop_sequence null (docs/anthropic.md).
+    The engine cuts a stop string without saying which one matched (or whether EOS came
+    first), so a stop sequence ends as end_turn with stop_sequence null (docs/anthropic.md).
     """
     if choice.calls:
         return "tool_use"
@@ -271,12 +280,12 @@ def _tool_use(call) -> dict[str, Any]:
 
 
 def _usage(exchange: Exchange) -> dict[str, int]:
-    used = exchange.usage()  # every attempt counted, as OpenAI's usage
+    used = exchange.usage()  # every attempt of a retried tool call counted
     return {"input_tokens": used.prompt_tokens, "output_tokens": used.completion_tokens}
 
 
 def _prompt_tokens(exchange: Exchange) -> int:
-    """The prompt's tokens before any output (message_start): the rendered prompts'."""
+    """The prompt's tokens before any output (message_start), from the rendered prompt."""
     return sum(len(rendered.tokens) for rendered in exchange._rendered)
 
 

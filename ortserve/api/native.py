@@ -121,7 +121,8 @@ def chat():
     messages = [_chat_message(i, m) for i, m in enumerate(body["messages"])]
     prompt = ChatPrompt(messages, truncate=body.get("truncate", True))
     request = _request(body, prompt, "chat")
-    request.tools = tool_spec(body.get("tools"))
+    request.tools = tool_spec(body.get("tools"), body.get("tool_choice"),
+                              body.get("parallel_tool_calls", True))  # fmt: skip
     if request.tools is not None and request.schema is not None and request.tools.choice != "none":
         raise InvalidRequest("tools and format cannot be combined", param="tools")
     return _answer(body, request, _Reply(body["model"], "chat"))

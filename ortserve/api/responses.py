@@ -27,13 +27,16 @@ from ortserve.serving.store import (
     ResponseStore,
     StoredResponse,
     call_item,
+    chat_tool_choice,
+    chat_tools,
     incomplete,
     item_messages,
     message_item,
     new_id,
     output_items,
-    output_text,
     reasoning_item,
+    response_object,
+    text_part,
     usage_object,
 )
 from ortserve.serving.structured import response_format_schema
@@ -44,6 +47,8 @@ responses_bp = Blueprint("responses", __name__)
 STORE = "ortserve.responses"  # the app.extensions key of the app's ResponseStore
 # Fields that ask for what this server does not do: refused, never silently ignored.
 _LATER = ("background", "conversation", "prompt", "top_logprobs")
+# The event name and extra fields of each streamed item's text.
+_TEXT = {"message": ("output_text", {"logprobs": []}), "reasoning": ("reasoning_text", {})}
 # Core errors name the core's fields; a client of this API knows them by these.
 _PARAMS = {"think": "reasoning.effort", "messages": "input", "format": "text.format"}
 
@@ -106,7 +111,7 @@ def _request(body: dict[str, Any], conversation: list[dict]) -> GenerationReques
     fmt = (body.get("text") or {}).get("format") or {}
     schema = response_format_schema(fmt.get("type", "text"), fmt.get("schema"),
                                     param="text.format", schema_param="text.format.schema")  # fmt: skip
-    tools = tool_spec(_tools(body.get("tools")), _tool_choice(body.get("tool_choice")),
+    tools = tool_spec(chat_tools(body.get("tools")), chat_tool_choice(body.get("tool_choice")),
                       body.get("parallel_tool_calls", True))  # fmt: skip
     if tools is not None and schema is not None and tools.choice != "none":
         raise InvalidRequest("tools and text.format cannot be combined", param="tools")
@@ -118,28 +123,6 @@ def _request(body: dict[str, Any], conversation: list[dict]) -> GenerationReques
     return GenerationRequest(model=body["model"], prompts=[prompt], kind="chat",
                              sampling=sampling, schema=schema, tools=tools,
                              think=_think(body))  # fmt: skip
-
-
-def _tools(tools: list[dict] | None) -> list[dict]:
-    """Function tools in chat's shape, as the core takes them; other tool types are refused."""
-    converted = []
-    for i, tool in enumerate(tools or []):
-        if tool["type"] != "function":
-            raise InvalidRequest(f"tools[{i}].type: {tool['type']!r} tools are not supported, "
-                                 "only function tools", param=f"tools[{i}].type")  # fmt: skip
-        function = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
-        converted.append({"type": "function", "function": function})
-    return converted
-
-
-def _tool_choice(value: str | dict | None) -> str | dict | None:
-    """Responses' {type: function, name} as chat's {type: function, function: {name}}."""
-    if value is None or isinstance(value, str):
-        return value
-    if value.get("type") == "function" and isinstance(value.get("name"), str):
-        return {"type": "function", "function": {"name": value["name"]}}
-    raise InvalidRequest('tool_choice must be "auto", "none", "required" or '
-                         '{"type": "function", "name": ...}', param="tool_choice")  # fmt: skip
 
 
 def _think(body: dict[str, Any]) -> bool | None:
@@ -171,22 +154,7 @@ class _Shape:
         self.created_at = int(time.time())
 
     def response(self, output: list[dict], status: str, usage: dict | None = None) -> dict:
-        body = self.body
-        reason = {"reason": "max_output_tokens"} if status == "incomplete" else None
-        effort = (body.get("reasoning") or {}).get("effort")
-        fmt = (body.get("text") or {}).get("format") or {"type": "text"}
-        return {"id": self.id, "object": "response", "created_at": self.created_at,
-                "status": status, "background": False, "error": None,
-                "incomplete_details": reason, "instructions": body.get("instructions"),
-                "max_output_tokens": body.get("max_output_tokens"), "model": body["model"],
-                "output": output, "parallel_tool_calls": body.get("parallel_tool_calls", True),
-                "previous_response_id": body.get("previous_response_id"),
-                "reasoning": {"effort": effort, "summary": None},
-                "store": body.get("store", True), "temperature": body.get("temperature"),
-                "text": {"format": fmt}, "tool_choice": body.get("tool_choice", "auto"),
-                "tools": body.get("tools", []), "top_p": body.get("top_p"),
-                "truncation": body.get("truncation", "disabled"), "usage": usage,
-                "user": body.get("user"), "metadata": body.get("metadata", {})}  # fmt: skip
+        return response_object(self.id, self.created_at, self.body, output, status, usage)
 
     def final(self, output: list[dict], status: str, exchange: Exchange) -> dict:
         """The finished response, stored (with its conversation) unless store is false."""
@@ -213,6 +181,8 @@ class _Events:
         self.added = 0  # items added so far: the next item's output_index
         self.open: dict | None = None  # the message or reasoning item streaming now
         self.parts: list[str] = []
+        self.answered = False  # a message item was opened (since the last Retry)
+        self.held = ""  # whitespace before any message text: calls may follow, and no text
 
     def event(self, kind: str, **fields: Any) -> str:
         self.sequence += 1
@@ -235,66 +205,77 @@ class _Events:
                 yield from self._call(event.call)
             elif isinstance(event, Retry):
                 yield from self._close("incomplete", retry=event)
+                self.answered, self.held = False, ""
             elif isinstance(event, Finished):
-                choice = self.exchange.choices[0]
-                status = "incomplete" if incomplete(choice) else "completed"
-                yield from self._close(status)
-                yield self.event(f"response.{status}",
-                                 response=self.shape.final(self.output, status, self.exchange))  # fmt: skip
+                yield from self._finish()
 
-    def _stream(self, kind: str, text: str) -> Iterator[str]:
-        if self.open is None or self.open["type"] != kind:
+    def _finish(self) -> Iterator[str]:
+        choice = self.exchange.choices[0]
+        if not choice.calls and not self.answered:  # an answer without calls has its message
+            yield from self._stream("message", "", hold=False)
+        status = "incomplete" if incomplete(choice) else "completed"
+        yield from self._close(status)
+        response = self.shape.final(self.output, status, self.exchange)
+        yield self.event(f"response.{status}", response=response)
+
+    def _stream(self, kind: str, text: str, hold: bool = True) -> Iterator[str]:
+        if (self.open or {}).get("type") != kind:
+            if kind == "message":
+                text, self.held = self.held + text, ""
+                if hold and not text.strip():
+                    self.held = text
+                    return
             yield from self._close("completed")
             yield from self._open(kind)
-        self.parts.append(text)
-        extra = {"logprobs": []} if kind == "message" else {}
-        name = "output_text" if kind == "message" else "reasoning_text"
-        yield self.event(f"response.{name}.delta", **self._where(), delta=text, **extra)
+        if text:
+            self.parts.append(text)
+            name, extra = _TEXT[kind]
+            yield self.event(f"response.{name}.delta", **self._where(), delta=text, **extra)
 
     def _open(self, kind: str) -> Iterator[str]:
         if kind == "message":
-            item = message_item(new_id("msg"), None, "in_progress")
-            part = output_text("")
+            item, self.answered = message_item(new_id("msg"), None, "in_progress"), True
         else:
-            item, part = reasoning_item(new_id("rs"), None), {"type": "reasoning_text", "text": ""}
+            item = reasoning_item(new_id("rs"), None)
         self.open, self.parts = item, []
         self.added += 1
         yield self.event("response.output_item.added", output_index=self.added - 1, item=item)
-        yield self.event("response.content_part.added", **self._where(), part=part)
+        yield self.event("response.content_part.added", **self._where(), part=text_part(kind, ""))
 
     def _close(self, status: str, retry: Retry | None = None) -> Iterator[str]:
         """End the open item; a retried one is sent as incomplete and left out of the output."""
-        if self.open is None:
+        item, text, ours = self.open, "".join(self.parts), {}
+        if item is None:
             return
-        item, text = self.open, "".join(self.parts)
         if item["type"] == "message":
             done = message_item(item["id"], text, "incomplete" if retry else status)
         else:
             done = reasoning_item(item["id"], text)
         if retry is None:
-            name = "output_text" if item["type"] == "message" else "reasoning_text"
-            extra = {"logprobs": []} if item["type"] == "message" else {}
+            name, extra = _TEXT[item["type"]]
             yield self.event(f"response.{name}.done", **self._where(), text=text, **extra)
             yield self.event("response.content_part.done", **self._where(),
                              part=done["content"][0])  # fmt: skip
             self.output.append(done)
-        ours = {"ortserve_retry": vars(retry)} if retry else {}
+        else:
+            ours = {"ortserve_retry": {"attempt": retry.attempt, "reason": retry.reason}}
         yield self.event("response.output_item.done", output_index=self.added - 1, item=done,
                          **ours)  # fmt: skip
         self.open = None
 
     def _call(self, call: ToolCall) -> Iterator[str]:
         item = call_item(new_id("fc"), call, "in_progress")
-        index, where = self.added, {"item_id": item["id"], "output_index": self.added}
+        where = {"item_id": item["id"], "output_index": self.added}
         self.added += 1
-        yield self.event("response.output_item.added", output_index=index,
+        yield self.event("response.output_item.added", output_index=where["output_index"],
                          item={**item, "arguments": ""})  # fmt: skip
         yield self.event("response.function_call_arguments.delta", **where,
                          delta=item["arguments"])  # fmt: skip
         yield self.event("response.function_call_arguments.done", **where, name=call.name,
                          arguments=item["arguments"])  # fmt: skip
         done = {**item, "status": "completed"}
-        yield self.event("response.output_item.done", output_index=index, item=done)
+        yield self.event("response.output_item.done", output_index=where["output_index"],
+                         item=done)  # fmt: skip
         self.output.append(done)
 
     def _where(self) -> dict[str, Any]:

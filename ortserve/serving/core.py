@@ -218,8 +218,9 @@ def start(state, request: GenerationRequest) -> Exchange:
     object with those three). Errors before the turns start release the lease.
     """
     require(state.library, request.model, "completion", request.kind)
-    if request.think and (request.schema is not None or request.tools is not None):
-        _refuse_guided_thinking(request)
+    guided_tools = request.tools is not None and request.tools.choice != "none"
+    if request.think and (request.schema is not None or guided_tools):
+        _refuse_guided_thinking(request)  # tool_choice "none" is a plain turn: it may think
     runtime = state.runtime
     loaded = runtime.acquire(request.model, request.keep_alive)
     exchange = Exchange(runtime, loaded, request)

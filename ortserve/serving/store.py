@@ -178,6 +178,28 @@ def parts_text(content: str | list[dict[str, Any]], where: str) -> str:
     return "\n".join(texts)
 
 
+def chat_tools(tools: list[dict] | None) -> list[dict]:
+    """Function tools in chat's shape, as the core takes them; other tool types are refused."""
+    converted = []
+    for i, tool in enumerate(tools or []):
+        if tool["type"] != "function":
+            raise InvalidRequest(f"tools[{i}].type: {tool['type']!r} tools are not supported, "
+                                 "only function tools", param=f"tools[{i}].type")  # fmt: skip
+        function = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
+        converted.append({"type": "function", "function": function})
+    return converted
+
+
+def chat_tool_choice(value: str | dict | None) -> str | dict | None:
+    """Responses' {type: function, name} as chat's {type: function, function: {name}}."""
+    if value is None or isinstance(value, str):
+        return value
+    if value.get("type") == "function" and isinstance(value.get("name"), str):
+        return {"type": "function", "function": {"name": value["name"]}}
+    raise InvalidRequest('tool_choice must be "auto", "none", "required" or '
+                         '{"type": "function", "name": ...}', param="tool_choice")  # fmt: skip
+
+
 # ---- the core's output -> output items -----------------------------------------------------
 
 
@@ -204,17 +226,20 @@ def incomplete(choice: Any) -> bool:
 
 def message_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
     """An assistant message; text None: the item as it opens, before its content part."""
-    content = [] if text is None else [output_text(text)]
+    content = [] if text is None else [text_part("message", text)]
     return {"id": item_id, "type": "message", "status": status, "role": "assistant",
             "content": content}  # fmt: skip
 
 
-def output_text(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": []}
+def text_part(kind: str, text: str) -> dict[str, Any]:
+    """The text of a "message" item (output_text) or a "reasoning" item (reasoning_text)."""
+    if kind == "message":
+        return {"type": "output_text", "text": text, "annotations": []}
+    return {"type": "reasoning_text", "text": text}
 
 
 def reasoning_item(item_id: str, text: str | None) -> dict[str, Any]:
-    content = [] if text is None else [{"type": "reasoning_text", "text": text}]
+    content = [] if text is None else [text_part("reasoning", text)]
     return {"id": item_id, "type": "reasoning", "summary": [], "content": content}
 
 
@@ -223,6 +248,26 @@ def call_item(item_id: str, call: Any, status: str = "completed") -> dict[str, A
     arguments = json.dumps(call.arguments, ensure_ascii=False)
     return {"id": item_id, "type": "function_call", "status": status, "call_id": call.id,
             "name": call.name, "arguments": arguments}  # fmt: skip
+
+
+def response_object(response_id: str, created_at: int, body: dict[str, Any],
+                    output: list[dict], status: str, usage: dict | None) -> dict[str, Any]:  # fmt: skip
+    """The response object: its output and status, and the request fields it echoes."""
+    reason = {"reason": "max_output_tokens"} if status == "incomplete" else None
+    effort = (body.get("reasoning") or {}).get("effort")
+    fmt = (body.get("text") or {}).get("format") or {"type": "text"}
+    return {"id": response_id, "object": "response", "created_at": created_at,
+            "status": status, "background": False, "error": None,
+            "incomplete_details": reason, "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"), "model": body["model"],
+            "output": output, "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "previous_response_id": body.get("previous_response_id"),
+            "reasoning": {"effort": effort, "summary": None},
+            "store": body.get("store", True), "temperature": body.get("temperature"),
+            "text": {"format": fmt}, "tool_choice": body.get("tool_choice", "auto"),
+            "tools": body.get("tools", []), "top_p": body.get("top_p"),
+            "truncation": body.get("truncation", "disabled"), "usage": usage,
+            "user": body.get("user"), "metadata": body.get("metadata", {})}  # fmt: skip
 
 
 def usage_object(used: Any) -> dict[str, Any]:

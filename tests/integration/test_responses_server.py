@@ -29,6 +29,7 @@ WEATHER = {
         "required": ["city"],
     },
 }
+ASK = {"role": "user", "content": "Weather in Paris?"}
 
 
 class City(BaseModel):
@@ -153,7 +154,7 @@ def test_a_forced_function_call_has_valid_arguments(client):
 
 
 def test_a_function_call_output_gets_an_answer(client):
-    first = client.responses.create(model=MODEL, input="Weather in Paris?", tools=[WEATHER],
+    first = client.responses.create(model=MODEL, input=[ASK], tools=[WEATHER],
                                     tool_choice="required", max_output_tokens=128)  # fmt: skip
     call = next(item for item in first.output if item.type == "function_call")
     results = [{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]

@@ -20,8 +20,11 @@ ASK = {"model": "tiny", "max_tokens": 20, "messages": [{"role": "user", "content
 TOOL = {
     "name": "get_time",
     "description": "The time in a time zone",
-    "input_schema": {"type": "object", "properties": {"tz": {"type": "string"}},
-                     "required": ["tz"]},  # fmt: skip
+    "input_schema": {
+        "type": "object",
+        "properties": {"tz": {"type": "string"}},
+        "required": ["tz"],
+    },
 }
 QWEN3 = (Path(__file__).parents[1] / "data" / "qwen3_chat_template.jinja").read_text()
 
@@ -31,7 +34,7 @@ class Runtime(ToolRuntime):
 
     def acquire(self, name, keep_alive=None):
         loaded = super().acquire(name, keep_alive)
-        loaded.context_length = 256
+        loaded.context_length = 1024
         return loaded
 
 
@@ -105,6 +108,10 @@ def test_blocks_and_tool_results_reach_the_template(client, runtime):
 
 def test_sampling_fields_become_options(client, runtime):
     body = {**ASK, "temperature": 0.2, "top_p": 0.5, "top_k": 7, "stop_sequences": ["\n\n"]}
+    greedy = {**ASK, "temperature": 0, "top_k": 0}
+    assert client.post("/v1/messages", json=greedy).status_code == 200
+    assert (runtime.generated[-1][1].temperature, runtime.generated[-1][1].top_k) == (0, 0)
+    runtime.generated.clear()
     assert client.post("/v1/messages", json=body).status_code == 200
     options = runtime.generated[0][1]
     assert (options.num_predict, options.temperature, options.top_p, options.top_k,
@@ -132,8 +139,8 @@ def test_stream_events_in_order(client, runtime):
     assert start["usage"] == {"input_tokens": prompt, "output_tokens": 0}
     assert got[1][1] == {"type": "content_block_start", "index": 0,
                          "content_block": {"type": "text", "text": ""}}  # fmt: skip
-    assert "".join(d["delta"]["text"] for n, d in got if n == "content_block_delta") == (
-        "Hello world")
+    texts = [d["delta"]["text"] for n, d in got if n == "content_block_delta"]
+    assert "".join(texts) == "Hello world"
     assert got[6][1] == {"type": "message_delta",
                          "delta": {"stop_reason": "end_turn", "stop_sequence": None},
                          "usage": {"input_tokens": prompt, "output_tokens": 3}}  # fmt: skip
@@ -157,14 +164,16 @@ def test_thinking_is_its_own_block(client, runtime):
 def test_thinking_disabled_and_refusals(client, runtime):
     off = {**ASK, "model": "thinker", "thinking": {"type": "disabled"}}
     assert client.post("/v1/messages", json=off).status_code == 200
-    assert "enable_thinking" not in prompt_of(runtime) and "<think>\n\n</think>" in prompt_of(
-        runtime)
+    assert "<think>\n\n</think>" in prompt_of(runtime)  # Qwen3's way of not thinking
     on = {**ASK, "thinking": {"type": "enabled", "budget_tokens": 1024}}
     assert "thinking" in error_of(client.post("/v1/messages", json=on), 400,
                                   "invalid_request_error")  # fmt: skip
     both = {**on, "model": "thinker", "tools": [TOOL]}
     message = error_of(client.post("/v1/messages", json=both), 400, "invalid_request_error")
     assert message.startswith("thinking cannot be combined with tools")
+    runtime.script = [(["<think>hm</think>", "Hi"],)]  # tool_choice none: a plain turn thinks
+    none = client.post("/v1/messages", json={**both, "tool_choice": {"type": "none"}})
+    assert [b["type"] for b in none.get_json()["content"]] == ["thinking", "text"]
 
 
 # ---- tools ---------------------------------------------------------------------------------
@@ -207,10 +216,11 @@ def test_streamed_tool_use_after_an_invisible_retry(client, runtime):
     runtime.script = list(SCRIPT)  # a truncated call, then a valid one: nothing shown before
     body = {**ASK, "tools": [TOOL], "tool_choice": {"type": "any"}, "stream": True}
     got = events(client.post("/v1/messages", json=body))
-    assert [n for n, _ in got] == ["message_start", "content_block_start", "content_block_delta",
-                                   "content_block_stop", "message_delta", "message_stop"]  # fmt: skip
-    assert got[1][1]["content_block"] == {"type": "tool_use", "id": got[1][1]["content_block"]["id"],
-                                          "name": "get_time", "input": {}}  # fmt: skip
+    assert [n for n, _ in got] == [
+        "message_start", "content_block_start", "content_block_delta", "content_block_stop",
+        "message_delta", "message_stop"]  # fmt: skip
+    block = got[1][1]["content_block"]
+    assert block == {"type": "tool_use", "id": block["id"], "name": "get_time", "input": {}}
     assert json.loads(got[2][1]["delta"]["partial_json"]) == {"tz": "UTC"}
     assert got[4][1]["delta"]["stop_reason"] == "tool_use"
     assert got[4][1]["usage"]["input_tokens"] == 2 * got[0][1]["message"]["usage"]["input_tokens"]
@@ -219,16 +229,16 @@ def test_streamed_tool_use_after_an_invisible_retry(client, runtime):
 def test_whitespace_before_calls_makes_no_text_block(client, runtime):
     body = {**ASK, "tools": [TOOL]}
     runtime.script = [(["\n", CALL], "stop")]
-    assert [b["type"] for b in client.post("/v1/messages", json=body).get_json()["content"]] == [
-        "tool_use"]
+    whole = client.post("/v1/messages", json=body).get_json()
+    assert [block["type"] for block in whole["content"]] == ["tool_use"]
     runtime.script = [(["\n", CALL], "stop")]
     got = events(client.post("/v1/messages", json={**body, "stream": True}))
-    assert [d["content_block"]["type"] for n, d in got if n == "content_block_start"] == [
-        "tool_use"]
+    starts = [d["content_block"]["type"] for n, d in got if n == "content_block_start"]
+    assert starts == ["tool_use"]
     runtime.script = [([" ", "\n", "Hi"], "stop")]  # held whitespace goes out with the text
     got = events(client.post("/v1/messages", json={**body, "stream": True}))
-    assert [d["delta"] for n, d in got if n == "content_block_delta"] == [
-        {"type": "text_delta", "text": " \nHi"}]
+    deltas = [d["delta"] for n, d in got if n == "content_block_delta"]
+    assert deltas == [{"type": "text_delta", "text": " \nHi"}]
 
 
 def test_a_retry_after_streamed_text_ends_with_an_error_event(client, runtime):
@@ -280,6 +290,12 @@ def test_other_refusals(client, runtime):
     prefill = {**ASK, "messages": [*ASK["messages"], {"role": "assistant", "content": "Sure"}]}
     assert "prefill" in error_of(client.post("/v1/messages", json=prefill), 400,
                                  "invalid_request_error")  # fmt: skip
+    structured = {**ASK, "output_config": {"format": {"type": "json_schema", "schema": {}}}}
+    assert "output_config.format" in error_of(client.post("/v1/messages", json=structured), 400,
+                                              "invalid_request_error")  # fmt: skip
+    effort = {**ASK, "output_config": {"effort": "low"}, "cache_control": {"type": "ephemeral"}}
+    assert client.post("/v1/messages", json=effort).status_code == 200  # ignored, as unknown
+    runtime.generated.clear()
     any_ = {**ASK, "tool_choice": {"type": "any"}}
     assert "needs tools" in error_of(client.post("/v1/messages", json=any_), 400,
                                      "invalid_request_error")  # fmt: skip
@@ -316,8 +332,8 @@ def test_oversized_body_is_request_too_large(client):
 def test_mid_stream_error_is_an_error_event(client, runtime):
     runtime.script = [(["Hel", "lo"], "stop", OrtServeError("engine failed"), 1)]
     got = events(client.post("/v1/messages", json={**ASK, "stream": True}))
-    assert got[-1] == ("error", {"type": "error", "error": {"type": "api_error",
-                                                            "message": "engine failed"}})  # fmt: skip
+    error = {"type": "error", "error": {"type": "api_error", "message": "engine failed"}}
+    assert got[-1] == ("error", error)
     assert runtime.released
 
 
@@ -328,11 +344,10 @@ def test_keys_are_taken_from_x_api_key_and_refusals_are_anthropics(library, runt
     error_of(client.post("/v1/messages", json=ASK), 401, "authentication_error")
     error_of(client.post("/v1/messages", json=ASK, headers={"x-api-key": "wrong"}), 401,
              "authentication_error")  # fmt: skip
-    ok = client.post("/v1/messages", json=ASK, headers={"x-api-key": "sk-test",
-                                                         "anthropic-version": "2023-06-01"})  # fmt: skip
-    assert ok.status_code == 200
-    foreign = client.post("/v1/messages", json=ASK, headers={"x-api-key": "sk-test",
-                                                              "Origin": "https://evil.example"})  # fmt: skip
+    key = {"x-api-key": "sk-test", "anthropic-version": "2023-06-01"}
+    assert client.post("/v1/messages", json=ASK, headers=key).status_code == 200
+    foreign = client.post("/v1/messages", json=ASK,
+                          headers={**key, "Origin": "https://evil.example"})  # fmt: skip
     error_of(foreign, 403, "permission_error")
 
 

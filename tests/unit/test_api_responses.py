@@ -473,6 +473,25 @@ def test_stream_sends_a_call_whole(client, runtime):
     assert events[-1]["response"]["output"] == [events[5]["item"]]
 
 
+def test_whitespace_beside_calls_opens_no_message(client, runtime):
+    runtime.script = [(["\n", CALL, "\n"],)] * 2
+    body = {"input": "Time?", "tools": [TOOL]}
+    assert [item["type"] for item in post(client, **body).get_json()["output"]] == ["function_call"]
+    events = events_of(post(client, **body, stream=True))
+    assert [e["item"]["type"] for e in events if e["type"] == "response.output_item.added"] == [
+        "function_call"
+    ]
+    assert [item["type"] for item in events[-1]["response"]["output"]] == ["function_call"]
+
+
+def test_an_empty_answer_still_has_its_message(client, runtime):
+    runtime.script = [([],)] * 2
+    whole = post(client, input="Hi").get_json()
+    events = events_of(post(client, input="Hi", stream=True))
+    for output in (whole["output"], events[-1]["response"]["output"]):
+        assert [(i["type"], i["content"][0]["text"]) for i in output] == [("message", "")]
+
+
 def test_sdk_stream_of_a_call(sdk, runtime):
     runtime.script = [([CALL],)]
     with sdk.responses.stream(model="tiny", input="Time?", tools=[TOOL],
