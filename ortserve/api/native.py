@@ -8,8 +8,8 @@ from typing import Any
 
 from flask import Blueprint, Response
 
+import ortserve.api.logprobs as shape_logprobs
 from ortserve import __version__
-from ortserve.api import logprobs as shape_logprobs
 from ortserve.api.entries import ps_entry, show_entry, tag_entry
 from ortserve.api.state import current_state
 from ortserve.api.streaming import (

@@ -14,8 +14,8 @@ from typing import Any
 
 from flask import Blueprint, Response
 
+import ortserve.api.logprobs as shape_logprobs
 from ortserve import __version__
-from ortserve.api import logprobs as shape_logprobs
 from ortserve.api.state import current_state
 from ortserve.api.streaming import SSE, exchange_stream, json_response, sse_event
 from ortserve.api.validation import parsed_body

@@ -50,7 +50,7 @@ _LATER = ("background", "conversation", "prompt", "top_logprobs")
 # The event name and extra fields of each streamed item's text.
 _TEXT = {"message": ("output_text", {"logprobs": []}), "reasoning": ("reasoning_text", {})}
 # Core errors name the core's fields; a client of this API knows them by these.
-_PARAMS = {"think": "reasoning.effort", "messages": "input", "format": "text.format"}
+_PARAMS = {"think": "reasoning.effort", "messages": "input"}
 
 
 @responses_bp.record_once

@@ -1,4 +1,6 @@
-"""The Responses API's stored responses, and its items <-> the core's template-ready messages.
+"""The Responses API's stored responses, and its shapes that are not HTTP: input items as the
+core's template-ready messages, its tools in chat's shape, and the output items and response
+object built from the core's Choice.
 
 Stored responses live in memory only: the most recent MAX_STORED, least recently used
 dropped first, lost when the server stops. A stored response keeps its response object (for
