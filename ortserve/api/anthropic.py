@@ -18,12 +18,11 @@ from ortserve.api.state import current_state
 from ortserve.api.streaming import SSE, exchange_stream, json_response, sse_event
 from ortserve.api.validation import parsed_body
 from ortserve.engine.guided import Retry
-from ortserve.engine.types import GenerationOptions, TextChunk
+from ortserve.engine.types import TextChunk
 from ortserve.errors import InvalidRequest, NotSupportedYet, OrtServeError
-from ortserve.options import INT32, api_sampling
+from ortserve.options import api_sampling
 from ortserve.serving import core
 from ortserve.serving.core import Choice, Exchange, ThinkingChunk
-from ortserve.serving.prompting import render
 from ortserve.serving.requests import ChatPrompt, GenerationRequest
 from ortserve.serving.tools import ToolCallEvent, ToolSpec, tool_spec
 
@@ -64,24 +63,13 @@ def messages():
 def count_tokens():
     """The tokens of the prompt a request renders to: template, system and tools included."""
     request = _request(parsed_body("count_tokens"))
-    return json_response({"input_tokens": prompt_tokens(current_state(), request)})
+    return json_response({"input_tokens": core.count_tokens(current_state(), request)})
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
     """Anthropic's error object for an HTTP status."""
     kind = _ERROR_TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
     return {"type": "error", "error": {"type": kind, "message": message}}
-
-
-def prompt_tokens(state, request: GenerationRequest) -> int:
-    """The rendered prompt's token count. It leases the model: a core function to be."""
-    core.require(state.library, request.model, "completion", request.kind)
-    loaded = state.runtime.acquire(request.model, None)
-    try:  # a prompt of any length is counted: the context only limits generation
-        rendered = render(loaded, request.prompts[0], request, GenerationOptions(num_ctx=INT32))
-        return len(rendered.tokens)
-    finally:
-        state.runtime.release(loaded, None)
 
 
 # ---- requests in ---------------------------------------------------------------------------
@@ -211,7 +199,7 @@ class _Message:
         return self.envelope(content, stop_reason(choice), _usage(exchange))
 
     def stream(self, exchange: Exchange, events: Iterator) -> Iterator[str]:
-        usage = {"input_tokens": _prompt_tokens(exchange), "output_tokens": 0}
+        usage = {"input_tokens": exchange.prompt_tokens, "output_tokens": 0}
         yield _sse("message_start", {"message": self.envelope([], None, usage)})
         for _, event in events:
             yield from self._event(event)
@@ -282,11 +270,6 @@ def _tool_use(call) -> dict[str, Any]:
 def _usage(exchange: Exchange) -> dict[str, int]:
     used = exchange.usage()  # every attempt of a retried tool call counted
     return {"input_tokens": used.prompt_tokens, "output_tokens": used.completion_tokens}
-
-
-def _prompt_tokens(exchange: Exchange) -> int:
-    """The prompt's tokens before any output (message_start), from the rendered prompt."""
-    return sum(len(rendered.tokens) for rendered in exchange._rendered)
 
 
 def _sse(name: str, data: dict[str, Any]) -> str:

@@ -104,6 +104,11 @@ class Exchange:
         return self.loaded.load_duration_ns
 
     @property
+    def prompt_tokens(self) -> int:
+        """The rendered prompts' tokens, known before any output (each prompt once)."""
+        return sum(len(rendered.tokens) for rendered in self._rendered)
+
+    @property
     def attempts(self) -> int | None:
         """The most attempts any structured choice took (None for plain text)."""
         guided = [c.attempts for c in self.choices if c.attempts is not None]
@@ -232,6 +237,20 @@ def start(state, request: GenerationRequest) -> Exchange:
         exchange.close(failed=True)
         raise
     return exchange
+
+
+def count_tokens(state, request: GenerationRequest) -> int:
+    """The tokens of the request's rendered prompts, without generating (count_tokens).
+
+    A prompt of any length is counted: the context only limits generation.
+    """
+    require(state.library, request.model, "completion", request.kind)
+    loaded = state.runtime.acquire(request.model, request.keep_alive)
+    try:
+        unlimited = GenerationOptions(num_ctx=2**31 - 1)
+        return sum(len(render(loaded, p, request, unlimited).tokens) for p in request.prompts)
+    finally:
+        state.runtime.release(loaded, request.keep_alive, failed=True)  # no keep-alive change
 
 
 def require(library, name: str, capability: str, kind: str):

@@ -15,6 +15,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+
 from ortserve.engine.guided import OutputRejected, bounded_schema
 from ortserve.engine.toolcalls import (
     StreamingToolCallParser,
@@ -85,9 +88,26 @@ def tool_spec(tools: Any, tool_choice: Any = "auto", parallel: Any = True) -> To
     if not isinstance(tools, list) or not all(_is_function(t) for t in tools):
         raise InvalidRequest("tools must be an array of {type: function, function: {name}}",
                              param="tools")  # fmt: skip
+    for i, tool in enumerate(tools):
+        _check_parameters(tool["function"], f"tools[{i}].function.parameters")
     names = [t["function"]["name"] for t in tools]
     choice, name = _choice("auto" if tool_choice is None else tool_choice, names)
     return ToolSpec(tools, choice, name, parallel is not False, names=names)
+
+
+def _check_parameters(function: dict, param: str) -> None:
+    """400 for a parameters schema that is not a JSON Schema: the grammar and the argument
+    checks are built from it, and a broken one would fail there (500) or every attempt (422)."""
+    schema = function.get("parameters")
+    if schema is None:
+        return  # no arguments
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"{param} must be a JSON Schema object", param=param)
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        raise InvalidRequest(f"{param} is not a valid JSON Schema: {exc.message}",
+                             param=param) from None  # fmt: skip
 
 
 def _is_function(tool: Any) -> bool:

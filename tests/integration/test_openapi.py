@@ -105,6 +105,9 @@ def fuzzed_server(tmp_path_factory, served_library, empty_hub):
     shutil.copytree(served_library.root, root)
     server = Server(Library(root), ORTSERVE_MAX_TOKENS="8", HF_ENDPOINT=empty_hub,
                     HF_HUB_DISABLE_TELEMETRY="1")  # fmt: skip
+    # Thousands of access lines would fill the pipe and block the server: keep reading it.
+    server.log = collections.deque(maxlen=200)
+    threading.Thread(target=server.log.extend, args=(server.process.stdout,), daemon=True).start()
     yield server
     server.stop()
 
@@ -122,7 +125,8 @@ def test_schemathesis_finds_no_server_errors_and_answers_as_documented(fuzzed_se
     print(f"schemathesis: {fuzz.cases} cases over {len(ROUTES)} operations, statuses {statuses}, "
           f"{fuzz.server_errors} 5xx, {len(fuzz.failures)} failures")  # fmt: skip
     assert fuzz.cases >= len(ROUTES) * 10
-    assert not fuzz.failures, "\n\n".join(fuzz.failures[:10])
+    log = "".join(fuzzed_server.log)
+    assert not fuzz.failures, "\n\n".join(fuzz.failures[:10]) + f"\n\nserver log:\n{log}"
     assert fuzz.server_errors == 0
 
 
@@ -167,7 +171,12 @@ class _Fuzz:
                 raise
 
     def case(self, case) -> None:
-        response = case.call(base_url=self.base_url, session=self.session, timeout=60)
+        try:
+            response = case.call(base_url=self.base_url, session=self.session, timeout=60)
+        except requests.RequestException as exc:
+            self.failures.append(f"{case.operation.label}: no answer ({exc})\n"
+                                 f"{case.as_curl_command()}")  # fmt: skip
+            return
         self.cases += 1
         self.statuses[response.status_code] += 1
         self.server_errors += response.status_code >= 500

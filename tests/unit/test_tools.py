@@ -271,3 +271,11 @@ def test_tool_choice_none_is_a_plain_turn():
     turn = start_tool_turn(engine, [1], OPTIONS, _spec("hermes", tool_choice="none"), 2)
     assert isinstance(turn, _Turn) and engine.special == [True]
     assert engine.options[0].guidance is None
+
+
+@pytest.mark.parametrize("parameters", [{"type": 5}, {"properties": 3}, "object", [1]])
+def test_a_parameters_schema_that_is_not_a_json_schema_is_400(parameters):
+    tools = [TOOLS[0], {"type": "function", "function": {"name": "f", "parameters": parameters}}]
+    with pytest.raises(InvalidRequest) as info:
+        spec_of({"tools": tools})
+    assert info.value.param == "tools[1].function.parameters"
