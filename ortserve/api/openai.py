@@ -45,6 +45,8 @@ _CHAT_LATER: dict[str, Callable[[Any], bool]] = {
     "function_call": lambda v: v != "none",
 }
 _MESSAGE_LATER = ("function_call",)
+# reasoning_effort values that mean no thinking section (the rest turn it on)
+_NO_REASONING = ("none", "minimal")
 _DONE = "data: [DONE]\n\n"  # how OpenAI's streams end, an error included
 
 
@@ -129,7 +131,7 @@ def _request(body: dict[str, Any], prompts: list, kind: str) -> GenerationReques
     effort = body.get("reasoning_effort")
     return GenerationRequest(model=body["model"], prompts=prompts, kind=kind,
                              sampling=sampling(body), n=body.get("n", 1),
-                             think=None if effort is None else effort != "none")  # fmt: skip
+                             think=None if effort is None else effort not in _NO_REASONING)  # fmt: skip
 
 
 def _prompt_list(prompt: str | list[str], n: int) -> list[TextPrompt]:
