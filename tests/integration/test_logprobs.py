@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -165,3 +166,25 @@ def test_a_cancelled_logprob_turn_frees_its_slot(setup):
         runtime.release(loaded)
     _, items, finished = run(runtime, "llama", GREEDY)
     assert finished.reason == "length" and len(items) == 8
+
+
+def test_a_failing_logprob_turn_fails_alone(setup):
+    from ortserve.engine.guided import guidance_for
+    from ortserve.errors import OrtServeError
+
+    # llguidance cannot build this grammar: the turn's Generator fails, its lane mates do not
+    poison = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+    runtime = setup["runtime"]
+    loaded = runtime.acquire("llama")
+    try:
+        bad = loaded.generate(PROMPT, replace(GREEDY, guidance=guidance_for(poison)))
+        good = loaded.generate(PROMPT, replace(GREEDY, num_predict=32))
+        with pytest.raises(OrtServeError) as info:
+            list(bad)
+        assert info.value.message.startswith("generation failed: ")
+        events = list(good)
+        assert events[-1].usage.generated_tokens == 32
+        assert sum(len(e.logprobs) for e in events if isinstance(e, TextChunk)) == 32
+    finally:
+        runtime.release(loaded)
+    assert len(run(runtime, "llama", GREEDY)[1]) == 8
