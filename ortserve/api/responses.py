@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, current_app
+from flask import Blueprint
 
 from ortserve.api.state import current_state
 from ortserve.api.streaming import SSE, exchange_stream, json_response, sse_event
@@ -44,7 +44,6 @@ from ortserve.serving.tools import ToolCallEvent, tool_spec
 
 responses_bp = Blueprint("responses", __name__)
 
-STORE = "ortserve.responses"  # the app.extensions key of the app's ResponseStore
 # Fields that ask for what this server does not do: refused, never silently ignored.
 _LATER = ("background", "conversation", "prompt", "top_logprobs")
 # The event name and extra fields of each streamed item's text.
@@ -53,13 +52,8 @@ _TEXT = {"message": ("output_text", {"logprobs": []}), "reasoning": ("reasoning_
 _PARAMS = {"think": "reasoning.effort", "messages": "input"}
 
 
-@responses_bp.record_once
-def _add_store(setup) -> None:
-    setup.app.extensions.setdefault(STORE, ResponseStore())
-
-
 def _store() -> ResponseStore:
-    return current_app.extensions[STORE]
+    return current_state().responses
 
 
 # ---- routes --------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ class ServerState:
         self.owns_app = False
         self._runtime = runtime
         self._lock = threading.Lock()
+        self._responses = None
 
     @property
     def runtime(self):
@@ -45,6 +46,16 @@ class ServerState:
         from ortserve.library import Library
 
         return Library(self.settings.models)
+
+    @property
+    def responses(self):
+        """Stored Responses API answers (memory, bounded), created on first use."""
+        with self._lock:
+            if self._responses is None:
+                from ortserve.serving.store import ResponseStore
+
+                self._responses = ResponseStore()
+            return self._responses
 
     @property
     def started_runtime(self):

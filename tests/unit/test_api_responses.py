@@ -405,9 +405,7 @@ def test_the_store_is_safe_across_threads():
 
 
 def test_the_store_is_bounded_in_the_app(app, client, runtime):
-    from ortserve.api.responses import STORE
-
-    app.extensions[STORE] = ResponseStore(capacity=1)
+    app.extensions["ortserve"]._responses = ResponseStore(capacity=1)
     first = post(client, input="Hi").get_json()
     post(client, input="Hi")
     error_of(client.get(f"/v1/responses/{first['id']}"), 404)
