@@ -237,12 +237,12 @@ class Route:
     parameters: tuple[dict[str, Any], ...] = field(default=())
 
 
-def _path_parameter(name: str, description: str) -> dict[str, Any]:
+def _path_parameter(name: str, description: str, **schema: Any) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "description": description,
-            "schema": {"type": "string"}}  # fmt: skip
+            "schema": {"type": "string", **schema}}  # fmt: skip
 
 
-_DIGEST = _path_parameter("digest", "sha256:<64 hex digits> of the file")
+_DIGEST = _path_parameter("digest", "the file's sha256", pattern="^sha256[:-][0-9a-fA-F]{64}$")
 _MODEL = _path_parameter("model", "a model name, [namespace/]model[:tag]")
 
 ROUTES: tuple[Route, ...] = (
@@ -286,7 +286,7 @@ ROUTES: tuple[Route, ...] = (
           json_body("OpenAIEmbeddings"), GENERATION),
     Route("GET", "/v1/models", "The models in the library", None, json_body("OpenAIModelList")),
     Route("GET", "/v1/models/{model}", "One model", None, json_body("OpenAIModel"),
-          (*GUARDED, 404), (_MODEL,)),
+          (*GUARDED, 400, 404), (_MODEL,)),
 )  # fmt: skip
 
 

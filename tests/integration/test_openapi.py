@@ -27,7 +27,7 @@ PUBLISHED = ROOT / "docs" / "openapi.json"
 # Routes being built elsewhere: their rows come with them (then drop them from here).
 NOT_YET_DOCUMENTED = {"/v1/responses", "/v1/messages"}
 # Cases per operation and generation mode (positive, negative); raise it to fuzz longer.
-EXAMPLES = int(os.environ.get("ORTSERVE_FUZZ_EXAMPLES", "50"))
+EXAMPLES = int(os.environ.get("ORTSERVE_FUZZ_EXAMPLES", "100"))
 MODELS = ("tiny-chat", "tiny-llama", "all-minilm")  # not "broken": it is meant to fail loading
 
 
@@ -124,6 +124,8 @@ def test_schemathesis_finds_no_server_errors_and_answers_as_documented(fuzzed_se
     statuses = dict(sorted(fuzz.statuses.items()))
     print(f"schemathesis: {fuzz.cases} cases over {len(ROUTES)} operations, statuses {statuses}, "
           f"{fuzz.server_errors} 5xx, {len(fuzz.failures)} failures")  # fmt: skip
+    for label, counts in fuzz.by_operation.items():
+        print(f"  {label}: {dict(sorted(counts.items()))}")
     assert fuzz.cases >= len(ROUTES) * 10
     log = "".join(fuzzed_server.log)
     assert not fuzz.failures, "\n\n".join(fuzz.failures[:10]) + f"\n\nserver log:\n{log}"
@@ -149,7 +151,11 @@ class _Fuzz:
         self.cases = 0
         self.server_errors = 0
         self.statuses: collections.Counter = collections.Counter()
+        self.by_operation: dict[str, collections.Counter] = collections.defaultdict(
+            collections.Counter
+        )
         self.failures: list[str] = []
+        self.kinds: set[tuple] = set()
 
     def operation(self, operation, mode) -> None:
         from hypothesis import HealthCheck, Phase, given, settings
@@ -179,6 +185,7 @@ class _Fuzz:
             return
         self.cases += 1
         self.statuses[response.status_code] += 1
+        self.by_operation[case.operation.label][response.status_code] += 1
         self.server_errors += response.status_code >= 500
         problems = []
         try:
@@ -186,7 +193,9 @@ class _Fuzz:
         except (AssertionError, BaseExceptionGroup) as exc:
             problems.append(str(exc))
         problems += _ndjson_problems(response)
-        if problems:
+        kind = (case.operation.label, response.status_code, _title(problems))
+        if problems and kind not in self.kinds:  # one example of each kind of failure
+            self.kinds.add(kind)
             self.failures.append(f"{case.operation.label} -> {response.status_code}\n"
                                  f"{case.as_curl_command()}\n{''.join(problems)[:2000]}")  # fmt: skip
 
@@ -197,11 +206,22 @@ def _with_model(case, model: str | None):
         return case
     if case.path_parameters and "model" in case.path_parameters:
         case.path_parameters["model"] = model
-    if isinstance(case.body, dict) and case.operation.path != "/api/delete":
-        for key in ("model", "from", "source"):
-            if key in case.body:
-                case.body[key] = model
+    if not isinstance(case.body, dict) or case.operation.path == "/api/delete":
+        return case
+    if case.operation.path == "/api/pull" and "model" in case.body:
+        case.body["model"] = f"ortserve-test/{model}"  # asks the empty hub: 404
+        return case
+    for key in ("model", "from", "source"):
+        if key in case.body:
+            case.body[key] = model
     return case
+
+
+def _title(problems: list[str]) -> str:
+    """The kind of a failure: its first `- ` line (schemathesis's title) or its first line."""
+    text = "".join(problems)
+    titles = [line for line in text.splitlines() if line.startswith("- ")]
+    return titles[0] if titles else text.split("\n", 1)[0]
 
 
 def _ndjson_problems(response) -> list[str]:
