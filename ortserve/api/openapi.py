@@ -175,6 +175,36 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
         model=_STRING,
         usage={"type": "object"},
     ),
+    "Response": _object(
+        ("id", "object", "created_at", "model", "output", "status"),
+        id=_STRING,
+        object={"const": "response"},
+        created_at={"type": "number"},
+        model=_STRING,
+        status=_STRING,
+        output={"type": "array", "items": {"type": "object"}},
+        usage={"type": ["object", "null"]},
+    ),
+    "ResponseDeleted": _object(
+        ("id", "object", "deleted"), id=_STRING, object=_STRING, deleted={"type": "boolean"}
+    ),
+    "Message": _object(
+        ("id", "type", "role", "content", "model", "stop_reason", "usage"),
+        id=_STRING,
+        type={"const": "message"},
+        role={"const": "assistant"},
+        content={"type": "array", "items": {"type": "object"}},
+        model=_STRING,
+        stop_reason={"type": ["string", "null"]},
+        stop_sequence={"type": ["string", "null"]},
+        usage={"type": "object"},
+    ),
+    "TokenCount": _object(("input_tokens",), input_tokens=_INTEGER),
+    "AnthropicError": _object(
+        ("type", "error"),
+        type={"const": "error"},
+        error=_object(("type", "message"), type=_STRING, message=_STRING),
+    ),
     "OpenAPI": _object(("openapi", "paths"), openapi=_STRING, paths={"type": "object"}),
 }
 
@@ -244,6 +274,7 @@ def _path_parameter(name: str, description: str, **schema: Any) -> dict[str, Any
 
 _DIGEST = _path_parameter("digest", "the file's sha256", pattern="^sha256[:-][0-9a-fA-F]{64}$")
 _MODEL = _path_parameter("model", "a model name, [namespace/]model[:tag]")
+_RESPONSE_ID = _path_parameter("response_id", "a stored response's id (resp_...)")
 
 ROUTES: tuple[Route, ...] = (
     # ops
@@ -287,6 +318,18 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/models", "The models in the library", None, json_body("OpenAIModelList")),
     Route("GET", "/v1/models/{model}", "One model", None, json_body("OpenAIModel"),
           (*GUARDED, 400, 404), (_MODEL,)),
+    # OpenAI's Responses API
+    Route("POST", "/v1/responses", "A model response (Responses API)", "responses",
+          sse_or_json("Response"), GENERATION),
+    Route("GET", "/v1/responses/{response_id}", "A stored response", None, json_body("Response"),
+          (*GUARDED, 404), (_RESPONSE_ID,)),
+    Route("DELETE", "/v1/responses/{response_id}", "Delete a stored response", None,
+          json_body("ResponseDeleted"), (*GUARDED, 404), (_RESPONSE_ID,)),
+    # Anthropic's Messages API
+    Route("POST", "/v1/messages", "A message (Anthropic's Messages API)", "messages",
+          sse_or_json("Message"), GENERATION),
+    Route("POST", "/v1/messages/count_tokens", "The tokens of a Messages request's prompt",
+          "count_tokens", json_body("TokenCount"), MODEL),
 )  # fmt: skip
 
 
@@ -304,9 +347,11 @@ def document() -> dict[str, Any]:
         "info": {
             "title": "ortserve",
             "version": __version__,
-            "description": "Ollama's API (/api/*) and an OpenAI-compatible API (/v1/*) on "
-            'ONNX Runtime GenAI. Errors are {"error": message} on /api and OpenAI\'s '
-            '{"error": {message, type, param, code}} on /v1.',
+            "description": "Ollama's API (/api/*), an OpenAI-compatible API (/v1/*, the "
+            "Responses API included) and Anthropic's Messages API (/v1/messages) on ONNX "
+            'Runtime GenAI. Errors are {"error": message} on /api, OpenAI\'s {"error": '
+            '{message, type, param, code}} on /v1, and Anthropic\'s {"type": "error", '
+            '"error": {type, message}} on /v1/messages.',
         },
         "paths": paths,
         "components": {
@@ -342,6 +387,8 @@ def operation(route: Route) -> dict[str, Any]:
 def _errors(route: Route) -> dict[str, Any]:
     """Each error status in the protocol's shape (bodyless for HEAD)."""
     shape = "OpenAIError" if route.path.startswith("/v1/") else "Error"
+    if route.path.startswith("/v1/messages"):
+        shape = "AnthropicError"
     errors = {}
     for status in sorted(route.errors):
         errors[str(status)] = {"description": _ERROR_TEXT.get(status, "error")}

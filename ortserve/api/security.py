@@ -74,10 +74,13 @@ def install(app: Flask, is_ours: Callable[[], bool]) -> None:
 
     @app.after_request
     def _release_when_sent(response: Response) -> Response:
-        # A stream holds its slot until it is sent: released when the server closes it.
+        # A stream holds its slot until it is sent: released when the server closes it. A
+        # whole body is done now (a WSGI caller that never closes it must not leak a slot).
         release = g.pop("ortserve_admitted", None)
-        if release is not None:
+        if release is not None and response.is_streamed:
             response.call_on_close(release)
+        elif release is not None:
+            release()
         return response
 
     @app.teardown_request

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import request
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
 from referencing import Registry, Resource
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -45,7 +45,19 @@ def _registry() -> Registry:
 def validator(name: str) -> Draft202012Validator:
     """The validator of schemas/<name>.json."""
     schema = _registry().contents(f"{name}.json")
-    return Draft202012Validator(schema, registry=_registry())
+    return _StrictValidator(schema, registry=_registry())
+
+
+def _whole_number(checker, instance: Any) -> bool:
+    """JSON Schema's "integer" admits 2.0; the code behind these fields wants an int (as
+    Ollama's Go structs do, which refuse 2.0 for an int): only real integers pass."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_StrictValidator = validators.extend(
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _whole_number),
+)
 
 
 def read_json(limit: int = MAX_BODY_BYTES) -> dict[str, Any]:

@@ -251,6 +251,7 @@ class Runtime:
         return loaded
 
     def _load_embedder(self, info: ModelInfo) -> LoadedEmbedder:
+        self.library.check(info)  # a damaged bundle must not serve wrong vectors
         return load_embedder(info, self.settings.provider)
 
     def _load(self, info: ModelInfo) -> LoadedModel:
@@ -296,6 +297,9 @@ class Runtime:
             max_queue=self.settings.max_queue,
             name=info.name,
             adapters=adapters,
+            batching=self.settings.batching,
+            kv_cache_entries=self.settings.kv_cache_entries,
+            kv_cache_bytes=self.settings.kv_cache_size,
         )
         scheduler.start()
         return scheduler

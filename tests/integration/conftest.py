@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -50,7 +51,8 @@ def _add_broken_model(library: Library) -> None:
 
 
 class Server:
-    """`ortserve serve` in a subprocess on a free port."""
+    """`ortserve serve` in a subprocess on a free port; its output is read as it comes (a
+    full pipe would block the server) and kept for output()."""
 
     def __init__(self, library: Library, **env: str):
         self.port = free_port()
@@ -65,13 +67,23 @@ class Server:
             [sys.executable, "-m", "ortserve", "serve"],
             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self.lines.extend, args=(self.process.stdout,),
+                                        daemon=True)  # fmt: skip
+        self._reader.start()
         self._wait_ready()
+
+    def output(self) -> str:
+        """What the server printed so far (all of it once stopped)."""
+        if self.process.poll() is not None:
+            self._reader.join(timeout=10)
+        return "".join(self.lines)
 
     def _wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stdout.read()}")
+                raise RuntimeError(f"server exited: {self.output()}")
             try:
                 with urllib.request.urlopen(self.url + "/", timeout=1) as response:
                     if response.status == 200:

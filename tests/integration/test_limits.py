@@ -110,6 +110,24 @@ def read_answer(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
     return received, time.monotonic() - started
 
 
+# ---- settings -----------------------------------------------------------------------------------
+
+
+def test_threads_queue_and_read_timeout_settings(tmp_path):
+    from ortserve.config import Settings, SettingsError
+
+    defaults = Settings.from_env({"ORTSERVE_MODELS": str(tmp_path)})
+    assert defaults.read_timeout == 30 and defaults.generation_slots == defaults.threads - 8
+    # the defaults admit 64 streams on one model, and a model's full queue is reachable
+    assert defaults.num_parallel + defaults.max_queue >= 64
+    assert defaults.num_parallel + defaults.max_queue < defaults.generation_slots
+    small = Settings.from_env({"ORTSERVE_MODELS": str(tmp_path), "ORTSERVE_THREADS": "4",
+                               "ORTSERVE_READ_TIMEOUT": "250ms"})  # fmt: skip
+    assert (small.generation_slots, small.read_timeout) == (3, 0.25)
+    with pytest.raises(SettingsError, match="ORTSERVE_READ_TIMEOUT"):
+        Settings.from_env({"ORTSERVE_MODELS": str(tmp_path), "ORTSERVE_READ_TIMEOUT": "0"})
+
+
 # ---- stalled connections hold no thread ---------------------------------------------------------
 
 

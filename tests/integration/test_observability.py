@@ -49,7 +49,7 @@ def test_json_logs_carry_access_lines_with_the_request_id_and_model_loads(make_s
     generated = httpx.get(server.url + "/api/tags", headers={"X-Request-Id": "bad id<script>"})
     assert len(generated.headers["X-Request-Id"]) == 32  # an unsafe id is replaced
     server.stop()
-    records = [json.loads(line) for line in server.process.stdout.read().splitlines()
+    records = [json.loads(line) for line in server.output().splitlines()
                if line.startswith("{")]  # fmt: skip
     access = [r for r in records if r["logger"] == "ortserve.access"]
     streamed = next(r for r in access if r["http"]["request_id"] == "trace-42")
@@ -64,7 +64,7 @@ def test_the_access_log_names_the_key_never_the_key_itself(make_server):
     server = make_server(ORTSERVE_API_KEYS=f"dashboard:{key}")
     httpx.get(server.url + "/api/tags", headers={"Authorization": f"Bearer {key}"})
     server.stop()
-    output = server.process.stdout.read()
+    output = server.output()
     line = next(line for line in output.splitlines() if "GET /api/tags 200" in line)
     assert "key=dashboard" in line
     assert key not in output

@@ -58,7 +58,7 @@ def webgpu_server(served_library, webgpu_env):
     died = running.process.poll() is not None
     running.stop()
     if died:  # say why in the test output: the server's own last lines
-        print("WebGPU server exited early:\n" + running.process.stdout.read()[-4000:])
+        print("WebGPU server exited early:\n" + running.output()[-4000:])
 
 
 def _generate(server, model: str, prompt: str) -> dict:

@@ -7,7 +7,7 @@ def test_defaults():
     settings = Settings.from_env({})
     assert settings.address == "127.0.0.1:11434"
     assert settings.keep_alive == 300
-    assert (settings.max_loaded_models, settings.num_parallel, settings.max_queue) == (3, 8, 512)
+    assert (settings.max_loaded_models, settings.num_parallel, settings.max_queue) == (3, 8, 64)
     assert settings.provider == "auto"
 
 
