@@ -1,8 +1,8 @@
 """LoRA adapters for converted bundles: graph inputs for the LoRA weights, PEFT -> .onnx_adapter.
 
 onnxruntime-genai applies an adapter by feeding its tensors to the session as inputs, by
-name (og.Adapters -> OrtLoraAdapter -> RunOptions). Our bundles come from optimum exports
-without such inputs, so `add_lora_inputs` rewrites each projection of each layer
+name (og.Adapters -> OrtLoraAdapter -> RunOptions). Converted bundles have no such inputs,
+so `add_lora_inputs` rewrites each projection of each layer
 
     y = MatMul(x, W)            ->    y = MatMul(x, W) + MatMul(MatMul(x, A), B)
 
@@ -11,6 +11,16 @@ tensors (rank 0) by default, so a session that feeds nothing (no adapter active,
 og.Engine, which cannot activate adapters) computes exactly the base model, and an active
 adapter overrides them. The names follow the ORT GenAI model builder:
 `model.layers.{i}.attn.q_proj.lora_A.MatMul.weight`, `...mlp.down_proj.lora_B.MatMul.weight`.
+
+The model builder's graphs compute several projections in one node: `qkv_proj` feeds
+GroupQueryAttention [q | k | v], `gate_up_proj` a Split into gate and up. Such a node gets
+one LoRA branch per projection, concatenated in the node's own order,
+
+    y = MatMulNBits(x, W_qkv) + Concat(x A_q B_q, x A_k B_k, x A_v B_v)
+
+so adapters name q_proj, k_proj, v_proj, gate_proj and up_proj as the builder's own LoRA
+graphs do, whatever the fusion. A PEFT adapter of a packed module (phi3's qkv_proj,
+gate_up_proj) is split the same way: its A shared, its B cut by the projections' widths.
 
 `convert_peft_adapter` turns a PEFT LoRA adapter (adapter_config.json +
 adapter_model.safetensors) into an .onnx_adapter file with those names: A and B transposed
@@ -35,6 +45,10 @@ log = logging.getLogger("ortserve.convert")
 # optimum names a projection's node after the module path: /model/layers.3/self_attn/q_proj/MatMul
 # (MatMul_Q4 / MatMul_Q8 once quantized to MatMulNBits). The model builder writes /attn/.
 _NODE = re.compile(r"^/model/layers\.(\d+)/(self_attn|attn|mlp)/(\w+_proj)/MatMul(_Q\d+)?$")
+# The builder's Split of gate_up_proj names its outputs /model/layers.3/mlp/gate_proj/MatMul/output_0.
+_PART_OUTPUT = re.compile(r"^/model/layers\.\d+/\w+/(\w+_proj)/")
+# Packed modules and the projections they hold, in order.
+_PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 # PEFT saves base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (no adapter name).
 _PEFT_KEY = re.compile(
     r"(?:^|\.)layers\.(\d+)\.(self_attn|attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.default)?\.weight$"
@@ -116,8 +130,9 @@ def lora_targets(model) -> list[LoraTarget]:
 
 
 def _rewrite(graph) -> list[LoraTarget]:
-    """Add the LoRA branch after every projection node; return what was adapted."""
+    """Add the LoRA branches after every projection node; return what was adapted."""
     initializers = {t.name: t for t in graph.initializer}
+    layout = _GraphLayout(graph)
     nodes, targets = [], []
     for node in graph.node:
         nodes.append(node)
@@ -128,11 +143,63 @@ def _rewrite(graph) -> list[LoraTarget]:
         if target is None:
             log.warning("not adapting %s: its weight is not an initializer", node.name)
             continue
-        nodes.extend(_lora_branch(graph, node, target, prefix=node.name.rsplit("/", 1)[0]))
-        targets.append(target)
+        parts = layout.parts(node, match, target)
+        nodes.extend(_lora_branches(graph, node, parts, prefix=node.name.rsplit("/", 1)[0]))
+        targets.extend(parts)
     del graph.node[:]
     graph.node.extend(nodes)
     return targets
+
+
+class _GraphLayout:
+    """What a graph says about its fused projection nodes: their consumers and head counts."""
+
+    def __init__(self, graph):
+        from onnx import helper
+
+        self.consumers: dict[str, list] = {}
+        self.heads: dict[str, tuple[int, int]] = {}  # layer -> (num_heads, kv_num_heads)
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+            # packed QKV: GroupQueryAttention's key and value inputs are empty
+            if node.op_type == "GroupQueryAttention" and not any(node.input[1:3]):
+                attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+                layer = re.match(r"^/model/layers\.(\d+)/", node.name)
+                if layer:
+                    self.heads[layer.group(1)] = (attrs["num_heads"], attrs["kv_num_heads"])
+
+    def parts(self, node, match: re.Match, whole: LoraTarget) -> list[LoraTarget]:
+        """The projections a node computes: itself, or the parts of a builder fusion."""
+        layer, block, projection, _ = match.groups()
+        widths: list[tuple[str, int]] = []
+        if projection == "qkv_proj" and layer in self.heads:
+            widths = _qkv_widths(whole.out_features, *self.heads[layer])
+        elif projection == "gate_up_proj":
+            widths = self._split_widths(node.output[0], whole.out_features)
+        if not widths:
+            return [whole]
+        return [LoraTarget(module_name(layer, block, name), whole.in_features, width, whole.dtype)
+                for name, width in widths]  # fmt: skip
+
+    def _split_widths(self, output: str, total: int) -> list[tuple[str, int]]:
+        """gate_up_proj -> Split(gate_proj, up_proj), equal halves, as the builder fuses them."""
+        for consumer in self.consumers.get(output, []):
+            if consumer.op_type != "Split":
+                continue
+            names = [m.group(1) for m in map(_PART_OUTPUT.match, consumer.output) if m]
+            if tuple(names) == _PACKED["gate_up_proj"] and total % 2 == 0:
+                return [(name, total // 2) for name in names]
+        return []
+
+
+def _qkv_widths(total: int, heads: int, kv_heads: int) -> list[tuple[str, int]]:
+    """[q | k | v] widths of a packed QKV projection feeding GroupQueryAttention."""
+    head_size, rest = divmod(total, heads + 2 * kv_heads)
+    if rest:
+        return []
+    return [("q_proj", heads * head_size), ("k_proj", kv_heads * head_size),
+            ("v_proj", kv_heads * head_size)]  # fmt: skip
 
 
 def _target(node, match: re.Match, initializers: dict) -> LoraTarget | None:
@@ -154,8 +221,30 @@ def _target(node, match: re.Match, initializers: dict) -> LoraTarget | None:
     return LoraTarget(module_name(layer, block, projection), int(k), int(n), dtype)
 
 
-def _lora_branch(graph, node, target: LoraTarget, prefix: str) -> list:
-    """Inputs A, B (empty by default) and MatMul, MatMul, Add producing node's old output."""
+def _lora_branches(graph, node, parts: list[LoraTarget], prefix: str) -> list:
+    """Nodes adding the LoRA branch of each part (concatenated) to `node`'s output."""
+    from onnx import helper
+
+    output = node.output[0]
+    base = f"{prefix}/base_output_0"
+    node.output[0] = base
+    nodes, deltas = [], []
+    for part in parts:
+        # a part's nodes are named after its own projection: /model/layers.0/attn/q_proj/lora_A
+        where = f"{prefix.rsplit('/', 1)[0]}/{part.module.rsplit('.', 1)[1]}"
+        nodes += _lora_branch(graph, node.input[0], part, where)
+        deltas.append(nodes[-1].output[0])
+    if len(deltas) > 1:
+        delta = f"{prefix}/lora/Concat/output_0"
+        nodes.append(helper.make_node("Concat", deltas, [delta], name=f"{prefix}/lora/Concat",
+                                      axis=-1))  # fmt: skip
+        deltas = [delta]
+    nodes.append(helper.make_node("Add", [base, deltas[0]], [output], name=f"{prefix}/lora/Add"))
+    return nodes
+
+
+def _lora_branch(graph, x: str, target: LoraTarget, prefix: str) -> list:
+    """Inputs A, B (empty by default) and x -> MatMul(A) -> MatMul(B)."""
     from onnx import helper, numpy_helper
 
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(target.dtype))
@@ -170,15 +259,11 @@ def _lora_branch(graph, node, target: LoraTarget, prefix: str) -> list:
     empty_b = np.zeros((0, target.out_features), dtype=target.dtype)
     graph.initializer.append(numpy_helper.from_array(empty_a, target.a_name))
     graph.initializer.append(numpy_helper.from_array(empty_b, target.b_name))
-    output = node.output[0]
-    base = f"{prefix}/base_output_0"
-    node.output[0] = base
     down, up = f"{prefix}/lora_A/MatMul/output_0", f"{prefix}/lora_B/MatMul/output_0"
     return [
-        helper.make_node("MatMul", [node.input[0], target.a_name], [down], name=f"{prefix}/lora_A/MatMul"),
+        helper.make_node("MatMul", [x, target.a_name], [down], name=f"{prefix}/lora_A/MatMul"),
         helper.make_node("MatMul", [down, target.b_name], [up], name=f"{prefix}/lora_B/MatMul"),
-        helper.make_node("Add", [base, up], [output], name=f"{prefix}/lora/Add"),
-    ]  # fmt: skip
+    ]
 
 
 def external_data_files(model_path: Path) -> list[str]:
@@ -221,6 +306,7 @@ def convert_peft_adapter(
     tensors = read_safetensors(weights_file)
     params = peft_to_graph(tensors, config)
     if targets is not None:
+        params = unpack_modules(params, targets)
         params = {name: value.astype(dtype) for name, (value, dtype) in
                   _match_targets(params, targets).items()}  # fmt: skip
     write_onnx_adapter(params, out_file)
@@ -280,6 +366,35 @@ def peft_to_graph(tensors: dict[str, np.ndarray], config: dict) -> dict[str, np.
     if not params:
         raise InvalidRequest("the adapter holds no LoRA weights", param="adapters")
     return params
+
+
+def unpack_modules(params: dict[str, np.ndarray], targets: list[LoraTarget]) -> dict:
+    """A packed module's tensors (qkv_proj, gate_up_proj) as its projections', where the graph
+    adapts those: A shared by each, B [rank, out] cut by their widths (the builder's split)."""
+    known = {target.module: target for target in targets}
+    out = {}
+    for name, value in params.items():
+        module, which = name.split(".lora_", 1)
+        prefix, projection = module.rsplit(".", 1)
+        parts = [f"{prefix}.{p}" for p in _PACKED.get(projection, ())]
+        if module in known or not parts or not all(p in known for p in parts):
+            out[name] = value
+            continue
+        start = 0
+        for part in parts:
+            width = known[part].out_features
+            # A [in, rank] is the same input projection for every part; B's columns are theirs
+            out[f"{part}.lora_{which}"] = (
+                value if which.startswith("A") else value[:, start : start + width]
+            )
+            start += width
+        if which.startswith("B") and start != value.shape[1]:
+            raise InvalidRequest(
+                f"adapter tensor {name} has {value.shape[1]} outputs, the base model's "
+                f"{', '.join(p.rsplit('.', 1)[1] for p in parts)} have {start}",
+                param="adapters",
+            )
+    return out
 
 
 def _scale(config: dict, module: str, rank: int) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ from ortserve.library import bundle as bundles
 
 log = logging.getLogger("ortserve.convert")
 PROVIDERS = ("cpu", "cuda", "dml")
+# Who makes the graph: the ORT GenAI model builder (decoders it supports), optimum (encoders,
+# other families, or by choice); "auto" is the builder wherever it applies.
+BACKENDS = ("auto", "builder", "optimum")
 STEPS = ["download", "export", "quantize", "assemble", "verify", "add to library"]
 # An fp32 bundle that agrees less than this with transformers is a broken export.
 _FP32_MIN_COSINE = 0.999
@@ -32,6 +36,7 @@ class ConvertOptions:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     verify: bool = True
+    backend: str = "auto"
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -49,10 +54,14 @@ class ConvertOptions:
                 f"provider {self.provider!r} is not one of {', '.join(PROVIDERS)}",
                 param="provider",
             )
+        if self.backend not in BACKENDS:
+            raise InvalidRequest(
+                f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}", param="backend"
+            )
 
     def recorded(self) -> dict[str, Any]:
         """The options that shape the bundle, as recorded in its manifest."""
-        return {k: asdict(self)[k] for k in ("precision", "block_size", "provider")}
+        return {k: asdict(self)[k] for k in ("precision", "block_size", "provider", "backend")}
 
 
 def convert(
@@ -80,9 +89,28 @@ def convert(
                 str(source), revision=opts.revision, allow_pickle=opts.allow_pickle
             )
             checkpoint = inspect_checkpoint(resolved.path, allow_pickle=opts.allow_pickle)
-        return _build(checkpoint, resolved, model_name, opts, library, reporter)
+            graph = choose_graph(checkpoint, opts.backend)
+        return _build(checkpoint, resolved, model_name, opts, library, reporter, graph)
     finally:
         reporter.close()
+
+
+def choose_graph(checkpoint: Checkpoint, backend: str) -> str:
+    """'builder' or 'optimum': who makes this checkpoint's graph for the requested backend."""
+    from converters.builder import FAMILIES, installed, supports
+
+    if backend == "optimum":
+        return "optimum"
+    if supports(checkpoint) and installed():
+        return "builder"
+    if backend == "builder":
+        why = (
+            "the model builder is not installed (onnxruntime-genai's models.builder, onnx-ir)"
+            if supports(checkpoint)
+            else f"the model builder builds {', '.join(FAMILIES)}, not {checkpoint.architecture!r}"
+        )
+        raise InvalidRequest(f"backend 'builder': {why}; use backend 'optimum'", param="backend")
+    return "optimum"
 
 
 def _build(
@@ -92,44 +120,87 @@ def _build(
     opts: ConvertOptions,
     library: Library,
     reporter: Progress,
+    graph: str,
 ) -> ModelInfo:
+    with library.staging("convert") as staged:
+        bundle = staged / "bundle"
+        bundle.mkdir()
+        make_graph = _builder_graph if graph == "builder" else _optimum_graph
+        make_graph(checkpoint, staged, bundle, opts, reporter)
+        with reporter.step("assemble"):
+            assemble_bundle(checkpoint, bundle, opts.provider, graph=graph)
+        with reporter.step("verify"):
+            verification = _verify(checkpoint, bundle, opts) if opts.verify else {}
+        with reporter.step("add to library"):
+            manifest = build_manifest(checkpoint, resolved, bundle, opts, verification, graph)
+            return library.add(name, bundle, manifest)
+
+
+def _optimum_graph(
+    checkpoint: Checkpoint, staged: Path, bundle: Path, opts: ConvertOptions, reporter: Progress
+) -> None:
+    """optimum's fp32 export, then onnxruntime's quantizers: bundle/model.onnx."""
     from converters.export import export_onnx
     from converters.isolated import run_isolated
     from converters.quantize import apply_precision
 
-    with library.staging("convert") as staged:
-        exported, bundle = staged / "export", staged / "bundle"
-        bundle.mkdir()
-        with reporter.step("export"):
-            model = run_isolated(
-                "export", export_onnx, checkpoint, exported,
-                trust_remote_code=opts.trust_remote_code,
-            )  # fmt: skip
-        with reporter.step("quantize"):
-            run_isolated(
-                "quantize", apply_precision, model, bundle / "model.onnx", opts.precision,
-                block_size=opts.block_size, kind=checkpoint.kind,
-            )  # fmt: skip
-            shutil.rmtree(exported)
-        with reporter.step("assemble"):
-            assemble_bundle(checkpoint, bundle, opts.provider)
-        with reporter.step("verify"):
-            verification = _verify(checkpoint, bundle, opts) if opts.verify else {}
-        with reporter.step("add to library"):
-            manifest = build_manifest(checkpoint, resolved, bundle, opts, verification)
-            return library.add(name, bundle, manifest)
+    exported = staged / "export"
+    with reporter.step("export"):
+        model = run_isolated(
+            "export", export_onnx, checkpoint, exported,
+            trust_remote_code=opts.trust_remote_code,
+        )  # fmt: skip
+    with reporter.step("quantize"):
+        run_isolated(
+            "quantize", apply_precision, model, bundle / "model.onnx", opts.precision,
+            block_size=opts.block_size, kind=checkpoint.kind,
+        )  # fmt: skip
+        shutil.rmtree(exported)
 
 
-def assemble_bundle(checkpoint: Checkpoint, bundle: Path, provider: str) -> None:
+def _builder_graph(
+    checkpoint: Checkpoint, staged: Path, bundle: Path, opts: ConvertOptions, reporter: Progress
+) -> None:
+    """The model builder's graph at the target precision (it quantizes as it builds)."""
+    from converters.builder import build_decoder
+    from converters.isolated import run_isolated
+
+    built = staged / "built"
+    with reporter.step("export"):
+        run_isolated(
+            "export", build_decoder, checkpoint, built, opts.precision,
+            provider=opts.provider, block_size=opts.block_size,
+            trust_remote_code=opts.trust_remote_code,
+        )  # fmt: skip
+    with reporter.step("quantize"):
+        # done by the builder: keep its graph, weights and genai_config.json; the tokenizer
+        # files it re-saved are replaced by the checkpoint's own in the assemble step
+        for name in (*_graph_files(built / "model.onnx"), "genai_config.json"):
+            os.replace(built / name, bundle / name)
+        shutil.rmtree(built)
+
+
+def _graph_files(model: Path) -> list[str]:
+    """model.onnx and the external-data files beside it (model.onnx.data)."""
+    return sorted(p.name for p in model.parent.iterdir() if p.name.startswith(model.name))
+
+
+def assemble_bundle(
+    checkpoint: Checkpoint, bundle: Path, provider: str, *, graph: str = "optimum"
+) -> None:
     """Copy tokenizer, templates and configs beside the model; write genai_config.json."""
-    from converters.genai_config import write_genai_config
+    from converters.genai_config import complete_builder_config, write_genai_config
 
     for name in (*bundles.SUPPORT_FILES, *bundles.LICENSE_FILES):
         src = checkpoint.path / name
         if src.is_file():
             (bundle / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, bundle / name)
-    if checkpoint.kind == "decoder":
+    if checkpoint.kind != "decoder":
+        return
+    if graph == "builder":
+        complete_builder_config(bundle, checkpoint.path, provider)
+    else:
         write_genai_config(bundle, checkpoint.path, provider)
 
 
@@ -139,6 +210,7 @@ def build_manifest(
     bundle: Path,
     opts: ConvertOptions,
     verification: dict[str, Any],
+    graph: str = "optimum",
 ) -> dict[str, Any]:
     from converters.genai_config import read_generation_config
 
@@ -149,6 +221,7 @@ def build_manifest(
             "parameter_count": count,
             "parameter_size": parameter_size(count),
             "quantization": opts.precision,
+            "graph": graph,  # who made the graph: "builder" or "optimum"
         },
         "capabilities": bundles.capabilities(bundle),
         "template": bundles.chat_template(bundle),

@@ -1,4 +1,8 @@
-"""genai_config.json from the checkpoint's config and the exported graph's real names."""
+"""genai_config.json: written for an optimum export, completed for a model builder graph.
+
+An optimum export gets one from the checkpoint's config and the exported graph's real input
+and output names; the model builder writes its own, which `complete_builder_config` adds to.
+"""
 
 from __future__ import annotations
 
@@ -67,6 +71,32 @@ def write_genai_config(bundle: Path, checkpoint: Path, provider: str) -> dict[st
     inputs, outputs = graph_io(bundle / "model.onnx")
     genai = build_genai_config(config, generation, inputs, outputs, provider=provider)
     (bundle / "genai_config.json").write_text(json.dumps(genai, indent=2), encoding="utf-8")
+    return genai
+
+
+def complete_builder_config(bundle: Path, checkpoint: Path, provider: str) -> dict[str, Any]:
+    """Add to the model builder's genai_config.json what the optimum route's has too; return it.
+
+    The builder's file is kept (its decoder inputs, KV sharing, sliding windows and token ids
+    describe its graph); on top: every end-of-sequence id of config.json and
+    generation_config.json (the builder keeps one), the checkpoint's repetition penalty, and
+    the provider the bundle targets where the builder built it for another (fp16 on CPU).
+    """
+    path = bundle / "genai_config.json"
+    genai = json.loads(path.read_text(encoding="utf-8"))
+    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    generation = read_generation_config(checkpoint)
+    model = genai["model"]
+    model["eos_token_id"] = _token_ids(
+        model.get("eos_token_id"), generation.get("eos_token_id"), config.get("eos_token_id")
+    )
+    if "repetition_penalty" in generation:
+        genai["search"]["repetition_penalty"] = generation["repetition_penalty"]
+    session = model["decoder"].setdefault("session_options", {})
+    built_for = [name.lower() for entry in session.get("provider_options", []) for name in entry]
+    if built_for[:1] != ([] if provider == "cpu" else [provider]):
+        session["provider_options"] = _PROVIDER_OPTIONS[provider]
+    path.write_text(json.dumps(genai, indent=2), encoding="utf-8")
     return genai
 
 

@@ -74,6 +74,14 @@ def _precision_option(help_text: str, **kwargs):
     show_default=True,
     help="Execution provider the bundle targets.",
 )
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "builder", "optimum"]),
+    default="auto",
+    show_default=True,
+    help="Who makes the graph: the ORT GenAI model builder, optimum, or auto (the builder "
+    "where it supports the architecture).",
+)
 @click.option("--revision", help="Branch, tag or commit of a Hugging Face repository.")
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the checkpoint.")
 @click.option("--allow-pickle", is_flag=True, help="Accept .bin/.pt weights (unsafe to load).")
@@ -82,8 +90,8 @@ def _precision_option(help_text: str, **kwargs):
 @click.option("--jobs", "-j", type=click.IntRange(min=1), help="Parallel batch conversions.")
 @click.option("--report", metavar="PATH", help="With --batch: JSON report path.")
 @click.pass_context
-def convert(ctx, source, name, precision, block_size, provider, revision, trust_remote_code,
-            allow_pickle, no_verify, batch_spec, jobs, report):  # fmt: skip
+def convert(ctx, source, name, precision, block_size, provider, backend, revision,
+            trust_remote_code, allow_pickle, no_verify, batch_spec, jobs, report):  # fmt: skip
     """Convert a Hugging Face checkpoint (directory or repo id) into a library model.
 
     With --batch SPEC, convert the list of models in SPEC instead (see docs/converter.md).
@@ -101,6 +109,7 @@ def convert(ctx, source, name, precision, block_size, provider, revision, trust_
         precision,
         block_size=block_size,
         provider=provider,
+        backend=backend,
         revision=revision,
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
@@ -248,6 +257,7 @@ def _describe(info) -> str:
             ("embedding length", d.get("embedding_length")),
             ("quantization", d.get("quantization")),
             ("format", d.get("format")),
+            ("graph", d.get("graph")),
             ("size", humanize.size(info.size)),
             ("digest", info.digest),
         ]),

@@ -53,7 +53,8 @@ def test_json_spec_as_a_bare_list(tmp_path):
     )
     (entry,) = load_spec(spec)
     assert entry.name == "mistral_7b" and entry.block_size == 64 and entry.revision is None
-    assert entry.options.recorded() == {"precision": "int4", "block_size": 64, "provider": "cpu"}
+    assert entry.options.recorded() == {
+        "precision": "int4", "block_size": 64, "provider": "cpu", "backend": "auto"}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -63,6 +64,7 @@ def test_json_spec_as_a_bare_list(tmp_path):
         ([{"source": "a"}, {"source": "b", "precision": "int3"}],
          "models[1].precision: precision 'int3' is not one of"),
         ([{"source": "a", "block_size": 48}], "models[0].block_size: block size 48 must be"),
+        ([{"source": "a", "backend": "onnx"}], "models[0].backend: backend 'onnx' is not one of"),
         ([{"source": "a", "block_size": True}], "models[0].block_size: must be an integer"),
         ([{"source": "a", "verify": "no"}], "models[0].verify: must be true or false"),
         ([{"source": "a", "provider": "tpu"}], "models[0].provider: provider 'tpu'"),
@@ -151,7 +153,8 @@ def converted(library, tmp_path, name, source_record):
 
 
 def local_record(path, **options):
-    recorded = {"precision": "int4", "block_size": 32, "provider": "cpu", **options}
+    recorded = {"precision": "int4", "block_size": 32, "provider": "cpu", "backend": "auto",
+                **options}  # fmt: skip
     return {"source": str(path.resolve()), "revision": None,
             "fingerprint": fingerprint(path.resolve()), "options": recorded}  # fmt: skip
 
@@ -165,6 +168,16 @@ def test_same_local_source_and_options_is_up_to_date(tmp_path, library):
     assert batch.up_to_date(entry, found, library).name == "llama:latest"
 
 
+def test_a_model_converted_before_backends_existed_is_converted_again(tmp_path, library):
+    # its graph is optimum's: a re-run gives it the model builder's
+    source = checkpoint(tmp_path / "llama")
+    record = local_record(source)
+    del record["options"]["backend"]
+    converted(library, tmp_path, "llama", record)
+    entry = BatchEntry(source=str(source), name="llama")
+    assert batch.up_to_date(entry, batch.probe(entry), library) is None
+
+
 def test_other_options_name_or_source_are_not_up_to_date(tmp_path, library):
     source = checkpoint(tmp_path / "llama")
     other = checkpoint(tmp_path / "other")
@@ -173,6 +186,7 @@ def test_other_options_name_or_source_are_not_up_to_date(tmp_path, library):
         BatchEntry(source=str(source), name="llama", precision="int8"),
         BatchEntry(source=str(source), name="llama", block_size=64),
         BatchEntry(source=str(source), name="llama", provider="cuda"),
+        BatchEntry(source=str(source), name="llama", backend="optimum"),
         BatchEntry(source=str(source), name="llama:other-tag"),
         BatchEntry(source=str(other), name="llama"),
     ):

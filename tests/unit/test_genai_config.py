@@ -62,3 +62,50 @@ def test_head_size_defaults_to_hidden_over_heads():
 def test_missing_cache_inputs_is_an_error():
     with pytest.raises(ValueError, match="key cache"):
         build_genai_config(CONFIG, {}, ["input_ids"], OUTPUTS)
+
+
+def _builder_bundle(tmp_path, generation, provider_options):
+    """A bundle directory with a genai_config.json as the model builder writes one."""
+    import json
+
+    checkpoint, bundle = tmp_path / "checkpoint", tmp_path / "bundle"
+    checkpoint.mkdir(parents=True)
+    bundle.mkdir(parents=True)
+    (checkpoint / "config.json").write_text(json.dumps({**CONFIG, "eos_token_id": 2}))
+    (checkpoint / "generation_config.json").write_text(json.dumps(generation))
+    session = {"log_id": "onnxruntime-genai", "provider_options": provider_options}
+    decoder = {"filename": "model.onnx", "session_options": session, "inputs": {"input_ids": "x"}}
+    genai = {
+        "model": {"type": "qwen3", "eos_token_id": 7, "decoder": decoder},
+        "search": {"past_present_share_buffer": True, "repetition_penalty": 1.0},
+    }
+    (bundle / "genai_config.json").write_text(json.dumps(genai))
+    return checkpoint, bundle
+
+
+def test_builder_config_is_kept_and_completed(tmp_path):
+    from converters.genai_config import complete_builder_config
+
+    generation = {"eos_token_id": [7, 9], "repetition_penalty": 1.1}
+    checkpoint, bundle = _builder_bundle(tmp_path, generation, [])
+    genai = complete_builder_config(bundle, checkpoint, "cpu")
+    assert genai["model"]["eos_token_id"] == [7, 9, 2]  # the builder's first, then every other
+    assert genai["search"]["repetition_penalty"] == 1.1
+    assert genai["search"]["past_present_share_buffer"] is True  # the builder's graph facts stay
+    assert genai["model"]["decoder"]["inputs"] == {"input_ids": "x"}
+    assert genai["model"]["decoder"]["session_options"]["provider_options"] == []
+
+
+def test_builder_config_records_the_provider_the_bundle_targets(tmp_path):
+    from converters.genai_config import complete_builder_config
+
+    # fp16 for the CPU is built as for CUDA: the bundle must still say CPU
+    checkpoint, bundle = _builder_bundle(tmp_path, {}, [{"cuda": {"enable_cuda_graph": "0"}}])
+    genai = complete_builder_config(bundle, checkpoint, "cpu")
+    assert genai["model"]["decoder"]["session_options"]["provider_options"] == []
+    # built for CUDA and targeting CUDA: the builder's own options stay
+    checkpoint, bundle = _builder_bundle(tmp_path / "2", {}, [{"cuda": {"enable_cuda_graph": "0"}}])
+    genai = complete_builder_config(bundle, checkpoint, "cuda")
+    assert genai["model"]["decoder"]["session_options"]["provider_options"] == [
+        {"cuda": {"enable_cuda_graph": "0"}}
+    ]
