@@ -36,10 +36,11 @@ demo: install
 serve: install
 	$(VENV)/bin/ortserve serve
 
+# The speed goals as ratios measured side by side in one run (docs/performance.md); the table
+# also goes to benchmarks/out/bench.json. BENCH_ARGS: --quick (a smoke run), --only SECTIONS,
+# --with convert,adapter (the slower Qwen2-0.5B benchmarks), --update-docs (record the table).
 bench: install
-	$(PY) benchmarks/convert_bench.py
-	$(PY) benchmarks/serve_bench.py
-	$(PY) benchmarks/adapter_bench.py
+	$(PY) benchmarks/bench.py --json benchmarks/out/bench.json $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache build *.egg-info

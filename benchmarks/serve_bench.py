@@ -1,12 +1,19 @@
-"""Serving benchmark: raw og.Engine vs ortserve over HTTP, concurrency, load time, memory.
+"""Serving benchmark: ortserve over HTTP vs the raw og.Engine on the same bundle, load, memory.
 
-Subject: a Qwen2-0.5B-shaped random checkpoint converted to int4 (built once, kept under
---keep). In one run:
-  (a) the raw og.Engine: time to first token and decode tokens/s, one request;
-  (b) the same through `ortserve serve`'s HTTP stream, one client;
-  (c) aggregate decode tokens/s at 1, 4, 8 and 16 concurrent streaming clients;
-  (d) model load time;  (e) the server's peak resident memory with the model loaded.
-Prints each figure and the ratios b/a and c(N)/c(1). A benchmark, not a test: `make bench`.
+Subject: the Qwen2-shaped random checkpoint of benchmarks/graph_bench.py (hidden 512,
+8 layers, Qwen2's 152k vocabulary) converted to int4 as ortserve converts by default,
+`bench:converted` under --keep/library (the bundle graph_bench.py calls "converted"; built
+once, shared). `--subject 0.5b` takes the Qwen2-0.5B-shaped `bench:int4` instead (what
+adapter_bench.py serves). In one run:
+  (a) the raw og.Engine in this process: time to first token and decode tokens/s, one request;
+  (b) the same prompt through `ortserve serve`'s streamed /api/generate, one client;
+      (a) and (b) alternated for --rounds rounds, medians, ratio b/a;
+  (c) model load: og.Model in this process, and the server's load on its first request;
+  (d) the server's peak memory with the model loaded and serving: the worker's RSS (the
+      process holding the model) and the whole tree's PSS, against the bundle's size on disk.
+A benchmark, not a test: `make bench` runs it through benchmarks/bench.py.
+
+    python benchmarks/serve_bench.py [--keep DIR] [--rounds 3] [--new-tokens 128] [--json F]
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import contextlib
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -29,55 +37,106 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convert_bench import build_subject  # noqa: E402
 
-MODEL = "bench:int4"
+MODEL = "bench:int4"  # the 0.5B subject (adapter_bench.py's base)
+CONVERTED = "bench:converted"  # graph_bench.py's name for the same bundle
 NEW_TOKENS = 128
 # About 40 tokens: on 2 CPU cores a long prefill would hide the decode figures under load.
 PROMPT_TEXT = " ".join(["river mountain forest cloud"] * 4)
+# A different first word each round: the server keeps finished turns for KV reuse, and a
+# prompt it has seen would skip its prefill there and not in the raw engine.
+LEADS = ("harbor", "lantern", "orchard", "bridge", "thunder", "candle", "silver", "garden",
+         "window", "winter", "summer", "marble", "island", "meadow", "valley", "stone")  # fmt: skip
+# benchmarks/graph_bench.py's subject: its SHAPE and directory name, so both use one checkpoint
+H512_DIR = "qwen2-h512-l8-random"
+H512 = {
+    "vocab_size": 151936,
+    "hidden_size": 512,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": True,
+    "rope_theta": 1000000.0,
+}
 
 
 def subject_bundle(work: Path) -> tuple[Path, Path]:
-    """(library root, bundle dir) of the int4 subject, converting it once."""
+    """(library root, bundle dir) of the 0.5B int4 subject, converting it once."""
     from converters import convert
     from ortserve.library import Library
 
     library = Library(work / "library")
-    if not library.exists("bench:int4"):
-        convert(build_subject(work), "bench:int4", precision="int4", library=library)
-    return library.root, library.get("bench:int4").path
+    if not library.exists(MODEL):
+        convert(build_subject(work), MODEL, precision="int4", library=library)
+    return library.root, library.get(MODEL).path
 
 
-def prompt_ids(bundle: Path) -> list[int]:
-    """PROMPT_TEXT as the server will tokenize it, so both sides prefill the same tokens."""
+def h512_checkpoint(work: Path) -> Path:
+    from converters.tiny import build_checkpoint
+
+    checkpoint = work / H512_DIR
+    if not (checkpoint / "model.safetensors").is_file():
+        build_checkpoint("qwen2", checkpoint, **H512)
+    return checkpoint
+
+
+def converted_bundle(work: Path) -> tuple[Path, Path]:
+    """(library root, bundle dir) of the h512 subject as `bench:converted`, converting it once."""
+    from converters import convert
+    from ortserve.library import Library
+
+    library = Library(work / "library")
+    if not library.exists(CONVERTED):
+        print("converting the subject ...", file=sys.stderr, flush=True)
+        convert(h512_checkpoint(work), CONVERTED, "int4", verify=False, library=library,
+                progress=False)  # fmt: skip
+    return library.root, library.get(CONVERTED).path
+
+
+def prompt_ids(bundle: Path, text: str = PROMPT_TEXT) -> list[int]:
+    """`text` as the server will tokenize it, so both sides prefill the same tokens."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
-    return tokenizer.encode(PROMPT_TEXT, add_special_tokens=False).ids
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+class RawEngine:
+    """(a) and (c): og.Engine alone in this process, one request at a time, greedy."""
+
+    def __init__(self, bundle: Path) -> None:
+        import onnxruntime_genai as og
+
+        self.og = og
+        started = time.perf_counter()
+        config = og.Config(str(bundle))
+        config.overlay(json.dumps({"search": {"min_length": 0}}))
+        self.model = og.Model(config)
+        self.load_s = time.perf_counter() - started
+        self.engine = og.Engine(self.model)
+        self.buffer = self.engine.create_event_buffer(256)
+
+    def run(self, ids: list[int], new_tokens: int) -> dict:
+        request = self.engine.create_request()
+        turn = self.og.TurnOptions(request)
+        turn.set_max_generated_tokens(new_tokens)
+        turn.set_min_generated_tokens(new_tokens)
+        begun = time.perf_counter()
+        request.begin_turn(np.asarray(ids, dtype=np.int32), turn)
+        first, count = 0.0, 0
+        while self.engine.has_pending_requests():
+            for _ in self.engine.run(self.buffer):
+                count += 1
+                first = first or time.perf_counter()
+        end = time.perf_counter()
+        return {"ttft_s": first - begun, "decode_tps": (count - 1) / (end - first)}
 
 
 def raw_engine(bundle: Path) -> dict:
-    """(a) and (d): og.Engine alone, one request, greedy, NEW_TOKENS tokens."""
-    import onnxruntime_genai as og
-
-    started = time.perf_counter()
-    config = og.Config(str(bundle))
-    config.overlay(json.dumps({"search": {"min_length": 0}}))
-    model = og.Model(config)
-    load = time.perf_counter() - started
-    engine = og.Engine(model)
-    buffer = engine.create_event_buffer(256)
-    request = engine.create_request()
-    turn = og.TurnOptions(request)
-    turn.set_max_generated_tokens(NEW_TOKENS)
-    turn.set_min_generated_tokens(NEW_TOKENS)
-    begun = time.perf_counter()
-    request.begin_turn(np.asarray(prompt_ids(bundle), dtype=np.int32), turn)
-    first, count = 0.0, 0
-    while engine.has_pending_requests():
-        for _ in engine.run(buffer):
-            count += 1
-            first = first or time.perf_counter()
-    end = time.perf_counter()
-    return {"load_s": load, "ttft_s": first - begun, "decode_tps": (count - 1) / (end - first)}
+    """One raw run with its load time (the former interface of this module)."""
+    raw = RawEngine(bundle)
+    return {"load_s": raw.load_s, **raw.run(prompt_ids(bundle), NEW_TOKENS)}
 
 
 def free_port() -> int:
@@ -99,12 +158,14 @@ def start_server(root: Path) -> tuple[subprocess.Popen, str]:
             return process, url
         except OSError:
             time.sleep(0.1)
+    process.terminate()
     raise SystemExit("server did not start")
 
 
-def http_stream(url: str, model: str = MODEL, new_tokens: int = NEW_TOKENS) -> dict:
+def http_stream(url: str, model: str = MODEL, new_tokens: int = NEW_TOKENS,
+                prompt: str = PROMPT_TEXT) -> dict:  # fmt: skip
     """One streamed /api/generate of `new_tokens` greedy tokens (raw prompt, no template)."""
-    body = {"model": model, "prompt": PROMPT_TEXT, "raw": True, "stream": True,
+    body = {"model": model, "prompt": prompt, "raw": True, "stream": True,
             "options": {"temperature": 0, "num_predict": new_tokens}}  # fmt: skip
     request = urllib.request.Request(url + "/api/generate", data=json.dumps(body).encode(),
                                      method="POST")  # fmt: skip
@@ -130,6 +191,15 @@ def concurrent_streams(url: str, clients: int, model: str = MODEL,
     return sum(r["tokens"] for r in results) / (time.perf_counter() - started)
 
 
+def load_over_http(url: str, model: str) -> float:
+    """Seconds for the server to load `model` (an empty /api/generate loads it)."""
+    started = time.perf_counter()
+    body = json.dumps({"model": model}).encode()
+    urllib.request.urlopen(urllib.request.Request(url + "/api/generate", data=body,
+                                                  method="POST")).read()  # fmt: skip
+    return time.perf_counter() - started
+
+
 def sample_memory(pid: int, peak: dict[str, int], stop: threading.Event) -> None:
     """Peaks of the worker's RSS (the process that holds the model) and of the whole tree's
     PSS (gunicorn's arbiter and worker, shared pages counted once)."""
@@ -148,46 +218,71 @@ def sample_memory(pid: int, peak: dict[str, int], stop: threading.Event) -> None
         time.sleep(0.1)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--keep", type=Path, default=Path(".cache/bench"))
-    args = parser.parse_args()
-    args.keep.mkdir(parents=True, exist_ok=True)
-    root, bundle = subject_bundle(args.keep)
-    bundle_bytes = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
-
-    raw = raw_engine(bundle)
+def measure(root: Path, bundle: Path, model: str, rounds: int, new_tokens: int) -> dict:
+    texts = [f"{LEADS[i % len(LEADS)]} {PROMPT_TEXT}" for i in range(rounds + 1)]
+    ids = [prompt_ids(bundle, text) for text in texts]
+    raw = RawEngine(bundle)
     process, url = start_server(root)
     peak, stop = {"worker_rss": 0, "tree_pss": 0}, threading.Event()
     threading.Thread(target=sample_memory, args=(process.pid, peak, stop), daemon=True).start()
+    raw_runs, http_runs = [], []
     try:
-        load_started = time.perf_counter()
-        urllib.request.urlopen(urllib.request.Request(
-            url + "/api/generate", data=b'{"model": "bench:int4"}', method="POST")).read()  # fmt: skip
-        server_load = time.perf_counter() - load_started
-        http_stream(url)  # warm-up
-        one = http_stream(url)
-        aggregate = {n: concurrent_streams(url, n) for n in (1, 4, 8, 16)}
+        server_load = load_over_http(url, model)
+        raw.run(ids[-1], new_tokens)  # warm-up, both sides
+        http_stream(url, model, new_tokens, texts[-1])
+        for i in range(rounds):
+            raw_runs.append(raw.run(ids[i], new_tokens))
+            time.sleep(0.2)  # let the other side's spinning threads go idle
+            one = http_stream(url, model, new_tokens, texts[i])
+            http_runs.append({"ttft_s": one["ttft_s"],
+                              "decode_tps": (one["tokens"] - 1) / one["decode_s"]})  # fmt: skip
+            time.sleep(0.2)
     finally:
         stop.set()
         process.terminate()
         process.wait()
-    http_tps = (one["tokens"] - 1) / one["decode_s"]
-    report = {
-        "subject": "Qwen2-0.5B-shaped random checkpoint, int4 bundle",
+    bundle_bytes = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
+
+    def median(runs: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    raw_tps, http_tps = median(raw_runs, "decode_tps"), median(http_runs, "decode_tps")
+    return {
+        "model": model,
+        "prompt_tokens": len(ids[0]),
+        "new_tokens": new_tokens,
+        "rounds": rounds,
         "bundle_bytes": bundle_bytes,
-        "a_raw_engine": {"ttft_s": round(raw["ttft_s"], 4), "decode_tps": round(raw["decode_tps"], 1)},
-        "b_http_one_client": {"ttft_s": round(one["ttft_s"], 4), "decode_tps": round(http_tps, 1)},
-        "ratio_b_over_a_decode": round(http_tps / raw["decode_tps"], 3),
-        "c_aggregate_tps": {n: round(v, 1) for n, v in aggregate.items()},
-        "ratio_c_over_c1": {n: round(v / aggregate[1], 2) for n, v in aggregate.items()},
-        "d_load_s": {"raw_og_model": round(raw["load_s"], 3),
-                     "server_load_request": round(server_load, 3)},
-        "e_worker_peak_rss_bytes": peak["worker_rss"],
-        "e_worker_rss_minus_bundle_mb": round((peak["worker_rss"] - bundle_bytes) / 1e6, 1),
-        "e_tree_peak_pss_bytes": peak["tree_pss"],
+        "raw": {"ttft_s": round(median(raw_runs, "ttft_s"), 4), "decode_tps": round(raw_tps, 1),
+                "decode_runs": [round(r["decode_tps"], 1) for r in raw_runs]},
+        "http": {"ttft_s": round(median(http_runs, "ttft_s"), 4), "decode_tps": round(http_tps, 1),
+                 "decode_runs": [round(r["decode_tps"], 1) for r in http_runs]},
+        "ratio_http_over_raw_decode": round(http_tps / raw_tps, 3),
+        "load_s": {"raw_og_model": round(raw.load_s, 3), "server_first_request": round(server_load, 3)},
+        "worker_peak_rss_bytes": peak["worker_rss"],
+        "tree_peak_pss_bytes": peak["tree_pss"],
+        "ratio_worker_rss_over_bundle": round(peak["worker_rss"] / bundle_bytes, 2),
     }  # fmt: skip
-    print(json.dumps(report, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", type=Path, default=Path(".cache/bench"))
+    parser.add_argument("--subject", choices=("h512", "0.5b"), default="h512")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    args.keep.mkdir(parents=True, exist_ok=True)
+    if args.subject == "h512":
+        (root, bundle), model = converted_bundle(args.keep), CONVERTED
+    else:
+        (root, bundle), model = subject_bundle(args.keep), MODEL
+    report = measure(root, bundle, model, args.rounds, args.new_tokens)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
 
 
 if __name__ == "__main__":
