@@ -82,6 +82,11 @@ class Settings:
     origins: tuple[str, ...] = ()  # Origin patterns accepted besides Ollama's defaults
     log_format: str = "text"  # or "json": one object per line
     max_tokens: int | None = None  # cap on tokens one turn generates (None: the context)
+    # "auto": builder graphs on the CPU batch continuously (engine/continuous.py); "static":
+    # og.Engine's static batches for every model (the way before; a fallback)
+    batching: str = "auto"
+    kv_cache_entries: int = 16  # finished turns kept per model for KV reuse (0: none)
+    kv_cache_size: int = 1 << 30  # bytes those kept turns may hold per model
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -106,6 +111,9 @@ class Settings:
             "origins": _list,
             "log_format": _log_format,
             "max_tokens": _positive_int,
+            "batching": _batching,
+            "kv_cache_entries": _non_negative_int,
+            "kv_cache_size": parse_size,
         }
         for name, reader in readers.items():
             variable = f"ORTSERVE_{name.upper()}"
@@ -208,3 +216,22 @@ def _models_dir(value: str | None) -> Path:
     if path.exists() and not path.is_dir():
         raise SettingsError(f"ORTSERVE_MODELS={value!r} is not a directory")
     return path
+
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?$", re.IGNORECASE)
+
+
+def parse_size(value: str) -> int:
+    """'512MB', '1GiB', '64m', '1073741824' -> bytes (K, M, G, T: powers of 1024)."""
+    match = _SIZE.match(str(value).strip())
+    if not match:
+        raise ValueError(f"invalid size {value!r} (use e.g. 512MB, 2GB, or bytes)")
+    unit = (match[2] or "").lower()[:1]
+    return int(float(match[1]) * 1024 ** " kmgt".index(unit or " "))
+
+
+def _batching(value: str) -> str:
+    value = value.strip().lower()
+    if value not in ("auto", "static"):
+        raise ValueError("must be auto or static")
+    return value

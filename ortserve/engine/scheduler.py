@@ -1,31 +1,34 @@
-"""One thread per loaded model owns its og.Model and og.Engines; requests talk to it by queue.
+"""One thread per loaded model owns its og objects and sessions; requests talk to it by queue.
 
-onnxruntime-genai is not thread-safe, so every call into og for a model happens on that
-model's scheduler thread. Request threads submit a Job (prompt tokens + options) and read
-its events from the Job's own queue.
+onnxruntime-genai is not thread-safe, so every call into og (and into the continuous
+engine's onnxruntime session) for a model happens on that model's scheduler thread. Request
+threads submit a Job (prompt tokens + options) and read its events from the Job's own queue.
 
-Batching. ORT GenAI 0.18's Engine batches statically for graphs exported by optimum (its
-dynamic batching needs the model builder's packed, paged-KV graph): a batch forms from the
-requests waiting when it starts and runs until every member finishes. To let a request
-start while another batch is still running, the scheduler keeps several Engines ("lanes")
-over one og.Model (the weights are shared) and admits waiting jobs to whichever lane is
-idle. Lanes step in turn on this one thread.
+Lanes. A lane is one engine and the turns it is generating; lanes step in turn on this one
+thread. Which lanes a model gets depends on its graph (docs/engine.md, "Batching"):
 
-Only prompts of the same length share a batch: measured with og 0.18, rows of a static
-batch that are padded (shorter prompts) decode different tokens than the same prompt alone,
-although the graph itself handles padding correctly. Equal lengths need no padding, and
-greedy results then match the lone request exactly.
+- "continuous": a model builder graph on the CPU (engine/continuous.py, ortserve's own decode
+  loop). Turns of any prompt length join the running batch at the next step and leave it
+  when they end; finished turns keep their KV for the conversation's next turn
+  (engine/kvcache.py). One such lane takes every turn that is not guided.
+- "guided": og.Engine lanes beside a continuous lane, made when the first guided turn
+  (JSON schema, tools) arrives: llguidance lives inside og.
+- "engine": og.Engine lanes for every other graph (optimum exports, other providers, or
+  ORTSERVE_BATCHING=static). og 0.18 batches them statically: a batch forms from the turns
+  waiting when it starts, holds at most 4 (og's own cap), and runs until all end; a turn
+  arriving meanwhile starts on another idle lane. Builder graphs batch any prompt lengths
+  there; other graphs only equal lengths: their padded rows decode different tokens than
+  the same prompt alone (og's position_ids for padded rows).
 
 LoRA adapters. og 0.18 activates adapters only on an og.Generator, not on Engine requests,
 so a model with adapters gets GeneratorEngine lanes (engine/adapters.py: the same interface,
-one turn per lane, unbatched) instead of og.Engine lanes.
+one turn per lane, unbatched) instead.
 
-Log probabilities. og.Engine 0.18 gives no logits, og.Generator does: a job whose options ask
-for logprobs runs on a Generator lane, whose token events carry them (engine/logprobs.py).
-A model without adapters gets one such lane ("logprobs") when the first of these jobs
-arrives; its turns each have their own Generator, stepped in turn, unbatched. Plain jobs
-never go there, and nothing changes on their og.Engine lanes. On a model with adapters any
-of its Generator lanes takes both kinds.
+Log probabilities. og.Engine 0.18 gives no logits. A continuous lane computes them from its
+own logits; otherwise a job whose options ask for logprobs runs on a Generator lane
+("logprobs", made when the first of these jobs arrives; its turns each have their own
+Generator, stepped in turn, unbatched). On a model with adapters any of its Generator lanes
+takes both kinds.
 """
 
 from __future__ import annotations
@@ -43,11 +46,19 @@ from typing import Any
 import numpy as np
 
 from ortserve import metrics
+from ortserve.engine.kvcache import KVStore
 from ortserve.engine.types import GenerationOptions, Usage
 from ortserve.errors import ModelLoadError, OrtServeError, ServerBusy
 
 log = logging.getLogger("ortserve.engine")
 _EVENT_BUFFER = 256
+# og 0.18's static scheduler runs at most 4 requests per batch whatever max_batch_size says
+# (measured): more would wait inside the engine for the whole batch to end.
+OG_STATIC_BATCH = 4
+# A mixed-length static batch pads every prompt to the longest: a prompt joins a batch only
+# while the padded prefill stays within 1.5 times the real tokens (plus this much), so a
+# short prompt does not wait for a long one's prefill nor double its cost.
+_PAD_ALLOWANCE = 256
 _warned: set[str] = set()
 
 
@@ -81,6 +92,8 @@ class Lane:
     """One og.Engine (or GeneratorEngine) and the jobs in its current batch.
 
     kind: "engine" (og.Engine: plain jobs, a static batch admitted only when idle),
+    "guided" (an og.Engine lane beside a continuous lane: guided jobs only, static too),
+    "continuous" (engine/continuous.py: every job that is not guided, joining at any step),
     "generator" (a model's adapter lane: any job) or "logprobs" (a Generator lane of a model
     without adapters: logprob jobs only, each joining as soon as there is room).
     """
@@ -92,13 +105,23 @@ class Lane:
     kind: str = "engine"
 
     def takes(self, job: Job) -> bool:
+        guided, logprobs = job.options.guidance is not None, job.options.logprobs is not None
         if self.kind == "generator":
             return True
-        return (job.options.logprobs is not None) == (self.kind == "logprobs")
+        if self.kind == "continuous":
+            return not guided
+        if self.kind == "guided":
+            return guided and not logprobs
+        return logprobs == (self.kind == "logprobs")
+
+    @property
+    def static(self) -> bool:
+        """An og.Engine lane: its batch takes no one until it is over."""
+        return self.kind in ("engine", "guided")
 
     def room(self) -> int:
         """Turns it can start now: a static batch takes none until it is over."""
-        if self.kind == "engine" and self.jobs:
+        if self.static and self.jobs:
             return 0
         return self.capacity - len(self.jobs)
 
@@ -117,6 +140,9 @@ class Scheduler:
         max_queue: int = 512,
         name: str = "model",
         adapters: list[tuple[str, Path]] | None = None,
+        batching: str = "auto",
+        kv_cache_entries: int = 16,
+        kv_cache_bytes: int = 1 << 30,
     ):
         self.bundle = bundle
         self.provider = provider
@@ -126,6 +152,10 @@ class Scheduler:
         self.max_queue = max_queue
         self.name = name
         self.adapters = list(adapters or [])  # (name, .onnx_adapter path), all active
+        self.batching = batching  # "auto": continuous where the graph allows; "static": never
+        self.graph = "optimum"  # or "builder": read from the bundle when it loads
+        self.kv_store = KVStore(kv_cache_entries, kv_cache_bytes)
+        self._model: Any = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: collections.deque[Job] = collections.deque()
         self._lanes: list[Lane] = []
@@ -197,6 +227,42 @@ class Scheduler:
             self._cancel_everything()
 
     def _load(self) -> None:
+        from ortserve.engine import continuous
+
+        self.graph = continuous.graph_form(self.bundle)
+        if self._continuous_wanted():
+            try:
+                self._load_continuous_lane()
+                return
+            except Exception as exc:  # og may still run it: static batches, as before
+                log.warning("%s: continuous batching unavailable (%s); og.Engine lanes instead",
+                            self.name, _first_line(exc))  # fmt: skip
+        self._og_model()
+        if self.adapters:
+            self._load_generator_lanes()
+            return
+        self._add_engine_lanes("engine")
+
+    def _continuous_wanted(self) -> bool:
+        from ortserve.engine import continuous
+
+        if self.adapters or self.batching == "static" or self.provider != "cpu":
+            return False  # adapters need og.Generator; other providers keep og's own batching
+        return continuous.supports(self.bundle)
+
+    def _load_continuous_lane(self) -> None:
+        """ortserve's own decode loop over the builder graph; og.Model only when needed."""
+        from ortserve.engine.continuous import ContinuousEngine, DecoderGraph
+
+        engine = ContinuousEngine(DecoderGraph.load(self.bundle), self.parallel, self.kv_store)
+        self._lanes.append(Lane(engine, None, self.parallel, kind="continuous"))
+        log.info("%s: continuous batching (builder graph), up to %d turns", self.name,
+                 self.parallel)  # fmt: skip
+
+    def _og_model(self):
+        """The og.Model, loaded on first use (a continuous model needs it for guided turns)."""
+        if self._model is not None:
+            return self._model
         import onnxruntime_genai as og
 
         from ortserve.engine.providers import configure
@@ -205,18 +271,26 @@ class Scheduler:
         configure(config, self.provider)
         # Engine turns carry their own limits: no session-wide minimum length, one beam.
         overlay = {
-            "engine": {"static_batching": {"max_batch_size": self.batch_size}},
+            "engine": {"static_batching": {"max_batch_size": self._static_batch}},
             "search": {"min_length": 0, "num_beams": 1},
         }
         config.overlay(json.dumps(overlay))
         self._model = og.Model(config)
-        if self.adapters:
-            self._load_generator_lanes()
-            return
+        return self._model
+
+    @property
+    def _static_batch(self) -> int:
+        return max(1, min(self.batch_size, OG_STATIC_BATCH))
+
+    def _add_engine_lanes(self, kind: str) -> None:
+        """og.Engine lanes over the one og.Model (its weights are shared)."""
+        import onnxruntime_genai as og
+
+        model = self._og_model()
         for _ in range(self.lane_count):
-            engine = og.Engine(self._model)
+            engine = og.Engine(model)
             buffer = engine.create_event_buffer(_EVENT_BUFFER)
-            self._lanes.append(Lane(engine, buffer, self.batch_size))
+            self._lanes.append(Lane(engine, buffer, self._static_batch, kind=kind))
 
     def _load_generator_lanes(self) -> None:
         from ortserve.engine.adapters import GeneratorEngine, load_adapters
@@ -235,7 +309,7 @@ class Scheduler:
         for lane in self._lanes:
             if lane.kind == "logprobs":
                 return lane
-        engine = GeneratorEngine(self._model, None, [], self.bundle)
+        engine = GeneratorEngine(self._og_model(), None, [], self.bundle)
         lane = Lane(engine, None, self.batch_size, kind="logprobs")
         self._lanes.append(lane)
         log.info("%s: a Generator lane for turns with logprobs (unbatched)", self.name)
@@ -264,20 +338,29 @@ class Scheduler:
                 return True
 
     def _enqueue(self, job: Job) -> None:
-        """A submitted job waits; a logprob job first makes sure a lane can take it."""
-        if job.options.logprobs is not None and not self.adapters:
-            try:
-                self._logprob_lane()
-            except Exception as exc:  # e.g. an unreadable genai_config.json: this job only
-                log.warning("cannot make a logprobs lane for %s: %s", self.name, exc)
-                message = f"cannot start generation with logprobs: {_first_line(exc)}"
-                self._complete_with_error(job, OrtServeError(message))
-                return
+        """A submitted job waits; first make sure some lane can take it."""
+        try:
+            self._lane_for(job)
+        except Exception as exc:  # e.g. an unreadable genai_config.json: this job only
+            log.warning("cannot make a lane for a turn of %s: %s", self.name, exc)
+            what = " with logprobs" if job.options.logprobs is not None else ""
+            message = f"cannot start generation{what}: {_first_line(exc)}"
+            self._complete_with_error(job, OrtServeError(message))
+            return
         self._waiting.append(job)
 
+    def _lane_for(self, job: Job) -> None:
+        """Make the lanes a job needs when none of the model's lanes takes it yet."""
+        if any(lane.takes(job) for lane in self._lanes):
+            return
+        if job.options.logprobs is not None:
+            self._logprob_lane()  # a Generator: logits, and guidance too
+        else:
+            self._add_engine_lanes("guided")  # beside a continuous lane: llguidance is og's
+
     def _admit(self) -> None:
-        """Start waiting jobs on lanes with room: the oldest job a lane takes, and others of
-        its prompt length on an og.Engine lane (a static batch shares one length)."""
+        """Start waiting jobs on lanes with room, within ORTSERVE_NUM_PARALLEL in all: a
+        continuous lane takes them at any step, an og.Engine lane a batch when idle."""
         for lane in self._lanes:
             room = self.parallel - sum(len(other.jobs) for other in self._lanes)
             if not self._waiting or room <= 0 or lane.room() <= 0:
@@ -292,12 +375,16 @@ class Scheduler:
                     )
 
     def _group_for(self, lane: Lane, limit: int) -> list[Job]:
-        """Take up to `limit` waiting jobs for `lane`, oldest first (one prompt length on an
-        og.Engine lane)."""
+        """Take up to `limit` waiting jobs for `lane`, oldest first. An og.Engine batch holds
+        one prompt length unless the graph pads exactly (builder graphs), and then only
+        lengths whose padding stays bounded."""
         group = [job for job in self._waiting if lane.takes(job)]
-        if group and lane.kind == "engine":
-            length = len(group[0].tokens)
-            group = [job for job in group if len(job.tokens) == length]
+        if group and lane.static:
+            if self.graph == "builder":
+                group = _bounded_padding(group, limit)
+            else:
+                length = len(group[0].tokens)
+                group = [job for job in group if len(job.tokens) == length]
         group = group[:limit]
         for job in group:
             self._waiting.remove(job)
@@ -310,9 +397,10 @@ class Scheduler:
         options.set_max_session_tokens(job.options.num_ctx)
         request = lane.engine.create_request(options=options)
         turn = getattr(lane.engine, "turn_options", og.TurnOptions)(request)
-        apply_turn_options(turn, job.options, len(job.tokens))
+        seeded = lane.kind == "continuous"  # og's static batching takes no per-turn seed
+        apply_turn_options(turn, job.options, len(job.tokens), seeded=seeded)
         if job.options.logprobs is not None:
-            turn.set_logprobs(job.options.logprobs)  # only a Generator lane's turn has it
+            turn.set_logprobs(job.options.logprobs)  # not on an og.Engine lane's turn
         job.begun_at = time.perf_counter()
         job.turn_id = request.begin_turn(np.asarray(job.tokens, dtype=np.int32), turn)
         job.request = request
@@ -342,7 +430,7 @@ class Scheduler:
                     metrics.TIME_TO_FIRST_TOKEN.labels(self.name).observe(
                         job.first_token_at - job.submitted_at
                     )
-                if lane.kind == "engine":
+                if lane.static:
                     job.events.put(("token", int(event.token)))
                 else:  # a Generator lane's event may carry the token's logprobs
                     job.events.put(("token", int(event.token), event.logprobs))
@@ -363,7 +451,11 @@ class Scheduler:
             request.close()
             self._complete_with_error(job, OrtServeError(message))
         lane.jobs.clear()
-        if lane.kind != "engine":
+        if lane.kind == "continuous":
+            lane.engine.reset()  # the session and the kept turns are sound; the batch is not
+            log.warning("reset the continuous batch of %s after a failed step", self.name)
+            return
+        if not lane.static:
             from ortserve.engine.adapters import GeneratorEngine
 
             adapters, names = (self._adapters, self._adapter_names) if self.adapters else (None, [])
@@ -454,8 +546,23 @@ _REASONS = {
 }
 
 
-def apply_turn_options(turn, options: GenerationOptions, prompt_tokens: int) -> None:
-    """GenerationOptions -> og.TurnOptions, within what the static-batching Engine honours."""
+def _bounded_padding(jobs: list[Job], limit: int) -> list[Job]:
+    """The oldest job and those after it that keep the batch's padded prefill bounded."""
+    group = [jobs[0]]
+    for job in jobs[1:]:
+        if len(group) >= limit:
+            break
+        lengths = [len(j.tokens) for j in group] + [len(job.tokens)]
+        if max(lengths) * len(lengths) <= 1.5 * sum(lengths) + _PAD_ALLOWANCE:
+            group.append(job)
+    return group
+
+
+def apply_turn_options(
+    turn, options: GenerationOptions, prompt_tokens: int, *, seeded: bool = False
+) -> None:
+    """GenerationOptions -> og.TurnOptions (or a lane's own turn options), within what the
+    lane honours: `seeded` lanes take a per-turn seed."""
     room = max(1, options.num_ctx - prompt_tokens)
     limit = room if options.num_predict < 0 else min(options.num_predict, room)
     turn.set_max_generated_tokens(max(1, limit))
@@ -468,7 +575,9 @@ def apply_turn_options(turn, options: GenerationOptions, prompt_tokens: int) -> 
         turn.set_repetition_penalty(options.repeat_penalty)
     if options.guidance is not None:
         turn.set_guidance(*options.guidance)
-    if options.seed is not None and "seed" not in _warned:
+    if seeded:
+        turn.set_seed(options.seed)
+    elif options.seed is not None and "seed" not in _warned:
         # og 0.18 takes a per-turn seed only in dynamic batching, which optimum-exported
         # graphs cannot use: say so once rather than pretend.
         _warned.add("seed")
