@@ -236,7 +236,8 @@ def _ours(exchange: Exchange, index: int, event) -> dict[str, Any]:
 def usage(exchange: Exchange) -> dict[str, int]:
     used = exchange.usage()
     return {"prompt_tokens": used.prompt_tokens, "completion_tokens": used.completion_tokens,
-            "total_tokens": used.total_tokens}  # fmt: skip
+            "total_tokens": used.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": used.cached_tokens}}  # fmt: skip
 
 
 def error_object(exc: OrtServeError) -> dict[str, Any]:

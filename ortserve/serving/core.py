@@ -41,6 +41,7 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from a kept turn
 
     @property
     def total_tokens(self) -> int:
@@ -138,15 +139,17 @@ class Exchange:
     def usage(self) -> Usage:
         """The engine's counts of every attempt; a prompt shared by n choices counts once."""
         prompts: dict[int, int] = {}
+        cached: dict[int, int] = {}
         retried = 0  # a retry prefilled the prompt again: it counts
         for choice in self.choices:
             if choice.finished is None:
                 continue
             attempts = attempt_usages(choice.turn, choice.finished)
             prompts[choice.prompt] = attempts[0].prompt_tokens
+            cached[choice.prompt] = attempts[0].cached_prompt_tokens
             retried += sum(u.prompt_tokens for u in attempts[1:])
         completion = sum(c.finished.usage.generated_tokens for c in self.choices if c.finished)
-        return Usage(sum(prompts.values()) + retried, completion)
+        return Usage(sum(prompts.values()) + retried, completion, sum(cached.values()))
 
     def close(self, *, failed: bool = False) -> None:
         """Cancel unfinished turns (the client left, or a choice failed); release the model."""

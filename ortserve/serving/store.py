@@ -273,8 +273,8 @@ def response_object(response_id: str, created_at: int, body: dict[str, Any],
 
 
 def usage_object(used: Any) -> dict[str, Any]:
-    """The core's Usage in the Responses shape (no prompt cache; thinking not counted apart)."""
-    cache = {"cached_tokens": 0, "cache_write_tokens": 0}
+    """The core's Usage in the Responses shape (thinking is not counted apart)."""
+    cache = {"cached_tokens": getattr(used, "cached_tokens", 0), "cache_write_tokens": 0}
     return {"input_tokens": used.prompt_tokens, "input_tokens_details": cache,
             "output_tokens": used.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": 0},

@@ -87,7 +87,8 @@ def test_chat_completion_shape_and_usage(client, runtime):
     prompt = "<user>Hi<assistant>"  # the model's template, one token per character
     assert runtime.generated[0][0] == [ord(c) for c in prompt]
     assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 3,
-                             "total_tokens": len(prompt) + 3}  # fmt: skip
+                             "total_tokens": len(prompt) + 3,
+                             "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
     assert runtime.released == [("tiny:latest", None)]
 
 
@@ -153,7 +154,8 @@ def test_chat_stream_include_usage(client, runtime):
     assert last["choices"] == []
     prompt = len("<user>Hi<assistant>")
     assert last["usage"] == {"prompt_tokens": prompt, "completion_tokens": 2,
-                             "total_tokens": prompt + 2}  # fmt: skip
+                             "total_tokens": prompt + 2,
+                             "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
 
 
 def test_n_runs_parallel_turns_and_counts_the_prompt_once(client, runtime):
@@ -165,7 +167,8 @@ def test_n_runs_parallel_turns_and_counts_the_prompt_once(client, runtime):
     assert [c["index"] for c in body["choices"]] == [0, 1]
     prompt = len("<user>Hi<assistant>")
     assert body["usage"] == {"prompt_tokens": prompt, "completion_tokens": 3,
-                             "total_tokens": prompt + 3}  # fmt: skip
+                             "total_tokens": prompt + 3,
+                             "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
     assert runtime.released == [("tiny:latest", None)]
 
 
@@ -409,7 +412,8 @@ def test_completion_shape_raw_prompt_and_default_max_tokens(client, runtime):
     tokens, options = runtime.generated[0]
     assert tokens == [ord(c) for c in "Once"]  # no chat template
     assert options.num_predict == 16  # OpenAI's default for completions
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7,
+                             "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
 
 
 def test_completion_list_prompt_n_and_echo(client, runtime):
@@ -421,7 +425,8 @@ def test_completion_list_prompt_n_and_echo(client, runtime):
     assert [t for t, _ in runtime.generated] == [[97, 98]] * 2 + [[99, 100, 101]] * 2
     assert runtime.generated[0][1].num_predict == 5
     # each prompt counted once, every choice's output counted
-    assert reply["usage"] == {"prompt_tokens": 5, "completion_tokens": 12, "total_tokens": 17}
+    assert reply["usage"] == {"prompt_tokens": 5, "completion_tokens": 12, "total_tokens": 17,
+                              "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
 
 
 def test_completion_stream_with_echo_and_usage(client):

@@ -104,7 +104,8 @@ def test_openai_usage_and_attempts_count_every_attempt(client, runtime):
     assert json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]) == {"tz": "UTC"}
     prompt = len(runtime.generated[0][0])
     assert body["usage"] == {"prompt_tokens": 2 * prompt, "completion_tokens": 4,
-                             "total_tokens": 2 * prompt + 4}  # fmt: skip
+                             "total_tokens": 2 * prompt + 4,
+                             "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
 
 
 def test_openai_n_choices_share_the_prompt_but_count_retries(client, runtime):
