@@ -95,16 +95,36 @@ def _imports_of(prefix: str) -> set[str]:
     ("layer", "forbidden"),
     [
         # storage is a leaf: it knows nothing of inference, conversion, workflows, HTTP or the CLI
-        ("ortserve.library", ("ortserve.engine", "ortserve.serving", "converters",
-                              "ortserve.models", "ortserve.api", "ortserve.cli")),  # fmt: skip
+        (
+            "ortserve.library",
+            (
+                "ortserve.engine",
+                "ortserve.serving",
+                "converters",
+                "ortserve.models",
+                "ortserve.api",
+                "ortserve.cli",
+            ),
+        ),  # fmt: skip
         # inference returns data: it never sees a request, HTTP or the workflows above it
-        ("ortserve.engine", ("ortserve.serving", "ortserve.api", "ortserve.models",
-                             "ortserve.cli", "converters")),  # fmt: skip
+        (
+            "ortserve.engine",
+            ("ortserve.serving", "ortserve.api", "ortserve.models", "ortserve.cli", "converters"),
+        ),  # fmt: skip
         # the serving core is protocol-neutral: typed requests in, events out, no HTTP
         ("ortserve.serving", ("ortserve.api", "ortserve.models", "ortserve.cli", "converters")),
         # option checks are a leaf every layer may use
-        ("ortserve.options", ("ortserve.engine", "ortserve.serving", "ortserve.library",
-                              "ortserve.api", "ortserve.models", "converters")),  # fmt: skip
+        (
+            "ortserve.options",
+            (
+                "ortserve.engine",
+                "ortserve.serving",
+                "ortserve.library",
+                "ortserve.api",
+                "ortserve.models",
+                "converters",
+            ),
+        ),  # fmt: skip
         # the converter writes bundles into the library, never through the server
         ("converters", ("ortserve.api", "ortserve.models", "ortserve.cli", "ortserve.engine")),
         ("ortserve.models", ("ortserve.api", "ortserve.cli")),

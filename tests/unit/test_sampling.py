@@ -11,9 +11,9 @@ from ortserve import options as checks
 from ortserve.api.openai import sampling as openai_sampling
 from ortserve.engine import sampling
 from ortserve.engine.sampling import resolve_options
-from ortserve.options import SUPPORTED_OPTIONS, UNSUPPORTED_OPTIONS
 from ortserve.engine.types import GenerationOptions
 from ortserve.errors import InvalidRequest, LibraryCorrupt
+from ortserve.options import SUPPORTED_OPTIONS, UNSUPPORTED_OPTIONS
 
 
 @pytest.fixture(autouse=True)
