@@ -48,7 +48,7 @@ import numpy as np
 from ortserve import metrics
 from ortserve.engine.kvcache import KVStore
 from ortserve.engine.types import GenerationOptions, Usage
-from ortserve.errors import ModelLoadError, OrtServeError, ServerBusy
+from ortserve.errors import InvalidRequest, ModelLoadError, OrtServeError, ServerBusy
 
 log = logging.getLogger("ortserve.engine")
 _EVENT_BUFFER = 256
@@ -370,9 +370,7 @@ class Scheduler:
                     self._begin(lane, job)
                 except Exception as exc:  # a bad turn fails alone
                     log.warning("cannot start a turn on %s: %s", self.name, exc)
-                    self._complete_with_error(
-                        job, OrtServeError(f"cannot start generation: {_first_line(exc)}")
-                    )
+                    self._complete_with_error(job, _start_error(job, exc))
 
     def _group_for(self, lane: Lane, limit: int) -> list[Job]:
         """Take up to `limit` waiting jobs for `lane`, oldest first. An og.Engine batch holds
@@ -528,6 +526,14 @@ def _failure(event) -> str:
     if message:
         return f"generation failed: {_first_line(message)}"
     return f"generation failed (engine error {event.error_code.name})"
+
+
+def _start_error(job: Job, exc: BaseException) -> OrtServeError:
+    """Why a turn could not start: a grammar og cannot compile is the request's schema (400)."""
+    if job.options.guidance is not None:
+        return InvalidRequest(f"the requested schema or tools cannot be enforced: "
+                              f"{_first_line(exc)}", param="format")  # fmt: skip
+    return OrtServeError(f"cannot start generation: {_first_line(exc)}")
 
 
 def _first_line(exc: BaseException | str) -> str:

@@ -15,10 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
-
-from ortserve.engine.guided import OutputRejected, bounded_schema
+from ortserve.engine.guided import OutputRejected, bounded_schema, check_schema
 from ortserve.engine.toolcalls import (
     StreamingToolCallParser,
     ToolCall,
@@ -96,18 +93,13 @@ def tool_spec(tools: Any, tool_choice: Any = "auto", parallel: Any = True) -> To
 
 
 def _check_parameters(function: dict, param: str) -> None:
-    """400 for a parameters schema that is not a JSON Schema: the grammar and the argument
-    checks are built from it, and a broken one would fail there (500) or every attempt (422)."""
+    """400 for a parameters schema that is not a JSON Schema the guidance can enforce: the
+    grammar and the argument checks are built from it, and a broken one would fail there
+    (500) or every attempt (422)."""
     schema = function.get("parameters")
     if schema is None:
         return  # no arguments
-    if not isinstance(schema, dict):
-        raise InvalidRequest(f"{param} must be a JSON Schema object", param=param)
-    try:
-        Draft202012Validator.check_schema(schema)
-    except SchemaError as exc:
-        raise InvalidRequest(f"{param} is not a valid JSON Schema: {exc.message}",
-                             param=param) from None  # fmt: skip
+    check_schema(schema, param)  # valid, and what the guidance can enforce
 
 
 def _is_function(tool: Any) -> bool:
