@@ -43,11 +43,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convert_bench import QWEN2_05B  # noqa: E402
-from serve_bench import free_port  # noqa: E402
+from serve_bench import H512, free_port  # noqa: E402
 
-SHAPE = {**QWEN2_05B, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 8,
-         "num_attention_heads": 8, "num_key_value_heads": 2}  # fmt: skip
+SHAPE = H512  # the checkpoint every benchmark shares (.cache/bench/qwen2-h512-l8-random)
 CONFIGS = {
     "before": ("bench:optimum-int4", "static"),
     "og-static": ("bench:builder-int4", "static"),

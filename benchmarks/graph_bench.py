@@ -28,17 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-SHAPE = {  # Qwen2-0.5B's ratios at hidden 512 (intermediate 5.43x, 2 KV heads), 8 layers
-    "vocab_size": 151936,
-    "hidden_size": 512,
-    "intermediate_size": 2816,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 4096,
-    "tie_word_embeddings": True,
-    "rope_theta": 1000000.0,
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_bench import H512 as SHAPE  # noqa: E402  (one checkpoint shape for every benchmark)
+
 PROMPT_TOKENS = 64
 BUNDLES = ("converted", "builder", "optimum")
 

@@ -453,23 +453,11 @@ def llama_run(session: Session, ids: list[int], new_tokens: int) -> tuple[float,
 
 
 def og_run(model, ids: list[int], new_tokens: int) -> tuple[float, float, list]:
-    """The same with og.Generator (as benchmarks/graph_bench.py runs its bundles)."""
-    import onnxruntime_genai as og
+    """The same with og.Generator, timed as benchmarks/graph_bench.py times its bundles."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from graph_bench import run_once
 
-    params = og.GeneratorParams(model)
-    total = len(ids) + new_tokens
-    params.set_search_options(max_length=total, min_length=total, do_sample=False)
-    generator = og.Generator(model, params)
-    started = time.perf_counter()
-    generator.append_tokens(np.asarray([ids], dtype=np.int32))
-    generator.generate_next_token()
-    first = time.perf_counter()
-    count = 1
-    while not generator.is_done():
-        generator.generate_next_token()
-        count += 1
-    end = time.perf_counter()
-    return len(ids) / (first - started), (count - 1) / (end - first), []
+    return (*run_once(model, ids, new_tokens), [])
 
 
 def measure(checkpoint: Path, bundle: Path | None, work: Path, *, rounds: int, new_tokens: int,
