@@ -87,6 +87,7 @@ class Settings:
     batching: str = "auto"
     kv_cache_entries: int = 16  # finished turns kept per model for KV reuse (0: none)
     kv_cache_size: int = 1 << 30  # bytes those kept turns may hold per model
+    compute_threads: int = 0  # threads one model's forward passes use (0: the physical cores)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -114,6 +115,7 @@ class Settings:
             "batching": _batching,
             "kv_cache_entries": _non_negative_int,
             "kv_cache_size": parse_size,
+            "compute_threads": _non_negative_int,
         }
         for name, reader in readers.items():
             variable = f"ORTSERVE_{name.upper()}"
@@ -134,6 +136,14 @@ class Settings:
         """
         reserved = max(1, min(_RESERVED_THREADS, self.threads // 4))
         return max(1, self.threads - reserved)
+
+    @property
+    def model_threads(self) -> int:
+        """Threads a model's forward passes use: ORTSERVE_COMPUTE_THREADS, else every
+        physical core this process may run on. onnxruntime-genai's own default is half the
+        logical cores, which on a machine without hyper-threading leaves half the cores idle
+        while a batch is compute-bound (docs/performance.md)."""
+        return self.compute_threads or physical_cores()
 
     @property
     def reachable_host(self) -> str:
@@ -179,6 +189,19 @@ def _read(env: Mapping[str, str], variable: str, reader):
         return reader(value)
     except ValueError as exc:
         raise SettingsError(f"{variable}={value!r} is invalid: {exc}") from exc
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may use (at least 1)."""
+    import psutil
+
+    logical = psutil.cpu_count() or 1
+    physical = psutil.cpu_count(logical=False) or logical
+    try:
+        allowed = len(os.sched_getaffinity(0))  # a container or taskset may allow fewer
+    except AttributeError:  # not on Linux
+        allowed = logical
+    return max(1, min(physical, allowed * physical // logical))
 
 
 def _positive_int(value: str) -> int:

@@ -124,7 +124,7 @@ class DecoderGraph:
     last_only: bool = False  # the LM head runs on the last position only
 
     @classmethod
-    def load(cls, bundle: Path) -> DecoderGraph:
+    def load(cls, bundle: Path, threads: int | None = None) -> DecoderGraph:
         import onnxruntime as ort
 
         config = json.loads((Path(bundle) / "genai_config.json").read_text(encoding="utf-8"))
@@ -132,7 +132,7 @@ class DecoderGraph:
         inputs = decoder["inputs"]
         outputs = decoder["outputs"]
         graph = Path(bundle) / decoder.get("filename", "model.onnx")
-        options = _session_options(decoder.get("session_options", {}))
+        options = _session_options(decoder.get("session_options", {}), threads)
         pruned = _last_token_logits(graph, outputs.get("logits", "logits"))
         if pruned is not None:  # weights stay where they are: read beside the graph
             key = "session.model_external_initializers_file_folder_path"
@@ -220,14 +220,16 @@ def _last_token_logits(graph: Path, logits: str) -> bytes | None:
     return model.SerializeToString()
 
 
-def _session_options(config: dict):
-    """The bundle's session options; og's default thread count where it sets none."""
+def _session_options(config: dict, threads: int | None = None):
+    """The bundle's session options; where it sets no thread count, `threads`, else og's
+    own default (half the logical cores, at most 16), so that both paths compare."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    # og's own default (half the logical cores, at most 16), so that both paths compare
     options.intra_op_num_threads = int(
-        config.get("intra_op_num_threads") or max(1, min(16, (os.cpu_count() or 2) // 2))
+        config.get("intra_op_num_threads")
+        or threads
+        or max(1, min(16, (os.cpu_count() or 2) // 2))
     )
     if config.get("inter_op_num_threads"):
         options.inter_op_num_threads = int(config["inter_op_num_threads"])

@@ -300,6 +300,7 @@ class Runtime:
             batching=self.settings.batching,
             kv_cache_entries=self.settings.kv_cache_entries,
             kv_cache_bytes=self.settings.kv_cache_size,
+            threads=self.settings.model_threads,
         )
         scheduler.start()
         return scheduler

@@ -143,6 +143,7 @@ class Scheduler:
         batching: str = "auto",
         kv_cache_entries: int = 16,
         kv_cache_bytes: int = 1 << 30,
+        threads: int | None = None,
     ):
         self.bundle = bundle
         self.provider = provider
@@ -155,6 +156,7 @@ class Scheduler:
         self.batching = batching  # "auto": continuous where the graph allows; "static": never
         self.graph = "optimum"  # or "builder": read from the bundle when it loads
         self.kv_store = KVStore(kv_cache_entries, kv_cache_bytes)
+        self.threads = threads  # intra-op threads where the bundle sets none (None: og's)
         self._model: Any = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: collections.deque[Job] = collections.deque()
@@ -254,7 +256,7 @@ class Scheduler:
         """ortserve's own decode loop over the builder graph; og.Model only when needed."""
         from ortserve.engine.continuous import ContinuousEngine, DecoderGraph
 
-        engine = ContinuousEngine(DecoderGraph.load(self.bundle), self.parallel, self.kv_store)
+        engine = ContinuousEngine(DecoderGraph.load(self.bundle, self.threads), self.parallel, self.kv_store)
         self._lanes.append(Lane(engine, None, self.parallel, kind="continuous"))
         log.info("%s: continuous batching (builder graph), up to %d turns", self.name,
                  self.parallel)  # fmt: skip
@@ -274,6 +276,9 @@ class Scheduler:
             "engine": {"static_batching": {"max_batch_size": self._static_batch}},
             "search": {"min_length": 0, "num_beams": 1},
         }
+        if self.threads and "intra_op_num_threads" not in _decoder_session(self.bundle):
+            overlay["model"] = {"decoder": {"session_options": {
+                "intra_op_num_threads": self.threads}}}  # fmt: skip
         config.overlay(json.dumps(overlay))
         self._model = og.Model(config)
         return self._model
@@ -588,3 +593,9 @@ def apply_turn_options(
         # graphs cannot use: say so once rather than pretend.
         _warned.add("seed")
         log.warning("option seed is not honoured by the static-batching engine; ignored")
+
+
+def _decoder_session(bundle: Path) -> dict:
+    """The decoder's session options as the bundle's genai_config.json sets them."""
+    config = json.loads((bundle / "genai_config.json").read_text(encoding="utf-8"))
+    return config["model"]["decoder"].get("session_options", {})

@@ -83,6 +83,21 @@ def test_the_builder_graph_runs_continuously(bundles):
         optimum.stop()
 
 
+@pytest.mark.parametrize("batching", ["auto", "static"])
+def test_forward_passes_use_the_threads_they_are_given(bundles, prompts, alone, batching):
+    """ORTSERVE_COMPUTE_THREADS reaches the continuous loop's session and og's (overlaid);
+    the tokens stay the same."""
+    running = scheduler(bundles["builder"], threads=1, batching=batching)
+    try:
+        lane = running._lanes[0]
+        if batching == "auto":
+            options = lane.engine.graph.session.get_session_options()
+            assert options.intra_op_num_threads == 1
+        assert collect(running.submit(prompts[0], greedy(24)))[0] == alone[0]
+    finally:
+        running.stop()
+
+
 def test_mixed_lengths_in_one_batch_equal_each_alone(bundles, prompts, alone):
     running = scheduler(bundles["builder"])
     try:

@@ -209,3 +209,12 @@ def test_batching_and_kv_cache_settings_are_read_and_checked():
                             ("ORTSERVE_KV_CACHE_ENTRIES", "-1")]:  # fmt: skip
         with pytest.raises(SettingsError, match=variable):
             Settings.from_env({variable: value})
+
+
+def test_compute_threads_default_to_the_physical_cores():
+    from ortserve.config import Settings, SettingsError, physical_cores
+
+    assert Settings.from_env({}).model_threads == physical_cores() >= 1
+    assert Settings.from_env({"ORTSERVE_COMPUTE_THREADS": "3"}).model_threads == 3
+    with pytest.raises(SettingsError, match="ORTSERVE_COMPUTE_THREADS"):
+        Settings.from_env({"ORTSERVE_COMPUTE_THREADS": "many"})
