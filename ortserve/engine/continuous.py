@@ -227,9 +227,7 @@ def _session_options(config: dict, threads: int | None = None):
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(
-        config.get("intra_op_num_threads")
-        or threads
-        or max(1, min(16, (os.cpu_count() or 2) // 2))
+        config.get("intra_op_num_threads") or threads or max(1, min(16, (os.cpu_count() or 2) // 2))
     )
     if config.get("inter_op_num_threads"):
         options.inter_op_num_threads = int(config["inter_op_num_threads"])

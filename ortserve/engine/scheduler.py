@@ -256,7 +256,9 @@ class Scheduler:
         """ortserve's own decode loop over the builder graph; og.Model only when needed."""
         from ortserve.engine.continuous import ContinuousEngine, DecoderGraph
 
-        engine = ContinuousEngine(DecoderGraph.load(self.bundle, self.threads), self.parallel, self.kv_store)
+        engine = ContinuousEngine(
+            DecoderGraph.load(self.bundle, self.threads), self.parallel, self.kv_store
+        )
         self._lanes.append(Lane(engine, None, self.parallel, kind="continuous"))
         log.info("%s: continuous batching (builder graph), up to %d turns", self.name,
                  self.parallel)  # fmt: skip
