@@ -182,9 +182,10 @@ def machine() -> dict[str, str]:
 
 
 def busy_note(machine: dict, started: dict, ended: dict) -> str:
-    """A warning when the machine was busy with other work (1-min load over half the CPUs)."""
+    """A warning when the machine was busy with other work (1-min load over half the CPUs
+    as the run starts; at the end the benchmark's own processes are in the average)."""
     loads = [float(m["load"].split()[0]) for m in (started, ended)]
-    if max(loads) <= 0.5 * machine.get("logical", os.cpu_count() or 1):
+    if loads[0] <= 0.5 * machine.get("logical", os.cpu_count() or 1):
         return ""
     return (f"the machine was busy (1-min load average {loads[0]:.1f} at the start,"
             f" {loads[1]:.1f} at the end, on {machine['cores']}): these figures are noise;"
@@ -351,6 +352,10 @@ def peer_rows(peer: dict, serve: dict) -> list[Row]:
         Row("peer", "prefill tok/s: converted int4 (og) / llama.cpp Q4_0", goal=">= 1.0"),
         Row("peer", "decode tok/s: converted int4 (og) / llama.cpp Q4_0 pure (output Q4_0 too)"),
         Row("peer", "model load to first token: og.Model / llama.cpp (mmap), cold process"),
+        Row("peer", "decode tok/s: converted int4 (ortserve's own loop) / llama.cpp Q4_0",
+            goal=">= 1.0"),
+        Row("peer", "prefill tok/s: converted int4 (ortserve's own loop) / llama.cpp Q4_0",
+            goal=">= 1.0"),
         Row("peer", "RSS: ortserve server worker (peak) / llama.cpp process (Q4_0 loaded, run)"),
     ]  # fmt: skip
     figures = peer.get("figures")
@@ -365,8 +370,14 @@ def peer_rows(peer: dict, serve: dict) -> list[Row]:
     if not pure:
         rows[2].na = "the pure Q4_0 file is built at the default size only"
     rows[3].value = ratio(og.get("ready_s"), q4.get("ready_s"))
+    own = figures.get("ortserve", {})
+    rows[4].value = ratio(own.get("decode_tps"), q4.get("decode_tps"))
+    rows[5].value = ratio(own.get("prefill_tps"), q4.get("prefill_tps"))
+    if not own:
+        for row in rows[4:6]:
+            row.na = "not a builder bundle ortserve's loop runs"
     if not og:
-        for row in rows[:4]:
+        for row in rows[:6]:
             row.na, row.value = "no og bundle to compare", None
     rows[0].figures = [
         f"{peer.get('binding')}, {peer.get('gguf')}, {peer.get('threads')} threads,"
@@ -379,13 +390,13 @@ def peer_rows(peer: dict, serve: dict) -> list[Row]:
         for name, f in figures.items()
     ]  # fmt: skip
     worker = get(last_json(serve) or {}, "worker_peak_rss_bytes") if "na" not in serve else None
-    rows[4].value = ratio(worker, peer.get("llamacpp_rss_bytes"))
-    rows[4].figures = [
+    rows[6].value = ratio(worker, peer.get("llamacpp_rss_bytes"))
+    rows[6].figures = [
         f"llama.cpp process RSS {mb(peer.get('llamacpp_rss_bytes'))}"
         f" (Python, the Q4_0 file loaded and run), ortserve worker peak {mb(worker)}"
     ]
     if worker is None:
-        rows[4].na = "no serve figures"
+        rows[6].na = "no serve figures"
     return rows
 
 

@@ -460,6 +460,28 @@ def og_run(model, ids: list[int], new_tokens: int) -> tuple[float, float, list]:
     return (*run_once(model, ids, new_tokens), [])
 
 
+def engine_run(graph, ids: list[int], new_tokens: int) -> tuple[float, float, list]:
+    """The same with ortserve's own decode loop (engine/continuous.py's forward pass: the
+    LM head on the last position only, keys and values in place), as `ortserve serve` runs a
+    builder bundle on the CPU; greedy, one row."""
+    from ortserve.engine.continuous import BatchCache
+
+    cache = BatchCache(graph, 1)
+    cache.reserve(1, len(ids) + new_tokens)
+    started = time.perf_counter()
+    mask = np.ones((1, len(ids)), dtype=np.int64)
+    token = int(graph.forward(np.asarray([ids]), mask, cache.view(0, 1))[0, -1].argmax())
+    first = time.perf_counter()
+    out = [token]
+    while len(out) < new_tokens:
+        mask = np.ones((1, len(ids) + len(out)), dtype=np.int64)
+        logits = graph.forward(np.asarray([[token]]), mask, cache.view(0, 1))
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+    end = time.perf_counter()
+    return len(ids) / (first - started), (len(out) - 1) / (end - first), out
+
+
 def measure(checkpoint: Path, bundle: Path | None, work: Path, *, rounds: int, new_tokens: int,
             prompt_tokens: int, threads: int, pure: bool) -> dict[str, Any]:  # fmt: skip
     engine = backend()
@@ -490,8 +512,19 @@ def measure(checkpoint: Path, bundle: Path | None, work: Path, *, rounds: int, n
         loaded = time.perf_counter()
         og_run(models["og"], ids, 1)
         loads["og"] = {"load_s": loaded - started, "ready_s": time.perf_counter() - started}
+        from ortserve.engine.continuous import DecoderGraph, supports
+
+        if supports(bundle):
+            started = time.perf_counter()
+            models["ortserve"] = DecoderGraph.load(bundle, threads)
+            loaded = time.perf_counter()
+            engine_run(models["ortserve"], ids, 1)
+            loads["ortserve"] = {"load_s": loaded - started,
+                                 "ready_s": time.perf_counter() - started}  # fmt: skip
     runners = {label: (lambda s=s: llama_run(s, ids, new_tokens)) for label, s in sessions.items()}
     runners.update({"og": lambda: og_run(models["og"], ids, new_tokens)} if models else {})
+    if "ortserve" in models:
+        runners["ortserve"] = lambda: engine_run(models["ortserve"], ids, new_tokens)
     for run in runners.values():  # warm-up: allocation, weight repacking
         run()
     results: dict[str, list] = {label: [] for label in runners}

@@ -108,10 +108,15 @@ class RawEngine:
     def __init__(self, bundle: Path) -> None:
         import onnxruntime_genai as og
 
+        from ortserve.config import physical_cores
+
         self.og = og
         started = time.perf_counter()
         config = og.Config(str(bundle))
-        config.overlay(json.dumps({"search": {"min_length": 0}}))
+        # the server's thread count (ortserve.config: the physical cores), so that the two
+        # compare the same computation
+        threads = {"session_options": {"intra_op_num_threads": physical_cores()}}
+        config.overlay(json.dumps({"search": {"min_length": 0}, "model": {"decoder": threads}}))
         self.model = og.Model(config)
         self.load_s = time.perf_counter() - started
         self.engine = og.Engine(self.model)
