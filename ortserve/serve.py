@@ -42,6 +42,10 @@ _RECV = 64 * 1024
 # Connections the worker holds at once (reading, running or kept alive); more wait in
 # the socket backlog. Each one reading holds at most _MAX_HEAD + _BODY_BUFFER.
 WORKER_CONNECTIONS = 1000
+# The signals that stop a worker: held back from fork until the worker's handlers are set.
+_STOP_SIGNALS = frozenset(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGQUIT") if hasattr(signal, name)
+)
 
 
 def serve(settings: Settings, *, server: str | None = None, runtime: Any = None) -> None:
@@ -169,6 +173,8 @@ def gunicorn_application(settings: Settings, *, runtime: Any = None):
     """A gunicorn BaseApplication for ortserve (built here: gunicorn is POSIX-only)."""
     from gunicorn.app.base import BaseApplication
 
+    arbiter_class = _arbiter_class()
+
     class OrtServeApplication(BaseApplication):
         def __init__(self):
             self.settings = settings
@@ -187,7 +193,33 @@ def gunicorn_application(settings: Settings, *, runtime: Any = None):
             self.flask_app = create_app(settings, runtime=runtime)
             return self.flask_app
 
+        def run(self):
+            try:
+                arbiter_class(self).run()
+            except RuntimeError as exc:  # what gunicorn's own run() does with a bad config
+                raise SystemExit(f"Error: {exc}") from None
+
     return OrtServeApplication()
+
+
+def _arbiter_class():
+    """gunicorn's arbiter, forking workers with the stop signals blocked.
+
+    Between fork and the worker's own handlers, a SIGTERM (a deploy stopping a server that
+    is just starting) reached the arbiter's handler copied into the child, which queued it
+    where nothing reads it: the worker booted on and the arbiter waited the whole graceful
+    timeout for it. Blocked, the signal stays pending until the worker can act on it."""
+    from gunicorn.arbiter import Arbiter
+
+    class OrtServeArbiter(Arbiter):
+        def spawn_worker(self):
+            signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                return super().spawn_worker()  # the worker never returns from here
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+    return OrtServeArbiter
 
 
 def _graceful_worker():
@@ -201,6 +233,11 @@ def _graceful_worker():
             self.arriving: dict[Any, Arriving] = {}
             self.buffered = 0  # bytes the main loop holds for requests still arriving
             super().init_process()
+
+        def init_signals(self):
+            super().init_signals()
+            # A stop signal that came while booting (see _arbiter_class) is handled now.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
         def handle_exit(self, sig, frame):
             super().handle_exit(sig, frame)  # stop accepting; wait for open connections

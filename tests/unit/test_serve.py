@@ -216,6 +216,35 @@ def test_sigterm_cancels_what_outlives_the_grace_period(gunicorn, library):
     assert time.monotonic() - started < 6  # cancelled after the grace, not killed later
 
 
+def test_sigterm_while_the_worker_boots_stops_it_without_waiting_the_grace(tmp_path):
+    """A deploy that stops a server just started: the arbiter's SIGTERM reaches the worker
+    between fork and its own handlers (here: held there by a post_fork hook)."""
+    code = textwrap.dedent(f"""
+        import os, signal, time
+        from pathlib import Path
+        from ortserve.config import Settings
+        from ortserve.serve import gunicorn_application
+
+        def stop_the_arbiter_as_the_worker_forks(arbiter, worker):
+            os.kill(worker.ppid, signal.SIGTERM)
+            time.sleep(1)  # the arbiter's SIGTERM to this worker comes now
+
+        settings = Settings(models=Path({str(tmp_path / "models")!r}), port={free_port()},
+                            threads=2, grace_period=30)
+        application = gunicorn_application(settings)
+        application.cfg.set("post_fork", stop_the_arbiter_as_the_worker_forks)
+        application.run()
+    """)
+    (tmp_path / "models").mkdir()
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        assert process.wait(timeout=20) == 0  # not the graceful timeout (35 s)
+    finally:
+        process.kill()
+    assert "Traceback" not in process.stdout.read()
+
+
 # A runtime for the gunicorn subprocess: slow endless turns, and Runtime's shutdown contract
 # (wait up to `grace` for requests in flight, then cancel them).
 SLOW_RUNTIME = """
