@@ -49,7 +49,7 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # Per section: (flags at the default size, flags with --quick). Flags a script's --help
 # does not list are dropped, so a benchmark that changes its options still runs.
 ARGS: dict[str, tuple[list[str], list[str]]] = {
-    "serve": (["--rounds", "3", "--new-tokens", "128"], ["--rounds", "1", "--new-tokens", "16"]),
+    "serve": (["--rounds", "7", "--new-tokens", "256"], ["--rounds", "1", "--new-tokens", "16"]),
     "graph": (["--rounds", "5", "--new-tokens", "128"], ["--rounds", "1", "--new-tokens", "16"]),
     "engine": (["--configs", "after"],
                ["--configs", "after", "--new-tokens", "16", "--no-http"]),

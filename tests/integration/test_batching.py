@@ -108,6 +108,21 @@ def test_mixed_lengths_in_one_batch_equal_each_alone(bundles, prompts, alone):
         running.stop()
 
 
+def test_an_unpruned_graph_gives_the_same_tokens(bundles, prompts, alone, monkeypatch):
+    """Without the onnx package the LM head runs on every prompt position: the logits the
+    loop reads are then the last of each chunk's."""
+    from ortserve.engine import continuous
+
+    monkeypatch.setattr(continuous, "_last_token_logits", lambda graph, logits: None)
+    running = scheduler(bundles["builder"])
+    try:
+        assert not running._lanes[0].engine.graph.last_only
+        jobs = [running.submit(p, greedy(24)) for p in prompts]
+        assert [collect(job)[0] for job in jobs] == alone
+    finally:
+        running.stop()
+
+
 def test_late_arrivals_join_a_running_batch(bundles, prompts, alone):
     running = scheduler(bundles["builder"])
     try:
