@@ -290,6 +290,8 @@ def serve_rows(result: dict) -> list[Row]:
         Row("serve", "TTFT, 1 stream: ortserve over HTTP / raw og.Engine (no goal)"),
         Row("serve", "model load: ortserve server (first request) / og.Model in-process"),
         Row("serve", "peak RSS: ortserve server worker (model loaded, serving) / bundle on disk"),
+        Row("serve", "decode tok/s, 1 stream: ortserve's engine in-process / raw og.Engine "
+            "(no goal: the loop without HTTP)"),
     ]  # fmt: skip
     data = last_json(result) if "na" not in result else None
     if data is None:
@@ -317,6 +319,12 @@ def serve_rows(result: dict) -> list[Row]:
         f"worker peak RSS {mb(rss)}, tree peak PSS"
         f" {mb(data.get('tree_peak_pss_bytes'))}, bundle {mb(data.get('bundle_bytes'))}"
     ]
+    engine = data.get("engine", {})
+    rows[4].value = ratio(engine.get("decode_tps"), raw.get("decode_tps"))
+    rows[4].figures = [f"decode tok/s: engine in-process {engine.get('decode_tps')}"
+                       f" {engine.get('decode_runs')}"]  # fmt: skip
+    if rows[4].value is None:
+        rows[4].na = "no in-process figures"
     return rows
 
 

@@ -7,7 +7,9 @@ once, shared). `--subject 0.5b` takes the Qwen2-0.5B-shaped `bench:int4` instead
 adapter_bench.py serves). In one run:
   (a) the raw og.Engine in this process: time to first token and decode tokens/s, one request;
   (b) the same prompt through `ortserve serve`'s streamed /api/generate, one client;
-      (a) and (b) alternated for --rounds rounds, medians, ratio b/a;
+  (e) the same through ortserve's engine (engine.scheduler.Scheduler, what the server's
+      worker runs) in this process: the loop's own cost, apart from HTTP's;
+      (a), (b) and (e) alternated for --rounds rounds, medians, ratios b/a and e/a;
   (c) model load: og.Model in this process, and the server's load on its first request;
   (d) the server's peak memory with the model loaded and serving: the worker's RSS (the
       process holding the model) and the whole tree's PSS, against the bundle's size on disk.
@@ -138,6 +140,44 @@ class RawEngine:
         return {"ttft_s": first - begun, "decode_tps": (count - 1) / (end - first)}
 
 
+class InProcessEngine:
+    """(e): ortserve's scheduler in this process, set up as the server sets it up."""
+
+    def __init__(self, bundle: Path) -> None:
+        from ortserve.config import Settings
+        from ortserve.engine.scheduler import Scheduler
+        from ortserve.engine.types import GenerationOptions
+
+        settings = Settings.from_env({})
+        # as engine/runtime.py starts it (no kept turns: each round's prompt is new anyway)
+        self.scheduler = Scheduler(bundle, "cpu", batch_size=settings.num_parallel,
+                                   lanes=settings.engine_lanes, parallel=settings.num_parallel,
+                                   name="bench", batching=settings.batching, kv_cache_entries=0,
+                                   threads=settings.model_threads)  # fmt: skip
+        self.scheduler.start()
+        self.options = lambda n: GenerationOptions(temperature=0, num_predict=n, num_ctx=4096,
+                                                   repeat_penalty=1.0)  # fmt: skip
+
+    def run(self, ids: list[int], new_tokens: int) -> dict:
+        begun = time.perf_counter()
+        job = self.scheduler.submit(ids, self.options(new_tokens))
+        first, count = 0.0, 0
+        while True:
+            kind, *payload = job.events.get(timeout=600)
+            if kind == "token":
+                count += 1
+                first = first or time.perf_counter()
+            elif kind == "done":
+                break
+            else:
+                raise payload[0]
+        end = time.perf_counter()
+        return {"ttft_s": first - begun, "decode_tps": (count - 1) / (end - first)}
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+
 def raw_engine(bundle: Path) -> dict:
     """One raw run with its load time (the former interface of this module)."""
     raw = RawEngine(bundle)
@@ -227,13 +267,15 @@ def measure(root: Path, bundle: Path, model: str, rounds: int, new_tokens: int) 
     texts = [f"{LEADS[i % len(LEADS)]} {PROMPT_TEXT}" for i in range(rounds + 1)]
     ids = [prompt_ids(bundle, text) for text in texts]
     raw = RawEngine(bundle)
+    engine = InProcessEngine(bundle)
     process, url = start_server(root)
     peak, stop = {"worker_rss": 0, "tree_pss": 0}, threading.Event()
     threading.Thread(target=sample_memory, args=(process.pid, peak, stop), daemon=True).start()
-    raw_runs, http_runs = [], []
+    raw_runs, http_runs, engine_runs = [], [], []
     try:
         server_load = load_over_http(url, model)
-        raw.run(ids[-1], new_tokens)  # warm-up, both sides
+        raw.run(ids[-1], new_tokens)  # warm-up, every side
+        engine.run(ids[-1], new_tokens)
         http_stream(url, model, new_tokens, texts[-1])
         for i in range(rounds):
             raw_runs.append(raw.run(ids[i], new_tokens))
@@ -242,7 +284,10 @@ def measure(root: Path, bundle: Path, model: str, rounds: int, new_tokens: int) 
             http_runs.append({"ttft_s": one["ttft_s"],
                               "decode_tps": (one["tokens"] - 1) / one["decode_s"]})  # fmt: skip
             time.sleep(0.2)
+            engine_runs.append(engine.run(ids[i], new_tokens))
+            time.sleep(0.2)
     finally:
+        engine.stop()
         stop.set()
         process.terminate()
         process.wait()
@@ -252,6 +297,7 @@ def measure(root: Path, bundle: Path, model: str, rounds: int, new_tokens: int) 
         return statistics.median(r[key] for r in runs)
 
     raw_tps, http_tps = median(raw_runs, "decode_tps"), median(http_runs, "decode_tps")
+    engine_tps = median(engine_runs, "decode_tps")
     return {
         "model": model,
         "prompt_tokens": len(ids[0]),
@@ -262,7 +308,10 @@ def measure(root: Path, bundle: Path, model: str, rounds: int, new_tokens: int) 
                 "decode_runs": [round(r["decode_tps"], 1) for r in raw_runs]},
         "http": {"ttft_s": round(median(http_runs, "ttft_s"), 4), "decode_tps": round(http_tps, 1),
                  "decode_runs": [round(r["decode_tps"], 1) for r in http_runs]},
+        "engine": {"decode_tps": round(engine_tps, 1),
+                   "decode_runs": [round(r["decode_tps"], 1) for r in engine_runs]},
         "ratio_http_over_raw_decode": round(http_tps / raw_tps, 3),
+        "ratio_engine_over_raw_decode": round(engine_tps / raw_tps, 3),
         "load_s": {"raw_og_model": round(raw.load_s, 3), "server_first_request": round(server_load, 3)},
         "worker_peak_rss_bytes": peak["worker_rss"],
         "tree_peak_pss_bytes": peak["tree_pss"],

@@ -30,6 +30,7 @@ SERVE = {
     "prompt_tokens": 55, "new_tokens": 128, "rounds": 3, "bundle_bytes": 80e6,
     "raw": {"ttft_s": 0.2, "decode_tps": 100.0, "decode_runs": [100.0]},
     "http": {"ttft_s": 0.21, "decode_tps": 98.0, "decode_runs": [98.0]},
+    "engine": {"decode_tps": 101.0, "decode_runs": [101.0]},
     "load_s": {"raw_og_model": 0.5, "server_first_request": 1.0},
     "worker_peak_rss_bytes": 360e6, "tree_peak_pss_bytes": 330e6,
 }  # fmt: skip
@@ -73,6 +74,8 @@ def test_rows_compute_ratios_and_goals(bench):
     by = {row.compared: row for row in rows}
     http = next(r for r in rows if r.compared.startswith("decode tok/s, 1 stream"))
     assert http.value == pytest.approx(0.98) and http.met() == "yes"
+    in_process = next(r for r in rows if "engine in-process" in r.compared)
+    assert in_process.value == pytest.approx(1.01) and not in_process.goal
     builder = next(r for r in rows if "builder int4 (its defaults)" in r.compared)
     assert builder.value == pytest.approx(1.2) and builder.met() == "yes"
     llama = [r for r in rows if r.section == "peer" and r.goal]
