@@ -211,3 +211,13 @@ SYSTEM_PROMPTS = (
     "You are demo-chat, a friendly assistant.",
     "Answer the user's questions.",
 )
+
+
+def names() -> list[str]:
+    """Every name in the model's world (countries, cities, things, colours, units): the
+    tokenizer makes each word of them one token, so copying one from a question or a tool
+    result is copying a token rather than pieces in order."""
+    found = [n for pair in CAPITALS for n in pair] + list(OTHER_CITIES)
+    found += [n for pair in COLOURS for n in pair] + [t[1] for t in UNITS] + [t[0] for t in UNITS]
+    found += [w for symbol, words in UNIT_WORDS.items() for w in (symbol, *words)]
+    return sorted(set(found))

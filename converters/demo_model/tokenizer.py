@@ -125,6 +125,14 @@ def render_prompt(messages: list[dict], tools: list[dict] | None, think: bool,
                               add_generation_prompt=add_generation_prompt)  # fmt: skip
 
 
+def glossary(names: Iterable[str], repeats: int = 400) -> list[str]:
+    """Texts that make the BPE merge each word of `names` into one token, in the forms the
+    pre-tokenizer cuts it: after a space, after a quote (JSON), alone, and lowercased."""
+    words = sorted({w for name in names for w in name.split() if w.isalpha()})
+    forms = [f" {w}" for w in words] + [f'"{w}' for w in words] + [f" {w.lower()}" for w in words]
+    return ["".join(forms)] * repeats + ["\n".join(words)] * repeats
+
+
 def train_tokenizer(texts: Iterable[str]):
     """A byte-level BPE (tokenizers.Tokenizer) trained on `texts`, with the chat tokens."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers

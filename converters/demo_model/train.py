@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from converters.demo_model import conversations, tokenizer
+from converters.demo_model import conversations, facts, tokenizer
 from converters.demo_model.conversations import Sample
 
 
@@ -106,7 +106,8 @@ def _row(items: list[Encoded], row_tokens: int, pad: int) -> tuple[list, list, l
 
 
 def build_tokenizer(samples: list[Sample], recipe: Recipe):
-    return tokenizer.train_tokenizer(texts(samples[: recipe.tokenizer_sample]))
+    glossary = tokenizer.glossary(facts.names())
+    return tokenizer.train_tokenizer(texts(samples[: recipe.tokenizer_sample]) + glossary)
 
 
 def _schedule(step: int, total: int, recipe: Recipe) -> float:

@@ -111,3 +111,17 @@ def test_held_out_json_key_sets_are_never_trained(training):
     trained = {tuple(s.expect["value"]) for s in training if s.family == "json"}
     for kind, key_sets in conversations.HELDOUT_KEYS.items():
         assert not trained & set(key_sets), kind
+
+
+def test_every_name_in_the_model_s_world_is_one_token(trained_tokenizer):
+    """Copying a city from a question into a tool call is then copying one token (run N in
+    docs/demo.md: tool choice 47% -> 67%, tool results quoted 67% -> 87%)."""
+    from converters.demo_model import facts
+
+    words = sorted({w for name in facts.names() for w in name.split() if w.isalpha()})
+    assert "Zurich" in words and "Ouagadougou" not in words
+    for word in words:
+        for text in (f" {word}", word, f" {word.lower()}"):
+            assert len(trained_tokenizer.encode(text).ids) == 1, text
+        ids = trained_tokenizer.encode(f'{{"city":"{word}"}}').ids
+        assert trained_tokenizer.token_to_id(word) in ids, word
