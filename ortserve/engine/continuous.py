@@ -191,7 +191,7 @@ class DecoderGraph:
     def _bind(self, arrays: list[np.ndarray]):
         """An IOBinding with each cache array bound as both past and present (the shared
         buffer: written in place). Built once per block: rebuilding it every pass cost
-        ~5% of a one-row decode step of a small model."""
+        ~3% of a one-row decode step of a small model (170 -> 70 us of Python per pass)."""
         import onnxruntime as ort
 
         binding = self.session.io_binding()
