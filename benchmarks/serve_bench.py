@@ -141,26 +141,23 @@ class RawEngine:
 
 
 class InProcessEngine:
-    """(e): ortserve's scheduler in this process, set up as the server sets it up."""
+    """(e): ortserve's scheduler in this process, loaded by the server's own Runtime."""
 
-    def __init__(self, bundle: Path) -> None:
+    def __init__(self, root: Path, model: str) -> None:
         from ortserve.config import Settings
-        from ortserve.engine.scheduler import Scheduler
-        from ortserve.engine.types import GenerationOptions
+        from ortserve.engine.runtime import Runtime
+        from ortserve.library import Library
 
-        settings = Settings.from_env({})
-        # as engine/runtime.py starts it (no kept turns: each round's prompt is new anyway)
-        self.scheduler = Scheduler(bundle, "cpu", batch_size=settings.num_parallel,
-                                   lanes=settings.engine_lanes, parallel=settings.num_parallel,
-                                   name="bench", batching=settings.batching, kv_cache_entries=0,
-                                   threads=settings.model_threads)  # fmt: skip
-        self.scheduler.start()
-        self.options = lambda n: GenerationOptions(temperature=0, num_predict=n, num_ctx=4096,
-                                                   repeat_penalty=1.0)  # fmt: skip
+        self.runtime = Runtime(Settings(models=root), Library(root))
+        self.loaded = self.runtime.acquire(model)
 
     def run(self, ids: list[int], new_tokens: int) -> dict:
+        from ortserve.engine.types import GenerationOptions
+
+        options = GenerationOptions(temperature=0, num_predict=new_tokens, num_ctx=4096,
+                                    repeat_penalty=1.0)  # fmt: skip
         begun = time.perf_counter()
-        job = self.scheduler.submit(ids, self.options(new_tokens))
+        job = self.loaded.scheduler.submit(ids, options)
         first, count = 0.0, 0
         while True:
             kind, *payload = job.events.get(timeout=600)
@@ -175,7 +172,8 @@ class InProcessEngine:
         return {"ttft_s": first - begun, "decode_tps": (count - 1) / (end - first)}
 
     def stop(self) -> None:
-        self.scheduler.stop()
+        self.runtime.release(self.loaded)
+        self.runtime.shutdown()
 
 
 def raw_engine(bundle: Path) -> dict:
@@ -267,7 +265,7 @@ def measure(root: Path, bundle: Path, model: str, rounds: int, new_tokens: int) 
     texts = [f"{LEADS[i % len(LEADS)]} {PROMPT_TEXT}" for i in range(rounds + 1)]
     ids = [prompt_ids(bundle, text) for text in texts]
     raw = RawEngine(bundle)
-    engine = InProcessEngine(bundle)
+    engine = InProcessEngine(root, model)
     process, url = start_server(root)
     peak, stop = {"worker_rss": 0, "tree_pss": 0}, threading.Event()
     threading.Thread(target=sample_memory, args=(process.pid, peak, stop), daemon=True).start()
