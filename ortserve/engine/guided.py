@@ -270,6 +270,35 @@ def _all_required(node: dict) -> bool:
     return all(name in required for name in node.get("properties", {}))
 
 
+# Keywords beside which closing an object's declared properties could change what it accepts
+# (allOf members each declare part of the properties; patterns name more of them).
+_OPEN_BY_COMPOSITION = ("allOf", "anyOf", "oneOf", "$ref", "patternProperties",
+                        "unevaluatedProperties", "additionalProperties")  # fmt: skip
+
+
+def _close_declared_objects(root: dict) -> None:
+    """Guided output keeps to an object's declared `properties` unless the schema asks for
+    more, as Ollama's grammar (llama.cpp's json-schema-to-grammar) does: a weak model would
+    otherwise append keys nobody asked for. Validation still uses the client's schema."""
+    members = {id(m) for node in _walk(root) for m in node.get("allOf", []) if isinstance(m, dict)}
+    for node in _walk(root):
+        declared = isinstance(node.get("properties"), dict) and node["properties"]
+        if (
+            declared
+            and id(node) not in members
+            and not any(k in node for k in _OPEN_BY_COMPOSITION)
+        ):
+            node["additionalProperties"] = False
+
+
+def _walk(node: Any):
+    """Every schema node under (and including) node."""
+    if isinstance(node, dict):
+        yield node
+        for child, _ in _subschemas(node, "#"):
+            yield from _walk(child)
+
+
 def _bound_object(node: dict, max_properties: int) -> None:
     """Cap the property count of an object that allows additional properties."""
     if node.get("additionalProperties") is False or "maxProperties" in node:
@@ -314,6 +343,7 @@ def bounded_schema(
         "max_number": max_number,
         "max_properties": max_properties,
     }
+    _close_declared_objects(bounded)
     _bound_node(bounded, limits)
     # A weak model can emit whitespace forever inside valid JSON: allow none.
     guidance = dict(bounded.get("x-guidance") or {})

@@ -197,8 +197,28 @@ def test_bounded_schema_adds_bounds_everywhere():
 
 
 def test_bounded_schema_caps_property_count_when_all_listed_are_required():
-    schema = {"type": "object", "properties": {"a": {}, "b": {}}, "required": ["a", "b"]}
+    schema = {"type": "object", "properties": {"a": {}, "b": {}}, "required": ["a", "b"],
+              "additionalProperties": True}  # fmt: skip
     assert bounded_schema(schema, max_properties=1)["maxProperties"] == 2
+
+
+def test_guided_objects_keep_to_their_declared_properties_as_ollama_s_grammar_does():
+    """No key nobody asked for (llama.cpp closes declared properties unless told otherwise);
+    the schema's own word wins, and allOf members, which each declare a part, stay open."""
+    inner = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "at": inner,
+                                               "free": {"type": "object"}},
+              "required": ["city"]}  # fmt: skip
+    out = bounded_schema(schema)
+    assert out["additionalProperties"] is False and "maxProperties" not in out
+    assert out["properties"]["at"]["additionalProperties"] is False
+    assert "additionalProperties" not in out["properties"]["free"]  # declares nothing: any keys
+    assert "additionalProperties" not in schema  # the caller's schema is left as it came
+    open_ = bounded_schema({**schema, "additionalProperties": {"type": "string"}})
+    assert open_["additionalProperties"]["type"] == "string"
+    parts = bounded_schema({"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}],
+                            "required": ["a", "b"]})  # fmt: skip
+    assert all("additionalProperties" not in part for part in parts["allOf"])
     assert bounded_schema({"type": "object"})["maxProperties"] == 32
 
 
