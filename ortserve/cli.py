@@ -398,7 +398,10 @@ def serve(waitress):
 @click.argument("prompt", nargs=-1)
 @click.option("--verbose", is_flag=True, help="Print timings and tokens/s after each answer.")
 @click.option("--keepalive", help="How long the model stays loaded (e.g. 5m, 1h, -1).")
-def run(model, prompt, verbose, keepalive):
+@click.option("--think/--nothink", default=None,
+              help="Think before answering, or not (default: the model's own).")  # fmt: skip
+@click.option("--hidethinking", is_flag=True, help="Think, but print only the answer.")
+def run(model, prompt, verbose, keepalive, think, hidethinking):
     """Chat with MODEL: one answer for PROMPT (or piped stdin), else an interactive session."""
     from ortserve import client, interactive
 
@@ -406,7 +409,8 @@ def run(model, prompt, verbose, keepalive):
     if isinstance(backend, client.InProcessBackend):
         _check_install()
     try:
-        session = interactive.Session(backend, model, keep_alive=keepalive, verbose=verbose)
+        session = interactive.Session(backend, model, keep_alive=keepalive, verbose=verbose,
+                                      think=think, hide_thinking=hidethinking)  # fmt: skip
         text = " ".join(prompt)
         if not text and not sys.stdin.isatty():
             text = sys.stdin.read().strip()

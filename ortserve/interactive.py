@@ -14,6 +14,7 @@ HELP = """Available Commands:
   /set parameter NAME VALUE   Set a parameter (temperature, top_k, num_predict, stop, ...)
   /set system TEXT            Set the system message
   /set verbose | quiet        Show or hide timings after each answer
+  /set think | nothink        Think before answering, or answer straight away
   /show info                  Show details of this model
   /show parameters | system   Show the parameters or system message in use
   /clear                      Clear the conversation
@@ -27,11 +28,14 @@ class Session:
     """A conversation with one model: history, options, system prompt."""
 
     def __init__(self, backend, model: str, *, keep_alive: str | None, verbose: bool,
-                 out: Callable[[str], None] | None = None):  # fmt: skip
+                 out: Callable[[str], None] | None = None, think: bool | None = None,
+                 hide_thinking: bool = False):  # fmt: skip
         self.backend = backend
         self.model = model
         self.keep_alive = keep_alive
         self.verbose = verbose
+        self.think = think  # None: the model's default (a thinking model thinks)
+        self.hide_thinking = hide_thinking
         self.messages: list[dict[str, Any]] = []
         self.options: dict[str, Any] = {}
         self.system: str | None = None
@@ -45,11 +49,21 @@ class Session:
     def ask(self, prompt: str) -> str:
         """Send one user message, stream the answer, remember both (neither if it failed)."""
         self.messages.append({"role": "user", "content": prompt})
-        answer, final = [], {}
+        answer, final, thinking = [], {}, False
         try:
             for chunk in self.backend.stream("/api/chat", self._body(self._history())):
-                text = chunk.get("message", {}).get("content", "")
+                message = chunk.get("message", {})
+                thought = message.get("thinking") or ""
+                if thought and not self.hide_thinking:
+                    if not thinking:
+                        self.out("Thinking...\n")
+                    thinking = True
+                    self.out(thought)
+                text = message.get("content", "")
                 if text:
+                    if thinking:  # as Ollama shows it: the thought, then the answer apart
+                        self.out("\n...done thinking.\n\n")
+                        thinking = False
                     answer.append(text)
                     self.out(text)
                 if chunk.get("done"):
@@ -73,6 +87,8 @@ class Session:
             body["options"] = self.options
         if self.keep_alive is not None:
             body["keep_alive"] = self.keep_alive
+        if self.think is not None:
+            body["think"] = self.think
         return body
 
     # ---- slash commands --------------------------------------------------------------------
@@ -117,8 +133,12 @@ class Session:
         elif what in ("verbose", "quiet"):
             self.verbose = what == "verbose"
             self.out(f"Set '{what}' mode.\n")
+        elif what in ("think", "nothink"):
+            self.think = what == "think"
+            self.out(f"Set '{what}' mode.\n")
         else:
-            self.out("Usage: /set parameter NAME VALUE | /set system TEXT | /set verbose|quiet\n")
+            self.out("Usage: /set parameter NAME VALUE | /set system TEXT | /set verbose|quiet"
+                     " | /set think|nothink\n")  # fmt: skip
 
     def _show(self, what: str) -> None:
         if what == "parameters":

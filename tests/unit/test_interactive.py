@@ -124,3 +124,33 @@ def test_a_refused_message_neither_ends_the_session_nor_loses_the_conversation()
         {"role": "user", "content": "third"},
         {"role": "assistant", "content": "ok"},
     ]
+
+
+class ThinkingBackend(RecordingBackend):
+    """A thinking model's stream: the thought first, then the answer."""
+
+    def stream(self, path, body):
+        self.bodies.append((path, body))
+        yield {"message": {"role": "assistant", "content": "", "thinking": "Hmm, "}, "done": False}
+        yield {"message": {"role": "assistant", "content": "", "thinking": "two."}, "done": False}
+        yield {"message": {"role": "assistant", "content": "2"}, "done": True}
+
+
+def test_the_thought_shows_apart_from_the_answer_as_ollama_shows_it():
+    out = []
+    s = interactive.Session(ThinkingBackend(), "m", keep_alive=None, verbose=False,
+                            out=out.append)  # fmt: skip
+    assert s.ask("1 + 1?") == "2"
+    assert "".join(out) == "Thinking...\nHmm, two.\n...done thinking.\n\n2\n"
+    assert "think" not in s.backend.bodies[-1][1]  # the model's default
+    assert s.messages[-1] == {"role": "assistant", "content": "2"}  # the thought is not history
+
+
+def test_think_flags_reach_the_request_and_hidden_thinking_prints_only_the_answer():
+    out = []
+    s = interactive.Session(ThinkingBackend(), "m", keep_alive=None, verbose=False,
+                            out=out.append, think=True, hide_thinking=True)  # fmt: skip
+    s.ask("1 + 1?")
+    assert s.backend.bodies[-1][1]["think"] is True and "".join(out) == "2\n"
+    interactive.repl(s, feed(["/set nothink", "again"]))
+    assert s.backend.bodies[-1][1]["think"] is False
