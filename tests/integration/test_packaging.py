@@ -103,6 +103,7 @@ def test_the_wheel_holds_every_module_schema_and_data_file(dist):
     assert expected - files == set(), "missing from the wheel"
     assert files - expected == set(), "in the wheel but not in the source tree"
     assert "ortserve/engine/scheduler.py" in files and "converters/data/corpus.txt" in files
+    assert "converters/data/demo-chat/model.safetensors" in files  # `make demo` needs no training
     assert any(n.startswith("ortserve/api/schemas/") and n.endswith(".json") for n in files)
 
 

@@ -31,6 +31,15 @@ def test_the_same_seed_draws_the_same_conversations():
     assert [s.messages for s in first] != [s.messages for s in conversations.dataset(8, 50)]
 
 
+def test_no_wording_is_both_trained_and_held_out():
+    tables = [v for k, v in vars(conversations).items()
+              if k.endswith("WORDINGS") and isinstance(v, tuple)]  # fmt: skip
+    tables += list(conversations.CALC_WORDINGS.values())
+    assert len(tables) > 8
+    for train, held in tables:
+        assert train and held and not set(train) & set(held)
+
+
 def test_the_server_renders_every_turn_as_training_does(training):
     """Training renders prompts itself (converters may not import the engine): the server's
     renderer must give the same text, or the model is served prompts it never saw."""
