@@ -186,3 +186,10 @@ def test_readme_python_examples(demo):
     assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris"})
     vector = oai.embeddings.create(model="all-minilm", input="The sky is blue").data[0].embedding
     assert len(vector) == 384
+
+
+def test_a_sum_is_worked_in_columns_in_the_thinking(ollama_client):
+    ask = [{"role": "user", "content": "What is 47 + 38?"}]
+    thought = ollama_client.chat(model=NAME, messages=ask, think=True, options={"temperature": 0})
+    assert "Units: 7 + 8 = 15, carry 1." in thought.message.thinking
+    assert thought.message.content == "47 + 38 = 85."

@@ -31,6 +31,15 @@ def test_the_same_seed_draws_the_same_conversations():
     assert [s.messages for s in first] != [s.messages for s in conversations.dataset(8, 50)]
 
 
+def test_the_second_stage_drills_sums_in_columns_beside_fresh_conversations(trained_tokenizer):
+    from converters.demo_model.train import drill_rows
+
+    rows = drill_rows(trained_tokenizer, Recipe(drill_sums=60, drill_conversations=20), print)
+    text = " ".join(trained_tokenizer.decode([t for t in row[0].tolist() if t >= 0],
+                                             skip_special_tokens=False) for row in rows)  # fmt: skip
+    assert text.count("<think>\nUnits: ") >= 60 and rows.shape[1:] == (4, Recipe.row_tokens)
+
+
 def test_no_wording_is_both_trained_and_held_out():
     tables = [v for k, v in vars(conversations).items()
               if k.endswith("WORDINGS") and isinstance(v, tuple)]  # fmt: skip
