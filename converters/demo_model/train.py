@@ -126,15 +126,11 @@ def _schedule(step: int, total: int, recipe: Recipe) -> float:
 
 def prepare(recipe: Recipe, log=print):
     """(tokenizer, rows tensor [rows, 4, row_tokens]): the training data, packed."""
-    import torch
-
     started = time.monotonic()
     samples = conversations.dataset(recipe.seed, recipe.conversations)
     tok = build_tokenizer(samples, recipe)
     encoded = [encode(tok, s) for s in samples]
-    kept = [e for e in encoded if len(e.ids) <= recipe.row_tokens]
-    random.Random(recipe.seed).shuffle(kept)
-    rows = torch.tensor(pack(kept, recipe.row_tokens, tok.token_to_id("<|endoftext|>")))
+    kept, rows = _shuffled_rows(tok, encoded, recipe, random.Random(recipe.seed))
     log(f"data: {len(kept)} conversations ({len(encoded) - len(kept)} too long), "
         f"{len(rows)} rows, {sum(len(e.ids) for e in kept)} tokens, "
         f"{sum(1 for e in kept for x in e.labels if x != -100)} learnt, "
@@ -144,17 +140,22 @@ def prepare(recipe: Recipe, log=print):
 
 def drill_rows(tok, recipe: Recipe, log=print):
     """The second stage's rows: sums with column steps and fresh conversations, packed."""
-    import torch
-
     rng = random.Random(recipe.seed + 1)
     sums = [conversations.join([conversations.arithmetic(rng, conversations.TRAIN)], None,
                                think=True) for _ in range(recipe.drill_sums)]  # fmt: skip
     samples = sums + conversations.dataset(recipe.seed + 1, recipe.drill_conversations)
-    encoded = [e for e in (encode(tok, s) for s in samples) if len(e.ids) <= recipe.row_tokens]
-    rng.shuffle(encoded)
-    rows = torch.tensor(pack(encoded, recipe.row_tokens, tok.token_to_id("<|endoftext|>")))
-    log(f"drill data: {len(encoded)} conversations, {len(rows)} rows")
+    kept, rows = _shuffled_rows(tok, [encode(tok, s) for s in samples], recipe, rng)
+    log(f"drill data: {len(kept)} conversations, {len(rows)} rows")
     return rows
+
+
+def _shuffled_rows(tok, encoded: list[Encoded], recipe: Recipe, rng: random.Random):
+    """(the conversations that fit a row, shuffled by rng; them packed as a rows tensor)."""
+    import torch
+
+    kept = [e for e in encoded if len(e.ids) <= recipe.row_tokens]
+    rng.shuffle(kept)
+    return kept, torch.tensor(pack(kept, recipe.row_tokens, tok.token_to_id("<|endoftext|>")))
 
 
 def train(recipe: Recipe, log=print):
