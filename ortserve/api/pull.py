@@ -1,4 +1,7 @@
-"""POST /api/pull: a model from the Hugging Face Hub into the library, NDJSON progress."""
+"""POST /api/pull: a model from the Hugging Face Hub into the library, NDJSON progress.
+
+`model` is a repository reference or a short name (`llama3.2`, what `ollama pull` sends),
+which models.pull resolves through the catalog; the library name is the short name."""
 
 from __future__ import annotations
 

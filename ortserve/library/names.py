@@ -1,4 +1,6 @@
-"""Model names: `[host/][namespace/]model[:tag]`, validated so no name can leave the library."""
+"""Model names: `[host/][namespace/]model[:tag]`, validated so no name can leave the library;
+and the two other things a pull reference can be: a Hugging Face repository id, or a bare
+`model[:tag]` that the catalog of short names resolves."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ DEFAULT_TAG = "latest"
 _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _FORBIDDEN = ("\\", "\0", "..")
+# A Hugging Face repository id, ORG/REPO (the hub's own limit is 96 characters a part).
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,17 @@ class ModelName:
         """Case-insensitive identity, as Ollama compares names; also the storage path parts."""
         parts = [p for p in (self.host, self.namespace, self.model, self.tag) if p]
         return tuple(p.lower() for p in parts)
+
+
+def bare_name(text: str) -> ModelName | None:
+    """`model[:tag]` alone (no namespace, no host), as Ollama's library and ortserve's catalog
+    name models (`llama3.2`, `qwen2.5:0.5b`); None for anything else."""
+    if not isinstance(text, str) or "/" in text or not text.strip():
+        return None
+    try:
+        return ModelName.parse(text)
+    except InvalidName:
+        return None
 
 
 def _reject_unsafe(text: str) -> None:

@@ -1,7 +1,9 @@
 """Pull models into the library: ONNX GenAI bundles from the Hugging Face Hub as they are,
 plain checkpoints through the converter, or the same from a local directory.
 
-A reference is `[hf.co/]ORG/REPO[:VARIANT][@REVISION]` or a directory. Downloads go through
+A reference is `[hf.co/]ORG/REPO[:VARIANT][@REVISION]`, a directory, or a short name from the
+catalog (`llama3.2`, `qwen2.5:0.5b`: models/catalog.py), which names the repository, and the
+variant for this machine's execution provider or the checkpoint to convert. Downloads go through
 huggingface-hub (its cache, resumed `.incomplete` files, HF_TOKEN, HF_ENDPOINT,
 HF_HUB_OFFLINE); nothing reaches the library until every file is there and verified, and
 then it arrives in one rename (`Library.add`). Pulls of one repository take turns through a
@@ -29,10 +31,11 @@ from ortserve.errors import (
     PullCancelled,
     RepoNotFound,
     SourceUnavailable,
+    UnsupportedModel,
 )
 from ortserve.hub import CHECKPOINT_PATTERNS, endpoint, hub_errors
 from ortserve.library import bundle as bundles
-from ortserve.library.names import ModelName
+from ortserve.library.names import REPO_ID, ModelName, bare_name
 from ortserve.library.store import INDEX_FILE, Library, ModelInfo, file_sha256
 
 HF_HOST = "hf.co"
@@ -42,7 +45,6 @@ _CONNECT_TIMEOUT_S = 5.0
 _READ_TIMEOUT_S = 30.0
 _POLL_S = 0.25
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 _REF = re.compile(
     r"^(?P<repo>[^:@]+)(?::(?P<v1>[^:@/]+))?(?:@(?P<rev>[^:@]+))?(?::(?P<v2>[^:@/]+))?$"
 )
@@ -73,10 +75,13 @@ class PullRef:
     local: Path | None = None
     text: str = ""
     prefixed: bool = False  # typed with hf.co/ (or huggingface.co/)
+    catalog: ModelName | None = None  # a short name: the catalog says which repo (resolve())
+    entry: str | None = None  # the catalog entry it resolved to (`llama3.2:3b`)
 
     @classmethod
     def parse(cls, text: str, *, local: bool = True) -> PullRef:
-        """`[hf.co/]ORG/REPO[:VARIANT][@REVISION]`, or (with `local`) a directory[:VARIANT].
+        """`[hf.co/]ORG/REPO[:VARIANT][@REVISION]`, a catalog name `model[:tag]`, or (with
+        `local`) a directory[:VARIANT] (before a catalog name of the same spelling).
 
         `local=False` for a remote client: the server's disk is never looked at, so the
         answer cannot tell the client which server paths exist.
@@ -87,23 +92,32 @@ class PullRef:
         directory = _local_ref(text) if local else None
         if directory is not None:
             return directory
+        short = bare_name(text)
+        if short is not None:
+            return cls(None, text=text, catalog=short)
         match = _REF.match(text)
         if not match or (match["v1"] and match["v2"]):
             raise _bad_ref(text, local)
         repo = match["repo"].removeprefix(f"{HF_HOST}/").removeprefix("huggingface.co/")
-        if not _REPO_ID.match(repo) or ".." in repo:
+        if not REPO_ID.match(repo) or ".." in repo:
             raise _bad_ref(text, local)
         variant = match["v1"] or match["v2"]
         return cls(repo, variant, match["rev"], None, text, repo != match["repo"])
 
     @property
     def source(self) -> str:
-        """How the manifest records where the model came from."""
-        return str(self.local) if self.local else f"{HF_HOST}/{self.repo}"
+        """How the manifest records where the model came from (a short name as typed until
+        resolve() names its repository)."""
+        if self.local is not None:
+            return str(self.local)
+        return f"{HF_HOST}/{self.repo}" if self.repo else self.text
 
     def default_name(self) -> str:
         """The reference as typed, as Ollama names hf.co pulls: `[hf.co/]org/repo:variant`
-        (`:latest` without a variant; no revision); a directory's own name."""
+        (`:latest` without a variant; no revision); a directory's own name; a catalog name as
+        typed (`llama3.2` -> `llama3.2:latest`, as Ollama names library pulls)."""
+        if self.catalog is not None:
+            return self.catalog.display
         tag = self.variant or "latest"
         if self.local is not None:
             base = re.sub(r"[^a-z0-9_.-]", "-", self.local.name.lower()).strip("-_.")
@@ -125,9 +139,27 @@ def _bad_ref(text: str, local: bool = True) -> InvalidRequest:
     where = ("or a local directory" if local else
              "(a directory is pulled with `ortserve pull DIRECTORY` on the server)")  # fmt: skip
     return InvalidRequest(
-        f"invalid model reference {text!r}: use [hf.co/]ORG/REPO[:VARIANT][@REVISION] {where}",
+        f"invalid model reference {text!r}: use a catalog name such as llama3.2 or "
+        f"qwen2.5:0.5b, [hf.co/]ORG/REPO[:VARIANT][@REVISION], {where}",
         param="model",
     )
+
+
+def resolve(
+    ref: PullRef, library: Library, precision: str | None = None
+) -> tuple[PullRef, str | None]:
+    """A catalog name as the repository to pull for this machine, and the precision to convert
+    at (the recipe's, unless one is asked for); any other reference as it is."""
+    if ref.catalog is None:
+        return ref, precision
+    from ortserve.models import catalog
+
+    entry = catalog.load(library.root).lookup(ref.catalog)
+    choice = catalog.choose(entry, preferred_providers(), convert=precision is not None)
+    source = choice.source
+    resolved = PullRef(source.repo, source.variant, source.revision, None, ref.text,
+                       catalog=ref.catalog, entry=entry.name)  # fmt: skip
+    return resolved, precision or source.precision
 
 
 # ---- progress ----------------------------------------------------------------------------------
@@ -345,7 +377,9 @@ def pull(
     """
     ref = ref if isinstance(ref, PullRef) else PullRef.parse(ref)
     model_name = ModelName.parse(name or ref.default_name())  # a bad name fails first
-    job = _Pull(ref, model_name, library or Library(), progress or _ignore, cancel)
+    library = library or Library()
+    ref, precision = resolve(ref, library, precision)
+    job = _Pull(ref, model_name, library, progress or _ignore, cancel)
     return job.run(precision)
 
 
@@ -390,7 +424,8 @@ class _Pull:
             lambda v: variant_provider(v) or self._target_from_config(snapshot, v),
             what=f"cannot pull {self.ref.source!r}",
         )
-        source = {"source": self.ref.source, "revision": snapshot.commit, "variant": variant}
+        source = {"source": self.ref.source, "revision": snapshot.commit, "variant": variant,
+                  **self._catalog()}  # fmt: skip
         current = self._up_to_date(source)
         if current is not None:
             return current
@@ -431,10 +466,12 @@ class _Pull:
     def _pull_checkpoint(self, snapshot: Snapshot, precision: str) -> ModelInfo:
         require_converter(self.ref.source)
         options = {"precision": precision, "block_size": 32, "provider": "cpu"}
-        source = {"source": self.ref.source, "revision": snapshot.commit, "options": options}
+        source = {"source": self.ref.source, "revision": snapshot.commit, "options": options,
+                  **self._catalog()}  # fmt: skip
         current = self._up_to_date(source)
         if current is not None:
             return current
+        self._check_architecture(snapshot)
         from huggingface_hub.utils import filter_repo_objects
 
         paths = set(filter_repo_objects(snapshot.files, allow_patterns=CHECKPOINT_PATTERNS))
@@ -448,6 +485,23 @@ class _Pull:
         self.report(PullStatus(f"converting ({precision})"))
         return self._convert(directory, precision, source)
 
+    def _check_architecture(self, snapshot: Snapshot) -> None:
+        """Refuse an architecture the converter lacks before downloading any weights."""
+        from converters.checkpoint import DECODERS, ENCODERS, supported_architectures
+
+        file = snapshot.files["config.json"]
+        path = self._fetch(snapshot, [file], quiet=True)[file.path]
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            return  # the converter says what is wrong with it
+        model_type = config.get("model_type") if isinstance(config, dict) else None
+        if model_type not in DECODERS and model_type not in ENCODERS:
+            raise UnsupportedModel(
+                f"cannot pull {self.ref.source!r}: the converter does not convert architecture "
+                f"{model_type!r}; it converts {', '.join(supported_architectures())}"
+            )
+
     def _convert(self, directory: Path, precision: str, source: dict[str, Any]) -> ModelInfo:
         from converters import convert
 
@@ -456,6 +510,10 @@ class _Pull:
         return self.library.update(info.name, source={**info.manifest["source"], **source})
 
     # -- shared steps --
+
+    def _catalog(self) -> dict[str, str]:
+        """The manifest's record of the catalog entry a short name resolved to."""
+        return {"catalog": self.ref.entry} if self.ref.entry else {}
 
     def _up_to_date(self, source: dict[str, Any]) -> ModelInfo | None:
         """The model already in the library from this very commit (a re-pull, or a pull that

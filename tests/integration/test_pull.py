@@ -183,6 +183,90 @@ def test_a_checkpoint_repo_is_downloaded_converted_and_answers(hub, env, library
     assert again.returncode == 0 and "already up to date" in again.stderr
 
 
+# ---- short names from the catalog ------------------------------------------------------------
+
+
+def _catalog(path: Path) -> Path:
+    """A catalog of fixture repos: tiny-chat (latest = 1b) has the three bundle variants,
+    tiny-qwen is the checkpoint converted at int8."""
+    variants = {"cpu": CPU, "cuda": CUDA, "dml": DML}
+    models = {
+        "tiny-chat": {"tags": {"latest": "1b", "1b": {"bundles": {
+            p: {"repo": MULTI, "variant": v} for p, v in variants.items()}}}},
+        "tiny-qwen": {"tags": {"latest": {"checkpoint": {"repo": CHECKPOINT, "precision": "int8"}}}},
+    }  # fmt: skip
+    path.write_text(json.dumps({"models": models}))
+    return path
+
+
+def test_cli_pulls_a_short_name_from_the_librarys_catalog_and_lists_it(hub, env, library):
+    library.root.mkdir(parents=True, exist_ok=True)
+    _catalog(library.root / "catalog.json")  # the library root's catalog extends the shipped one
+    listed = cli(env, "list", "--catalog")
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
+    assert "latest" in rows["tiny-chat:1b"] and "cpu bundle" in rows["tiny-chat:1b"]
+    assert "cpu, cuda, dml" in rows["tiny-chat:1b"]
+    assert f"{CHECKPOINT} (int8)" in rows["tiny-qwen:latest"]
+    assert "llama3.2:3b" in rows and "qwen2.5:0.5b" in rows  # the shipped entries too
+
+    before = len(hub.log)
+    result = cli(env, "pull", "tiny-chat")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("tiny-chat:latest  ")
+    info = library.get("tiny-chat")
+    assert info.manifest["source"] == {"source": f"hf.co/{MULTI}", "catalog": "tiny-chat:1b",
+                                       "revision": hub.repos[MULTI].commit, "variant": CPU}  # fmt: skip
+    got = fetched(hub, MULTI, since=before)
+    assert f"{CPU}/model.onnx" in got
+    assert all(path.startswith(f"{CPU}/") or path == "LICENSE" for path in got)
+    answer = cli(env, "run", "tiny-chat", "Hello there")
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip()
+
+    unknown = cli(env, "pull", "tiny-chatt")
+    assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
+    last = unknown.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: unknown model 'tiny-chatt': not in the catalog of short names")
+    assert "(close: tiny-chat" in last
+
+
+def test_a_short_name_for_a_checkpoint_is_converted_by_its_recipe(hub, env, library, tmp_path):
+    env = {**env, "ORTSERVE_CATALOG": str(_catalog(tmp_path / "catalog.json"))}
+    result = cli(env, "pull", "tiny-qwen", timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "converting (int8)" in result.stderr
+    info = library.get("tiny-qwen:latest")
+    source = info.manifest["source"]
+    assert (source["source"], source["catalog"]) == (f"hf.co/{CHECKPOINT}", "tiny-qwen:latest")
+    assert source["options"]["precision"] == "int8" and info.details["quantization"] == "int8"
+    answer = cli(env, "run", "tiny-qwen", "Hello")
+    assert answer.returncode == 0, answer.stderr
+
+
+def test_ollama_client_pulls_a_short_name(hub, library, tmp_path):
+    import ollama
+
+    catalog = _catalog(tmp_path / "catalog.json")
+    server = Server(library, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"),
+                    ORTSERVE_CATALOG=str(catalog))  # fmt: skip
+    try:
+        client = ollama.Client(host=server.url)
+        progress = list(client.pull("tiny-chat", stream=True))
+        assert progress[0].status == "pulling manifest" and progress[-1].status == "success"
+        assert any(p.status == f"downloading {CPU}/model.onnx" for p in progress)
+        assert [m.model for m in client.list().models] == ["tiny-chat:latest"]
+        reply = client.chat("tiny-chat", messages=[{"role": "user", "content": "Hi"}],
+                            options={"num_predict": 8})  # fmt: skip
+        assert reply.message.content
+        with pytest.raises(ollama.ResponseError) as unknown:
+            client.pull("llama9")
+        assert unknown.value.status_code == 404
+        assert "unknown model 'llama9'" in unknown.value.error
+    finally:
+        server.stop()
+
+
 # ---- the official ollama client against `ortserve serve` ------------------------------------
 
 

@@ -9,7 +9,15 @@ import threading
 
 import pytest
 
-from ortserve.errors import InvalidName, InvalidRequest, SourceUnavailable
+from ortserve.errors import (
+    InvalidName,
+    InvalidRequest,
+    OrtServeError,
+    SourceUnavailable,
+    UnsupportedModel,
+)
+from ortserve.library.names import ModelName
+from ortserve.models import catalog
 from ortserve.models.pull import (
     ConverterMissing,
     PullRef,
@@ -19,6 +27,7 @@ from ortserve.models.pull import (
     choose_variant,
     git_blob_id,
     pull,
+    resolve,
     variant_provider,
 )
 from tests.hub import LocalHub
@@ -50,7 +59,8 @@ def test_refs_parse(text, repo, variant, revision):
     [
         "",
         "   ",
-        "repo",
+        "a b",
+        "llama3.2@main",
         "hf.co/a/b/c",
         "org/repo:a:b",
         "org/repo:a/b",
@@ -74,6 +84,154 @@ def test_default_names_follow_ollama(tmp_path):
     local = PullRef.parse(f"{folder}:fp32")
     assert local.local == folder and local.variant == "fp32"
     assert local.default_name() == "my-model:fp32"
+
+
+@pytest.mark.parametrize(
+    "text, name",
+    [
+        ("llama3.2", "llama3.2:latest"),
+        ("qwen2.5:0.5b", "qwen2.5:0.5b"),
+        ("Phi4-Mini", "Phi4-Mini:latest"),
+    ],
+)
+def test_a_bare_name_is_a_catalog_reference_named_as_typed(text, name):
+    ref = PullRef.parse(text)
+    assert (ref.repo, ref.local, ref.catalog) == (None, None, ModelName.parse(text))
+    assert ref.default_name() == name
+    assert PullRef.parse(text, local=False).catalog == ModelName.parse(text)
+
+
+def test_a_directory_of_that_name_comes_before_the_catalog(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "llama3.2").mkdir()
+    assert PullRef.parse("llama3.2").local == tmp_path / "llama3.2"
+    assert PullRef.parse("llama3.2", local=False).catalog is not None  # a client's: never disk
+
+
+# ---- the catalog of short names --------------------------------------------------------------
+
+
+def test_the_shipped_catalog_names_the_ollama_models_and_each_pulls_on_a_cpu():
+    shipped = catalog.load()
+    for name, expected in [
+        ("llama3.2", "llama3.2:3b"),
+        ("llama3.2:1b", "llama3.2:1b"),
+        ("qwen2.5:0.5b", "qwen2.5:0.5b"),
+        ("qwen3:0.6b", "qwen3:0.6b"),
+        ("phi4-mini", "phi4-mini:3.8b"),
+        ("gemma3:1b", "gemma3:1b"),
+        ("all-minilm", "all-minilm:22m"),
+        ("ALL-MINILM:L6-V2", "all-minilm:22m"),
+    ]:
+        assert shipped.lookup(ModelName.parse(name)).name == expected
+    for entry in shipped.entries():  # a CPU bundle or a checkpoint: every machine can pull it
+        choice = catalog.choose(entry, ["cpu"])
+        assert choice.provider == "cpu" or choice.source.precision in ("int4", "int8"), entry
+    embedding = catalog.choose(shipped.lookup(ModelName.parse("all-minilm")), ["cpu"]).source
+    assert embedding == catalog.Source("sentence-transformers/all-MiniLM-L6-v2", precision="int8")
+
+
+@pytest.mark.parametrize(
+    "providers, variant",
+    [
+        (["cpu"], "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"),
+        (["cuda", "cpu"], "gpu/gpu-int4-rtn-block-32"),
+        (["dml", "cpu"], "gpu/gpu-int4-rtn-block-32"),
+        (["webgpu", "cpu"], "cpu_and_mobile/cpu-int4-rtn-block-32-acc-level-4"),
+    ],
+)
+def test_the_bundle_for_the_best_usable_provider_is_chosen(providers, variant):
+    entry = catalog.load().lookup(ModelName.parse("phi4-mini"))
+    choice = catalog.choose(entry, providers)
+    assert choice.source.repo == "microsoft/Phi-4-mini-instruct-onnx"
+    assert choice.source.variant == variant
+    converted = catalog.choose(entry, providers, convert=True)  # a precision asked for
+    assert converted.provider is None and converted.source.repo == "microsoft/Phi-4-mini-instruct"
+
+
+def test_without_a_bundle_for_any_provider_the_checkpoint_is_converted():
+    qwen = catalog.load().lookup(ModelName.parse("qwen2.5:0.5b"))
+    assert catalog.choose(qwen, ["cuda", "cpu"]).describe() == "convert int4"
+    only_cuda = catalog.Entry("m", "t", {"cuda": catalog.Source("o/r", "cuda")}, None)
+    with pytest.raises(SourceUnavailable, match=r"bundles for cuda only, none for .*\(cpu\)"):
+        catalog.choose(only_cuda, ["cpu"])
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("llama3", "unknown model 'llama3': not in the catalog of short names (close: llama3.2"),
+        ("mistral", "(it has all-minilm, gemma3, llama3.2,"),
+        (
+            "qwen2.5:99b",
+            "qwen2.5 has no tag '99b' in the catalog; tags: 0.5b, 1.5b, 3b, 7b, latest",
+        ),
+        ("gemma3", "gemma3 has no default tag in the catalog; tags: 1b"),
+    ],
+)
+def test_an_unknown_name_or_tag_is_a_404_naming_close_ones(name, message):
+    with pytest.raises(RepoNotFound) as error:
+        catalog.load().lookup(ModelName.parse(name))
+    assert message in error.value.message
+    assert error.value.status == 404 and error.value.param == "model"
+
+
+def test_the_library_root_and_ortserve_catalog_extend_the_shipped_catalog(tmp_path, monkeypatch):
+    root = tmp_path / "models"
+    root.mkdir()
+    _write_catalog(root / "catalog.json", {
+        "qwen2.5": {"tags": {"0.5b": {"checkpoint": {"repo": "me/qwen-fork", "precision": "int8"}},
+                             "latest": "0.5b"}},
+        "mine": {"tags": {"latest": "x", "x": {"bundles": {"cpu": {"repo": "me/mine"}}}}},
+    })  # fmt: skip
+    named = _write_catalog(tmp_path / "extra.json", {
+        "MINE": {"tags": {"x": {"bundles": {"cpu": {"repo": "me/mine-2", "revision": "v2"}}}}},
+    })  # fmt: skip
+    monkeypatch.setenv("ORTSERVE_CATALOG", str(named))
+    merged = catalog.load(root)
+    qwen = merged.lookup(ModelName.parse("qwen2.5"))  # replaced tag, new alias
+    assert qwen.name == "qwen2.5:0.5b" and qwen.checkpoint.repo == "me/qwen-fork"
+    assert (
+        merged.lookup(ModelName.parse("qwen2.5:7b")).checkpoint.repo == "Qwen/Qwen2.5-7B-Instruct"
+    )
+    mine = merged.lookup(ModelName.parse("mine"))  # ORTSERVE_CATALOG applies last
+    assert mine.bundles["cpu"] == catalog.Source("me/mine-2", revision="v2")
+    assert "mine:x" in {e.name for e in merged.entries()}
+
+
+@pytest.mark.parametrize(
+    "models, message",
+    [
+        (
+            {"m": {"tags": {"t": {"bundles": {"gpu": {"repo": "o/r"}}}}}},
+            "t/bundles: 'gpu' is not one of",
+        ),
+        ({"m": {"tags": {"t": {"checkpoint": {"repo": "../etc"}}}}}, "t/checkpoint/repo: '../etc'"),
+        (
+            {"m": {"tags": {"t": {"checkpoint": {"repo": "o/r", "precision": "q4"}}}}},
+            "precision: 'q4' is not",
+        ),
+        ({"m b": {"tags": {}}}, "at models: 'm b' does not match"),
+    ],
+)
+def test_a_bad_catalog_file_is_one_clear_error_naming_it(tmp_path, monkeypatch, models, message):
+    path = _write_catalog(tmp_path / "bad.json", models)
+    monkeypatch.setenv("ORTSERVE_CATALOG", str(path))
+    with pytest.raises(OrtServeError, match=f"catalog {path} is invalid at ") as error:
+        catalog.load()
+    assert message in error.value.message
+    monkeypatch.setenv("ORTSERVE_CATALOG", str(tmp_path / "missing.json"))
+    with pytest.raises(OrtServeError, match="ORTSERVE_CATALOG=.*no such file"):
+        catalog.load()
+    path.write_text("{not json")
+    monkeypatch.setenv("ORTSERVE_CATALOG", str(path))
+    with pytest.raises(OrtServeError, match="cannot be read"):
+        catalog.load()
+
+
+def _write_catalog(path, models):
+    path.write_text(json.dumps({"models": models}))
+    return path
 
 
 # ---- variants --------------------------------------------------------------------------------
@@ -312,6 +470,85 @@ def test_git_blob_id_is_gits(tmp_path):
     assert git_blob_id(tmp_path / "f") == "ce013625030ba8dba906f756967f9e9ca394464a"
 
 
+# ---- short names against the test hub ---------------------------------------------------------
+
+
+@pytest.fixture
+def hub_catalog(tmp_path, monkeypatch, variant_repo):
+    """ORTSERVE_CATALOG: `tiny` (alias of tiny:1b) names org/multi's cpu and cuda variants;
+    `tiny-ckpt` a checkpoint repo, converted at int8."""
+    path = _write_catalog(tmp_path / "catalog.json", {
+        "tiny": {"tags": {"latest": "1b", "1b": {"bundles": {
+            "cpu": {"repo": "org/multi", "variant": "cpu-int4-rtn-block-32"},
+            "cuda": {"repo": "org/multi", "variant": "cuda-fp16"}}}}},
+        "tiny-ckpt": {"tags": {"latest": {"checkpoint": {"repo": "org/ckpt", "precision": "int8"}}}},
+    })  # fmt: skip
+    monkeypatch.setenv("ORTSERVE_CATALOG", str(path))
+    return path
+
+
+def test_a_short_name_pulls_the_catalogs_variant_for_this_machine(
+    hub, variant_repo, hub_catalog, library
+):
+    info = pull("tiny", library=library)
+    assert info.name == "tiny:latest"  # as typed, as Ollama names `ollama pull llama3.2`
+    assert info.manifest["source"] == {
+        "source": "hf.co/org/multi",
+        "revision": variant_repo.commit,
+        "variant": "cpu-int4-rtn-block-32",
+        "catalog": "tiny:1b",
+    }
+    fetched = {
+        r.path.split("/resolve/")[1].split("/", 1)[1] for r in hub.requests("GET", "/resolve/")
+    }
+    assert fetched == {f"cpu-int4-rtn-block-32/{n}" for n in _BUNDLE_FILES} | {"LICENSE"}
+    tagged = pull("tiny:1b", library=library)
+    assert tagged.name == "tiny:1b" and tagged.digest == info.digest
+
+
+def test_a_short_name_on_a_cuda_machine_pulls_the_cuda_bundle(
+    hub, hub_catalog, library, monkeypatch
+):
+    monkeypatch.setattr("ortserve.models.pull.preferred_providers", lambda: ["cuda", "cpu"])
+    info = pull("tiny", library=library)
+    assert info.manifest["source"]["variant"] == "cuda-fp16"
+    config = json.loads((info.path / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {}}]
+
+
+def test_a_short_name_resolves_to_its_recipe_and_an_asked_precision_wins(hub_catalog, library):
+    ref, precision = resolve(PullRef.parse("tiny-ckpt"), library)
+    assert (ref.repo, ref.variant, precision, ref.entry) == (
+        "org/ckpt",
+        None,
+        "int8",
+        "tiny-ckpt:latest",
+    )
+    assert ref.default_name() == "tiny-ckpt:latest" and ref.source == "hf.co/org/ckpt"
+    assert resolve(PullRef.parse("tiny-ckpt"), library, "fp16")[1] == "fp16"
+    with pytest.raises(SourceUnavailable, match="no checkpoint to convert at a precision"):
+        resolve(PullRef.parse("tiny"), library, "int8")
+
+
+def test_an_architecture_the_converter_lacks_is_refused_before_the_weights(
+    hub, tmp_path, library, monkeypatch
+):
+    (tmp_path / "gemma3").mkdir()
+    (tmp_path / "gemma3" / "config.json").write_text('{"model_type": "gemma3_text"}')
+    (tmp_path / "gemma3" / "model.safetensors").write_bytes(b"\0" * 64)
+    hub.add_repo("org/gemma3", tmp_path / "gemma3")
+    path = _write_catalog(
+        tmp_path / "c.json", {"g": {"tags": {"1b": {"checkpoint": {"repo": "org/gemma3"}}}}}
+    )
+    monkeypatch.setenv("ORTSERVE_CATALOG", str(path))
+    with pytest.raises(
+        UnsupportedModel, match="does not convert architecture 'gemma3_text'; it converts gemma,"
+    ):
+        pull("g:1b", library=library)
+    assert hub.downloads("model.safetensors") == []
+    assert library.list() == []
+
+
 # ---- POST /api/pull through the Flask app ----------------------------------------------------
 
 
@@ -352,6 +589,20 @@ def test_api_pull_errors(client, hub, variant_repo, body, status, message):
     response = client.post("/api/pull", json=body)
     assert response.status_code == status
     assert message in response.get_json()["error"]
+
+
+def test_api_pull_of_a_short_name(client, hub, hub_catalog):
+    response = client.post("/api/pull", json={"model": "tiny"})
+    assert response.status_code == 200
+    lines = [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
+    assert lines[0] == {"status": "pulling manifest"} and lines[-1] == {"status": "success"}
+    assert [m["name"] for m in client.get("/api/tags").get_json()["models"]] == ["tiny:latest"]
+    missing = client.post("/api/pull", json={"model": "tinyy"})
+    assert missing.status_code == 404
+    assert (
+        "unknown model 'tinyy': not in the catalog of short names (close: tiny"
+        in (missing.get_json()["error"])
+    )
 
 
 def test_api_pull_client_gone_adds_nothing(client, hub, variant_repo, library):
