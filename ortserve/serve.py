@@ -8,16 +8,22 @@ main loop, and ortserve's gunicorn worker does the same for the head and bodies 
 (gthread alone hands a connection to a thread that then waits on the client, so 32 idle or
 half-sent connections stalled 32 threads). A client that sends nothing, or half a request,
 for ORTSERVE_READ_TIMEOUT is cut off, and while it waits it holds no thread.
+
+One client address holds at most ORTSERVE_MAX_CONNECTIONS_PER_CLIENT of the worker's
+connections (1000 idle ones from one client stalled /healthz for 30 s); errors gunicorn
+answers before the app sees a request are JSON, as the app's are.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import math
 import os
 import selectors
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,6 +48,8 @@ _RECV = 64 * 1024
 # Connections the worker holds at once (reading, running or kept alive); more wait in
 # the socket backlog. Each one reading holds at most _MAX_HEAD + _BODY_BUFFER.
 WORKER_CONNECTIONS = 1000
+# gunicorn's largest request line (its default, 4094, refused a long GET with 414).
+REQUEST_LINE_LIMIT = 8190
 # The signals that stop a worker: held back from fork until the worker's handlers are set.
 _STOP_SIGNALS = frozenset(
     getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGQUIT") if hasattr(signal, name)
@@ -54,9 +62,13 @@ def serve(settings: Settings, *, server: str | None = None, runtime: Any = None)
     if server not in SERVERS:
         raise ValueError(f"unknown server {server!r}: use one of {', '.join(SERVERS)}")
     check_port_free(settings)
+    import logging
+
     from ortserve import logs
 
     logs.configure(settings.log_format)
+    for note in settings.env_notes:  # OLLAMA_* variables read in place of unset ORTSERVE_* ones
+        logging.getLogger("ortserve.config").info(note)
     settings.models.mkdir(parents=True, exist_ok=True)  # an empty library is a ready one
     if server == "waitress":
         serve_waitress(settings, runtime=runtime)
@@ -158,6 +170,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "graceful_timeout": math.ceil(settings.grace_period + _EXIT_MARGIN_S),
         "keepalive": 5,
         "worker_connections": WORKER_CONNECTIONS,
+        "limit_request_line": REQUEST_LINE_LIMIT,
         "when_ready": lambda arbiter: announce(settings),
         "worker_exit": _worker_exit,
         "control_socket_disable": True,  # gunicorn >= 25: one shared default path otherwise
@@ -223,15 +236,35 @@ def _arbiter_class():
 
 
 def _graceful_worker():
-    """gthread, plus: requests are read before a thread takes them (see the module's
-    docstring), and on SIGTERM turns get the grace period to finish, then are cancelled."""
+    """gthread, plus: requests are read before a thread takes them, one client address
+    holds a bounded share of the connections, gunicorn's own error pages are JSON (see the
+    module's docstring), and on SIGTERM turns get the grace period to finish, then are
+    cancelled."""
+    from gunicorn import util
     from gunicorn.workers.gthread import TConn, ThreadWorker
+
+    class ClientConn(TConn):
+        """A connection, counted against its client address until it closes."""
+
+        def __init__(self, *args, on_close=None):
+            super().__init__(*args)
+            self.on_close = on_close
+
+        def close(self, graceful=False):
+            on_close, self.on_close = self.on_close, None  # gthread may close twice
+            if on_close is not None:
+                on_close()
+            super().close(graceful)
 
     class GracefulThreadWorker(ThreadWorker):
         def init_process(self):
             self.read_timeout = self.app.settings.read_timeout
             self.arriving: dict[Any, Arriving] = {}
             self.buffered = 0  # bytes the main loop holds for requests still arriving
+            self.clients = ClientCounts(self.app.settings.max_connections_per_client)
+            # What gunicorn answers itself (a request line over the limit, a duplicate Host)
+            # it writes with util.write_error, as an HTML page: this process writes JSON.
+            util.write_error = write_json_error
             super().init_process()
 
         def init_signals(self):
@@ -255,8 +288,14 @@ def _graceful_worker():
                 if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                     raise
                 return
+            peer = address[0] if isinstance(address, tuple) else None  # None: a unix socket
+            if not self.clients.admit(peer):
+                refuse(client, _too_many(self.clients.cap))
+                return
             self.nr_conns += 1
-            self.await_request(TConn(self.cfg, client, address, listener.getsockname()))
+            conn = ClientConn(self.cfg, client, address, listener.getsockname(),
+                              on_close=partial(self.clients.release, peer))  # fmt: skip
+            self.await_request(conn)
 
         def on_client_socket_readable(self, conn, client):
             self.poller.unregister(client)
@@ -333,6 +372,63 @@ def _graceful_worker():
             return super().handle(conn)
 
     return GracefulThreadWorker
+
+
+class ClientCounts:
+    """Open connections per client address, each address capped at `cap` (0: no cap).
+
+    The worker holds WORKER_CONNECTIONS at most and stops accepting at the limit, so one
+    client that opened them all (idle, each waiting for its read timeout) kept every other
+    client out, health checks included. Behind a proxy every client has the proxy's
+    address: raise the cap there, or set 0 and let the proxy limit its clients.
+    """
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.open: dict[str, int] = {}
+        self._lock = threading.Lock()  # connections close on the main loop, but cheaply safe
+
+    def admit(self, peer: str | None) -> bool:
+        """Count a new connection from `peer`; False (not counted) when it is at its cap."""
+        if peer is None or not self.cap:
+            return True
+        with self._lock:
+            if self.open.get(peer, 0) >= self.cap:
+                return False
+            self.open[peer] = self.open.get(peer, 0) + 1
+            return True
+
+    def release(self, peer: str | None) -> None:
+        if peer is None or not self.cap:
+            return
+        with self._lock:
+            left = self.open.get(peer, 0) - 1
+            if left > 0:
+                self.open[peer] = left
+            else:
+                self.open.pop(peer, None)
+
+
+def refuse(sock, answer: bytes) -> None:
+    """Answer a connection the worker will not take, without waiting on it, and close it.
+
+    What the client sent already is read first (as much as has come): closing a socket
+    with unread data resets the connection, and the client could lose the answer."""
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        sock.recv(_RECV)
+    _send_quietly(sock, answer)
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+    sock.close()
+
+
+def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's util.write_error, answering {"error": ...} in place of an HTML page."""
+    from gunicorn import util
+
+    answer = _answer(f"{status_int} {reason}", mesg or reason.lower())
+    util.write_nonblock(sock, answer)
 
 
 @dataclass
@@ -428,14 +524,21 @@ class PatientReader:
         self.timeout = self.default if value is None else value
 
 
-def _answer(status: str, message: str) -> bytes:
-    """A whole HTTP/1.1 error response, written by the main loop before it closes."""
-    body = f'{{"error":"{message}"}}\n'.encode()
+def _answer(status: str, message: str, headers: str = "") -> bytes:
+    """A whole HTTP/1.1 error response in Ollama's shape, written before the worker closes.
+    `headers`: more header lines, each ending in CRLF."""
+    body = (json.dumps({"error": message}) + "\n").encode()
     head = (
-        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{headers}"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
-    return head.encode() + body
+    return head.encode("latin-1") + body
+
+
+def _too_many(cap: int) -> bytes:
+    return _answer("503 Service Unavailable", f"too many connections from your address (at "
+                   f"most {cap}: ORTSERVE_MAX_CONNECTIONS_PER_CLIENT); close idle ones and "
+                   "try again", "Retry-After: 1\r\n")  # fmt: skip
 
 
 # What the main loop answers a request it gives up on, before closing.

@@ -2,7 +2,7 @@
 
 One `before_request` hook runs the checks in order on ortserve's routes: a preflight for an
 allowed origin is answered at once; a disallowed Origin is 403; while bound to loopback, a
-Host that is not a loopback name or address is 403 (as Ollama's allowedHostsMiddleware);
+Host that is not a local name or address is 403 (as Ollama's allowedHostsMiddleware);
 with keys configured, a request without a valid key is 401 (health checks stay open); a
 generation request beyond Settings.generation_slots is 503 with Retry-After. An
 `after_request` hook adds the CORS headers for allowed origins.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import hmac
 import ipaddress
+import socket
 import threading
 from collections.abc import Callable
 
@@ -36,6 +37,12 @@ GENERATION_PATHS = (
     "/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
 )  # fmt: skip
+# Names no public DNS answers for (Ollama's list): a DNS-rebinding page cannot use them.
+LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
+# Go's netip.Addr.IsPrivate: RFC 1918 and RFC 4193 (Python's is_private is wider).
+PRIVATE_NETWORKS = tuple(
+    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+)
 _CORS_HEADERS = (
     "Authorization, Content-Type, X-Api-Key, X-Request-Id, Anthropic-Version, "
     "Anthropic-Beta, OpenAI-Organization, OpenAI-Project, X-Stainless-*"
@@ -206,18 +213,53 @@ def origin_allowed(origin: str, extra: tuple[str, ...]) -> bool:
 
 
 def host_allowed(host: str, settings: Settings) -> bool:
-    """Any Host when bound to a non-loopback address; else loopback names and addresses."""
+    """Any Host when bound to a non-loopback address; else what Ollama's allowedHost takes.
+
+    That is: loopback, private, unspecified and this machine's own addresses; `localhost`,
+    this machine's hostname and names under .localhost, .local and .internal; and
+    ORTSERVE_ALLOWED_HOSTS. A public name is refused: the DNS-rebinding case, a page whose
+    own name was pointed at 127.0.0.1.
+    """
     if not is_loopback(settings.host) or "*" in settings.allowed_hosts:
         return True
     name = _strip_port(host).lower()
-    if not name or name == "localhost" or name.endswith(".localhost"):
-        return True
     if name in (h.lower() for h in settings.allowed_hosts):
         return True
     try:
-        return ipaddress.ip_address(name).is_loopback
+        address = ipaddress.ip_address(name)
     except ValueError:
-        return False
+        return local_name(name)
+    return local_address(address)
+
+
+def local_name(name: str) -> bool:
+    """A name only this machine or its local network answers for (Ollama's list)."""
+    if not name or name == "localhost" or name.endswith(LOCAL_SUFFIXES):
+        return True
+    return name == socket.gethostname().lower()
+
+
+def local_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Loopback, private (Go's sense), unspecified, or an address of this machine."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback or address.is_unspecified:
+        return True
+    if any(address in network for network in PRIVATE_NETWORKS):
+        return True
+    return str(address) in _own_addresses()
+
+
+def _own_addresses() -> set[str]:
+    """The addresses of this machine's interfaces, read each time (they change)."""
+    import psutil
+
+    own = set()
+    for entries in psutil.net_if_addrs().values():
+        for entry in entries:
+            if entry.family in (socket.AF_INET, socket.AF_INET6):
+                own.add(entry.address.split("%")[0].lower())  # fe80::1%eth0 -> fe80::1
+    return own
 
 
 def is_loopback(bind_host: str) -> bool:

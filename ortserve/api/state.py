@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from flask import current_app
+from flask import current_app, has_request_context, request
 
 from ortserve.config import Settings
 
@@ -26,6 +26,7 @@ class ServerState:
         self._runtime = runtime
         self._lock = threading.Lock()
         self._responses = None
+        self._hangups = None
 
     @property
     def runtime(self):
@@ -56,6 +57,19 @@ class ServerState:
 
                 self._responses = ResponseStore()
             return self._responses
+
+    def watch(self, exchange) -> None:
+        """Hang `exchange` up when the current request's client goes away (serving/core.start
+        calls this; api/hangup.py says why). Only gunicorn hands the app its socket."""
+        sock = request.environ.get("gunicorn.socket") if has_request_context() else None
+        if sock is None:
+            return
+        with self._lock:
+            if self._hangups is None:
+                from ortserve.api.hangup import HangupWatch
+
+                self._hangups = HangupWatch()
+        self._hangups.watch(sock, exchange)
 
     @property
     def started_runtime(self):

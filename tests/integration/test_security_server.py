@@ -78,6 +78,17 @@ def test_dns_rebinding_and_cross_site_posts_are_refused(server, served_library):
     assert status == 415 and not served_library.exists("planted")
 
 
+def test_local_names_and_private_addresses_pass_the_host_guard_as_with_ollama(server):
+    """Open WebUI in Docker reaches the host as host.docker.internal; mDNS names, this
+    machine's hostname and LAN addresses are answered too, as Ollama answers them."""
+    import socket
+
+    for host in ("host.docker.internal", "myhost.local", socket.gethostname(), "192.168.1.5"):
+        assert _raw(server, "GET", "/api/tags", Host=f"{host}:{server.port}")[0] == 200, host
+    for host in ("evil.example", "8.8.8.8", "localhost.evil.example"):
+        assert _raw(server, "GET", "/api/tags", Host=f"{host}:{server.port}")[0] == 403, host
+
+
 def test_a_page_on_localhost_gets_cors_headers(server):
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     connection.request("OPTIONS", "/api/chat", headers={

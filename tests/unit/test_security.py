@@ -77,7 +77,7 @@ def test_keys_come_from_the_variable_or_a_file(tmp_path):
 def test_bad_keys_stop_start_up_naming_the_variable(value, why):
     with pytest.raises(SettingsError) as info:
         Settings.from_env({"ORTSERVE_API_KEYS": value})
-    assert info.value.message.startswith("ORTSERVE_API_KEYS=")
+    assert info.value.message.startswith("ORTSERVE_API_KEYS is invalid: ")
     assert why in info.value.message
 
 
@@ -92,7 +92,34 @@ def test_loopback_hosts_are_answered(library, host):
     assert make(library).get("/api/tags", headers={"Host": host}).status_code == 200
 
 
-@pytest.mark.parametrize("host", ["evil.example", "evil.example:11434", "10.0.0.7", "[fe80::1]"])
+@pytest.mark.parametrize(
+    "host", ["host.docker.internal:11434", "myhost.local", "MyHost.Local:8080", "192.168.1.5",
+             "10.0.0.7:11434", "172.31.255.1", "[fd00::5]:11434", "0.0.0.0:11434",
+             "[::ffff:192.168.1.5]"],
+)  # fmt: skip
+def test_local_names_and_private_addresses_are_answered_as_ollama_does(library, host):
+    """Ollama's allowedHost: an Open WebUI container reaching the host as
+    host.docker.internal, mDNS names, LAN addresses (a proxy or a VM on the same machine)."""
+    assert make(library).get("/api/tags", headers={"Host": host}).status_code == 200
+
+
+def test_this_machines_own_hostname_and_addresses_are_answered(library):
+    import socket
+
+    import psutil
+
+    client = make(library)
+    assert client.get("/api/tags", headers={"Host": socket.gethostname()}).status_code == 200
+    own = [a.address for entries in psutil.net_if_addrs().values() for a in entries
+           if a.family == socket.AF_INET]  # fmt: skip
+    for address in own:
+        assert client.get("/api/tags", headers={"Host": address}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "host", ["evil.example", "evil.example:11434", "[fe80::1]", "8.8.8.8", "169.254.1.1",
+             "localhost.evil.example", "evil.local.example", "internal"],
+)  # fmt: skip
 def test_other_hosts_are_403_while_bound_to_loopback(library, host):
     response = make(library).get("/api/tags", headers={"Host": host})
     assert response.status_code == 403
