@@ -7,13 +7,21 @@ PYTHON ?= python3
 
 install: $(VENV)/.installed
 
+# Each step says what it does, and pip shows what it collects and downloads (a bar on a
+# terminal), so the ~100 s of a first install are not silent. PIP_FLAGS=--quiet: as before.
+PIP_FLAGS ?= --progress-bar on
+
 $(VENV)/.installed: setup.cfg pyproject.toml
+	@echo "==> [1/4] virtual environment $(VENV)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "==> [2/4] pip, setuptools, wheel"
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	# torch first and pinned: the local CPU wheel, not GBs of CUDA packages
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[convert,dev]'
+	@echo "==> [3/4] torch 2.13.0: the CPU wheel, pinned first (not GBs of CUDA packages)"
+	$(PY) -m pip install $(PIP_FLAGS) torch==2.13.0
+	@echo "==> [4/4] ortserve with its convert and dev extras"
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[convert,dev]'
 	touch $@
+	@echo "==> $(VENV) is ready"
 
 test: install
 	$(PY) -m pytest -q

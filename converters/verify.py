@@ -196,3 +196,35 @@ def leading_matches(a: list[int], b: list[int]) -> int:
 def _max_seq_length(bundle: Path) -> int:
     path = bundle / "sentence_bert_config.json"
     return json.loads(path.read_text()).get("max_seq_length", 512) if path.is_file() else 512
+
+
+# ---- verdict: is the loss what the precision normally costs? ----------------------------------
+
+# The least each precision normally keeps, per figure. Set from the suite's fixtures with a
+# margin (tests/integration/test_convert.py): the tiny llama and qwen2 decoders (random
+# weights, so nearly flat logits: harder than a trained model) measured int8 top-1
+# 0.958-1.0 / cosine 0.99994, int4 0.60-0.75 / 0.9885-0.991 (optimum's graph the lower),
+# fp16 1.0 / 1.0; all-MiniLM-L6-v2 measured embedding cosine int8 0.9994, int4 0.958, fp16
+# 0.999999. greedy_match is not judged: one differing token sends the rest another way.
+EXPECTED: dict[str, dict[str, float]] = {
+    "fp32": {"top1_agreement": 0.99, "logits_cosine": 0.999, "embedding_cosine_min": 0.999},
+    "fp16": {"top1_agreement": 0.95, "logits_cosine": 0.999, "embedding_cosine_min": 0.999},
+    "int8": {"top1_agreement": 0.9, "logits_cosine": 0.999, "embedding_cosine_min": 0.995},
+    "int4": {"top1_agreement": 0.45, "logits_cosine": 0.97, "embedding_cosine_min": 0.9},
+}
+
+
+def shortfalls(figures: dict[str, Any], precision: str) -> list[str]:
+    """The figures below what `precision` normally keeps ("top1_agreement 0.3 < 0.45")."""
+    floors = EXPECTED.get(precision, {})
+    return [f"{name} {figures[name]} < {floor}" for name, floor in floors.items()
+            if isinstance(figures.get(name), (int, float)) and figures[name] < floor]  # fmt: skip
+
+
+def verdict(figures: dict[str, Any], precision: str) -> tuple[bool, str]:
+    """(within the norm, one line saying so) for `ortserve convert` to print."""
+    short = shortfalls(figures, precision)
+    if not short:
+        return True, f"within what {precision} normally loses"
+    return False, (f"WARNING: {', '.join(short)}: more than {precision} normally loses; "
+                   "check its answers before relying on it (or convert at a higher precision)")  # fmt: skip

@@ -53,7 +53,7 @@ class HTTPBackend:
                     if line.strip():
                         yield _checked(json.loads(line))
         except urllib.error.HTTPError as exc:
-            raise ServerError(_error_message(exc.read(), exc.code)) from None
+            raise self._refused(exc, path) from None
         except urllib.error.URLError as exc:
             raise ServerError(f"cannot reach the server at {self.base_url}: {exc.reason}") from None
 
@@ -68,7 +68,17 @@ class HTTPBackend:
             with urllib.request.urlopen(request) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
-            raise ServerError(_error_message(exc.read(), exc.code)) from None
+            raise self._refused(exc, path) from None
+
+    def _refused(self, exc: urllib.error.HTTPError, path: str) -> ServerError:
+        """The server's own error message; a bare 404 means something else listens there."""
+        raw = exc.read()
+        if exc.code == 404 and _error_field(raw) is None:
+            return ServerError(
+                f"the server at {self.base_url} is not an ortserve or Ollama server "
+                f"(or it lacks {path}): it answered 404"
+            )
+        return ServerError(_error_message(raw, exc.code))
 
 
 class InProcessBackend:
@@ -123,10 +133,15 @@ def _checked(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def _error_message(raw: bytes, status: int) -> str:
+    return _error_field(raw) or f"server answered {status}"
+
+
+def _error_field(raw: bytes) -> str | None:
+    """The message of an ortserve/Ollama/OpenAI error body, None for any other body."""
     try:
         error = json.loads(raw).get("error")
     except (ValueError, AttributeError):
         error = None
     if isinstance(error, dict):
         error = error.get("message")
-    return str(error or f"server answered {status}")
+    return str(error) if error else None

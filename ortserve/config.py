@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ortserve.errors import OrtServeError
 
@@ -18,10 +19,15 @@ _DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 # Threads kept from generation requests for everything else (fewer on a small server).
 _RESERVED_THREADS = 8
+# The context (num_ctx) of a request that sets none, as Ollama's default; a model's own
+# trained context still caps it (ORTSERVE_CONTEXT_LENGTH).
+DEFAULT_CONTEXT_LENGTH = 4096
+# Ollama reads 0 in these as "choose for me": ortserve's default is its choice.
+_OLLAMA_ZERO_IS_AUTO = ("OLLAMA_NUM_PARALLEL", "OLLAMA_MAX_LOADED_MODELS")
 
 
 class SettingsError(OrtServeError):
-    """A bad ORTSERVE_* value: start-up stops with a message naming the variable."""
+    """A bad ORTSERVE_* (or OLLAMA_*) value: start-up stops with a message naming the variable."""
 
 
 def default_models_dir() -> Path:
@@ -75,6 +81,9 @@ class Settings:
     provider: str = "auto"
     threads: int = 96  # request threads (gunicorn gthread, waitress)
     read_timeout: float = 30.0  # seconds a client gets to send a request (see serve.py)
+    # Connections one client address may hold open at once (gunicorn); 0: no cap. A quarter
+    # of the worker's 1000, so that one client cannot take the slots health checks need.
+    max_connections_per_client: int = 250
     grace_period: float = 30.0  # seconds in-flight requests get on SIGTERM
     format_retries: int = 2  # retries of structured output that fails its schema
     api_keys: tuple[tuple[str, str], ...] = ()  # (name, key); empty: no key required
@@ -88,40 +97,31 @@ class Settings:
     kv_cache_entries: int = 16  # finished turns kept per model for KV reuse (0: none)
     kv_cache_size: int = 1 << 30  # bytes those kept turns may hold per model
     compute_threads: int = 0  # threads one model's forward passes use (0: the physical cores)
+    context_length: int = DEFAULT_CONTEXT_LENGTH  # num_ctx of a request that sets none
+    nohistory: bool = False  # `ortserve run` writes no history file
+    # Lines for the server's log: the OLLAMA_* variables read in place of unset ORTSERVE_* ones
+    env_notes: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read and validate every ORTSERVE_* variable; raise SettingsError naming a bad one."""
+        """Read and validate every variable of VARIABLES; raise SettingsError naming a bad one.
+
+        An unset ORTSERVE_* variable falls back to Ollama's name for it, so a machine set up
+        for Ollama serves (and its clients connect) the same way; env_notes says which.
+        """
         env = os.environ if env is None else env
-        values: dict[str, object] = {"models": _models_dir(env.get("ORTSERVE_MODELS"))}
-        if env.get("ORTSERVE_HOST"):
-            values["host"], values["port"] = _read(env, "ORTSERVE_HOST", parse_host)
-        readers = {
-            "keep_alive": parse_duration,
-            "max_loaded_models": _positive_int,
-            "num_parallel": _positive_int,
-            "engine_lanes": _positive_int,
-            "max_queue": _positive_int,
-            "provider": _provider,
-            "threads": _positive_int,
-            "read_timeout": _positive_duration,
-            "grace_period": lambda v: max(0.0, parse_duration(v)),
-            "format_retries": _non_negative_int,
-            "api_keys": parse_api_keys,
-            "allowed_hosts": _list,
-            "origins": _list,
-            "log_format": _log_format,
-            "max_tokens": _positive_int,
-            "batching": _batching,
-            "kv_cache_entries": _non_negative_int,
-            "kv_cache_size": parse_size,
-            "compute_threads": _non_negative_int,
-        }
-        for name, reader in readers.items():
-            variable = f"ORTSERVE_{name.upper()}"
-            if env.get(variable):
-                values[name] = _read(env, variable, reader)
-        return cls(**values)  # type: ignore[arg-type]
+        values: dict[str, object] = {"models": default_models_dir()}
+        notes = []
+        for variable in VARIABLES:
+            name = variable.source(env) if variable.field is not None else None
+            if name is None:
+                continue
+            if name != variable.name:
+                notes.append(_borrowed(variable, name, env[name]))
+                if _ollama_auto(name, env[name]):
+                    continue
+            values.update(variable.assign(_read(env, name, variable)))
+        return cls(**values, env_notes=tuple(notes))  # type: ignore[arg-type]
 
     @property
     def address(self) -> str:
@@ -183,12 +183,31 @@ def _list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
-def _read(env: Mapping[str, str], variable: str, reader):
-    value = env[variable]
+def _ollama_auto(name: str, value: str) -> bool:
+    return name in _OLLAMA_ZERO_IS_AUTO and value.strip() == "0"
+
+
+def _borrowed(variable: Variable, name: str, value: str) -> str:
+    """The log line saying an Ollama variable was read for an unset ortserve one."""
+    if _ollama_auto(name, value):
+        return (f"{variable.name} is unset and {name}=0 (Ollama's automatic choice): "
+                "using ortserve's default")  # fmt: skip
+    shown = "(set)" if variable.secret else repr(value)
+    return f"{variable.name} is unset: using {name}={shown}"
+
+
+def _read(env: Mapping[str, str], name: str, variable: Variable):
+    """The value of `name` (the variable or its Ollama alias) read by the variable's reader.
+
+    A bad one: "ORTSERVE_NUM_PARALLEL must be a whole number, got 'zero'" (readers raise
+    ValueError with the "must ..." part); a secret's value is never repeated.
+    """
+    value = env[name]
     try:
-        return reader(value)
+        return variable.reader(value)  # type: ignore[misc]
     except ValueError as exc:
-        raise SettingsError(f"{variable}={value!r} is invalid: {exc}") from exc
+        got = "" if variable.secret else f", got {value!r}"
+        raise SettingsError(f"{name} {exc}{got}") from None
 
 
 def physical_cores() -> int:
@@ -204,25 +223,70 @@ def physical_cores() -> int:
     return max(1, min(physical, allowed * physical // logical))
 
 
+def _whole_number(value: str) -> int:
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+
+
 def _positive_int(value: str) -> int:
-    number = int(value)
+    number = _whole_number(value)
     if number < 1:
-        raise ValueError("must be a whole number >= 1")
+        raise ValueError("must be a whole number of 1 or more")
     return number
-
-
-def _positive_duration(value: str) -> float:
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise ValueError("must be a duration above zero")
-    return seconds
 
 
 def _non_negative_int(value: str) -> int:
-    number = int(value)
+    number = _whole_number(value)
     if number < 0:
-        raise ValueError("must be a whole number >= 0")
+        raise ValueError("must be a whole number of 0 or more")
     return number
+
+
+def _duration(value: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise ValueError("must be a duration such as 30s, 5m or 1h30m, or seconds") from None
+
+
+def _positive_duration(value: str) -> float:
+    seconds = _duration(value)
+    if seconds <= 0:
+        raise ValueError("must be a duration above zero, such as 30s or 5m")
+    return seconds
+
+
+def _host(value: str) -> tuple[str, int]:
+    try:
+        return parse_host(value)
+    except ValueError:
+        raise ValueError("must be HOST:PORT, :PORT or HOST, with a port from 1 to 65535") from None
+
+
+def _size(value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise ValueError("must be a size such as 512MB or 2GiB, or bytes") from None
+
+
+def _api_keys(value: str) -> tuple[tuple[str, str], ...]:
+    try:
+        return parse_api_keys(value)
+    except ValueError as exc:
+        raise ValueError(f"is invalid: {exc}") from None
+
+
+def _flag(value: str) -> bool:
+    """Ollama's booleans (Go's strconv.ParseBool) and the usual yes/no words."""
+    text = value.strip().lower()
+    if text in ("1", "t", "true", "yes", "on"):
+        return True
+    if text in ("0", "f", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false (1 or 0)")
 
 
 def _provider(value: str) -> str:
@@ -232,12 +296,14 @@ def _provider(value: str) -> str:
     return value
 
 
-def _models_dir(value: str | None) -> Path:
-    if not value:
-        return default_models_dir()
+def _grace_period(value: str) -> float:
+    return max(0.0, _duration(value))
+
+
+def _models_dir(value: str) -> Path:
     path = Path(value).expanduser()
     if path.exists() and not path.is_dir():
-        raise SettingsError(f"ORTSERVE_MODELS={value!r} is not a directory")
+        raise ValueError("must be a directory (it is a file)")
     return path
 
 
@@ -258,3 +324,104 @@ def _batching(value: str) -> str:
     if value not in ("auto", "static"):
         raise ValueError("must be auto or static")
     return value
+
+
+# ---- the variables: one table read by Settings.from_env, listed by `ortserve serve --help` ----
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable: the Settings field(s) it sets, how, and what help says."""
+
+    name: str
+    default: str
+    help: str
+    field: str | tuple[str, ...] | None = None  # None: read where it is used, not in Settings
+    reader: Callable[[str], Any] | None = None  # raises ValueError("must ...") on a bad value
+    ollama: str | None = None  # Ollama's name for it, read when `name` is unset or empty
+    secret: bool = False  # its value is never repeated in a message or log
+
+    def assign(self, value: Any) -> dict[str, Any]:
+        """Settings values from what the reader returned (ORTSERVE_HOST sets host and port)."""
+        if isinstance(self.field, tuple):
+            return dict(zip(self.field, value, strict=True))
+        return {self.field: value} if self.field else {}
+
+    def source(self, env: Mapping[str, str]) -> str | None:
+        """The variable that gives the value: this one, else Ollama's, else None (default)."""
+        for name in (self.name, self.ollama):
+            if name and env.get(name):
+                return name
+        return None
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("ORTSERVE_HOST", "127.0.0.1:11434", "Address the server listens on and clients "
+             "reach: HOST:PORT, :PORT or HOST", ("host", "port"), _host, "OLLAMA_HOST"),
+    Variable("ORTSERVE_MODELS", "~/.ortserve/models", "The model library's directory",
+             "models", _models_dir),
+    Variable("ORTSERVE_CATALOG", "", "A JSON file of short model names that extends the "
+             "shipped catalog"),
+    Variable("ORTSERVE_KEEP_ALIVE", "5m", "How long a model stays loaded after its last "
+             "request, negative: forever", "keep_alive", _duration, "OLLAMA_KEEP_ALIVE"),
+    Variable("ORTSERVE_MAX_LOADED_MODELS", "3", "Models loaded at once",
+             "max_loaded_models", _positive_int, "OLLAMA_MAX_LOADED_MODELS"),
+    Variable("ORTSERVE_NUM_PARALLEL", "8", "Turns generating at once per model",
+             "num_parallel", _positive_int, "OLLAMA_NUM_PARALLEL"),
+    Variable("ORTSERVE_ENGINE_LANES", "4", "onnxruntime-genai engines per model",
+             "engine_lanes", _positive_int),
+    Variable("ORTSERVE_MAX_QUEUE", "64", "Requests waiting per model before 503",
+             "max_queue", _positive_int, "OLLAMA_MAX_QUEUE"),
+    Variable("ORTSERVE_CONTEXT_LENGTH", str(DEFAULT_CONTEXT_LENGTH), "Context length of a "
+             "request that sets no num_ctx", "context_length", _positive_int,
+             "OLLAMA_CONTEXT_LENGTH"),
+    Variable("ORTSERVE_PROVIDER", "auto", "Execution provider: " + ", ".join(PROVIDERS),
+             "provider", _provider),
+    Variable("ORTSERVE_THREADS", "96", "Server threads: requests in progress at once",
+             "threads", _positive_int),
+    Variable("ORTSERVE_READ_TIMEOUT", "30s", "How long a client may take to send a request",
+             "read_timeout", _positive_duration),
+    Variable("ORTSERVE_MAX_CONNECTIONS_PER_CLIENT", "250", "Connections one client address "
+             "may hold open, 0: no cap", "max_connections_per_client", _non_negative_int),
+    Variable("ORTSERVE_GRACE_PERIOD", "30s", "Time requests in flight get after SIGTERM",
+             "grace_period", _grace_period),
+    Variable("ORTSERVE_FORMAT_RETRIES", "2", "Retries of structured output that fails its "
+             "schema", "format_retries", _non_negative_int),
+    Variable("ORTSERVE_API_KEYS", "", "Keys the server requires (name:key,... or @FILE)",
+             "api_keys", _api_keys, secret=True),
+    Variable("ORTSERVE_API_KEY", "", "The key the CLI sends to a server", secret=True),
+    Variable("ORTSERVE_ALLOWED_HOSTS", "", "Host names answered besides loopback ones",
+             "allowed_hosts", _list),
+    Variable("ORTSERVE_ORIGINS", "", "Browser origins allowed besides the defaults, "
+             "comma-separated", "origins", _list, "OLLAMA_ORIGINS"),
+    Variable("ORTSERVE_MAX_TOKENS", "", "The most tokens one turn may generate",
+             "max_tokens", _positive_int),
+    Variable("ORTSERVE_BATCHING", "auto", "auto (continuous where it can) or static",
+             "batching", _batching),
+    Variable("ORTSERVE_KV_CACHE_ENTRIES", "16", "Finished turns kept per model for KV reuse",
+             "kv_cache_entries", _non_negative_int),
+    Variable("ORTSERVE_KV_CACHE_SIZE", "1GiB", "Bytes those kept turns may hold per model",
+             "kv_cache_size", _size),
+    Variable("ORTSERVE_COMPUTE_THREADS", "physical cores", "Threads one model's forward "
+             "passes use", "compute_threads", _non_negative_int),
+    Variable("ORTSERVE_LOG_FORMAT", "text", "text, or json (one object per line)",
+             "log_format", _log_format),
+    Variable("ORTSERVE_NOHISTORY", "", "`ortserve run` keeps no history file",
+             "nohistory", _flag, "OLLAMA_NOHISTORY"),
+    Variable("ORTSERVE_DEBUG", "", "Show the traceback of an unexpected CLI error"),
+)  # fmt: skip
+
+
+def env_help() -> str:
+    """The variables as `ortserve serve --help` lists them (as `ollama serve --help` does)."""
+    import textwrap
+
+    width = max(len(v.name) for v in VARIABLES) + 4
+    lines = ["Environment Variables:"]
+    for variable in VARIABLES:
+        extra = [f"default {variable.default}"] if variable.default else []
+        extra += [f"or {variable.ollama}"] if variable.ollama else []
+        text = variable.help + (f" ({'; '.join(extra)})" if extra else "")
+        lines += textwrap.wrap(text, 86, initial_indent=f"  {variable.name:<{width - 2}}",
+                               subsequent_indent=" " * width)  # fmt: skip
+    return "\n".join(lines)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ortserve.errors import OrtServeError
@@ -21,7 +23,12 @@ HELP = """Available Commands:
   /bye                        Exit
   /?, /help                   This help
 
-Use \"\"\" to begin and end a multi-line message."""
+Use \"\"\" to begin and end a multi-line message.
+Ctrl + c stops an answer; Ctrl + d or /bye leaves."""
+# What Ctrl-C at the prompt says, in Ollama's words
+EXIT_HINT = "Use Ctrl + d or /bye to exit."
+# Lines of run's history file (~/.ortserve/history, as Ollama's ~/.ollama/history) kept
+HISTORY_LINES = 1000
 
 
 class Session:
@@ -47,11 +54,17 @@ class Session:
             pass
 
     def ask(self, prompt: str) -> str:
-        """Send one user message, stream the answer, remember both (neither if it failed)."""
+        """Send one user message, stream the answer, remember both (neither if it failed).
+
+        Ctrl-C (KeyboardInterrupt) stops the answer: the stream is closed, so the server
+        cancels the turn, and the conversation keeps the message with the part of the answer
+        shown (nothing if none was); the interrupt goes on to the caller.
+        """
         self.messages.append({"role": "user", "content": prompt})
         answer, final, thinking = [], {}, False
+        stream = self.backend.stream("/api/chat", self._body(self._history()))
         try:
-            for chunk in self.backend.stream("/api/chat", self._body(self._history())):
+            for chunk in stream:
                 message = chunk.get("message", {})
                 thought = message.get("thinking") or ""
                 if thought and not self.hide_thinking:
@@ -68,6 +81,10 @@ class Session:
                     self.out(text)
                 if chunk.get("done"):
                     final = chunk
+        except KeyboardInterrupt:
+            stream.close()  # now, not when the traceback lets go of it: the turn stops
+            self._keep_partial("".join(answer))
+            raise
         except BaseException:
             self.messages.pop()  # the conversation stays as it was before this message
             raise
@@ -76,6 +93,13 @@ class Session:
         if self.verbose:
             self.out(timings(final))
         return "".join(answer)
+
+    def _keep_partial(self, answer: str) -> None:
+        """After Ctrl-C: keep the question and the answer so far, as the user saw them."""
+        if answer:
+            self.messages.append({"role": "assistant", "content": answer})
+        else:
+            self.messages.pop()  # nothing came back: as if it had not been sent
 
     def _history(self) -> list[dict[str, Any]]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -142,9 +166,7 @@ class Session:
 
     def _show(self, what: str) -> None:
         if what == "parameters":
-            self.out(
-                "".join(f"{k:<20}{v}\n" for k, v in self.options.items()) or "No parameters set.\n"
-            )
+            self.out(parameter_lines(self.options) or "No parameters set.\n")
         elif what == "system":
             self.out((self.system or "No system message was specified for this model.") + "\n")
         elif what == "info":
@@ -168,6 +190,15 @@ def parse_value(name: str, value: str, previous: Any) -> Any:
     typed = parameter_value(name, _unquote(value))
     check_parameters({name: typed})
     return typed
+
+
+def parameter_lines(options: dict[str, Any]) -> str:
+    """Ollama's form: one line per value, strings quoted (`stop "."`, `top_k 40`)."""
+    lines = []
+    for key, value in options.items():
+        for item in value if isinstance(value, list) else [value]:
+            lines.append(f"{key:<30} {json.dumps(item, ensure_ascii=False)}\n")
+    return "".join(lines)
 
 
 def timings(final: dict[str, Any]) -> str:
@@ -195,44 +226,104 @@ def timings(final: dict[str, Any]) -> str:
 
 def read_message(read_line: Callable[[str], str]) -> str | None:
     """One user message; a line starting with \"\"\" opens a multi-line one. None at EOF."""
+    read = read_input(read_line)
+    return None if read is None else read[0]
+
+
+def read_input(read_line: Callable[[str], str]) -> tuple[str, bool] | None:
+    """(one user message, whether it was quoted in \"\"\"), None at EOF.
+
+    A quoted message is text even when it starts with "/". Ctrl-C (KeyboardInterrupt) goes
+    on to the caller, dropping what was typed so far.
+    """
     try:
         line = read_line(">>> ")
     except EOFError:
         return None
     if not line.lstrip().startswith('"""'):
-        return line
+        return line, False
     text = line.lstrip()[3:]
     if text.rstrip().endswith('"""') and text.strip() != "":
-        return text.rstrip()[:-3]
+        return text.rstrip()[:-3], True
     lines = [text] if text else []
     while True:
         try:
             more = read_line("... ")
         except EOFError:
-            return "\n".join(lines)
+            return "\n".join(lines), True
         if more.rstrip().endswith('"""'):
             lines.append(more.rstrip()[:-3])
-            return "\n".join(lines).strip("\n")
+            return "\n".join(lines).strip("\n"), True
         lines.append(more)
 
 
 def repl(session: Session, read_line: Callable[[str], str] = input) -> None:
-    """The interactive loop: messages, /commands, Ctrl-D or /bye to leave."""
+    """The interactive loop: messages, /commands, Ctrl-D or /bye to leave.
+
+    Ctrl-C stops an answer (the conversation stays) or, at the prompt, drops the line typed
+    and says how to leave, as `ollama run` does.
+    """
     while True:
-        message = read_message(read_line)
-        if message is None:
+        try:
+            read = read_input(read_line)
+        except KeyboardInterrupt:
+            session.out(f"\n{EXIT_HINT}\n")
+            continue
+        if read is None:
             session.out("\n")
             return
-        if not message.strip():
-            continue
-        if message.startswith("/"):
-            if not session.command(message.strip()):
-                return
-            continue
+        message, quoted = read
         try:
-            session.ask(message)
-        except OrtServeError as exc:  # a refused request never ends the session
-            session.out(f"\nError: {exc.message}\n")
+            if not _turn(session, message, quoted):
+                return
+        except KeyboardInterrupt:
+            session.out("\n")
+
+
+def _turn(session: Session, message: str, quoted: bool) -> bool:
+    """One message or /command; False when the session should end."""
+    if not message.strip():
+        return True
+    if message.startswith("/") and not quoted:
+        return session.command(message.strip())
+    try:
+        session.ask(message)
+    except OrtServeError as exc:  # a refused request never ends the session
+        session.out(f"\nError: {exc.message}\n")
+    return True
+
+
+def line_reader(history: Path | None) -> Callable[[str], str]:
+    """input() with readline's line editing where it exists; each line read is saved to
+    `history` (None: kept in memory only, as with ORTSERVE_NOHISTORY)."""
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline: plain input()
+        return input
+    if history is not None:
+        with contextlib.suppress(OSError):  # none yet, or unreadable: start afresh
+            readline.read_history_file(history)
+        readline.set_history_length(HISTORY_LINES)
+
+    def read_line(prompt: str) -> str:
+        line = input(prompt)
+        if history is not None and line.strip():
+            _save_history(readline, history)
+        return line
+
+    return read_line
+
+
+def _save_history(readline: Any, path: Path) -> None:
+    """Write the history file, readable by its owner only (prompts can be private)."""
+    with contextlib.suppress(OSError):  # a read-only home: the session goes on without
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)
+        readline.write_history_file(path)
+
+
+def history_path() -> Path:
+    return Path.home() / ".ortserve" / "history"
 
 
 def _unquote(text: str) -> str:

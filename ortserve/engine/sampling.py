@@ -21,10 +21,15 @@ def resolve(
     *,
     context_length: int,
     max_tokens: int | None = None,
+    default_context: int | None = None,
 ) -> GenerationOptions:
     """Checked request values (options.parse_options, options.api_sampling) over the
-    model's parameters over Ollama's defaults."""
-    return _build({**_model_options(model_parameters), **given}, context_length, max_tokens)
+    model's parameters over Ollama's defaults.
+
+    default_context: num_ctx when neither sets one (ORTSERVE_CONTEXT_LENGTH).
+    """
+    merged = {**_model_options(model_parameters), **given}
+    return _build(merged, context_length, max_tokens, default_context)
 
 
 def resolve_options(
@@ -47,12 +52,16 @@ def _model_options(parameters: dict | None) -> dict[str, Any]:
         raise LibraryCorrupt(f"the model's parameters are invalid: {e.message}") from e
 
 
-def _build(given: dict[str, Any], context_length: int, max_tokens: int | None) -> GenerationOptions:
+def _build(
+    given: dict[str, Any], context_length: int, max_tokens: int | None, default_context: int | None
+) -> GenerationOptions:
     """GenerationOptions from checked values, normalised for the engine.
 
     `max_tokens` (ORTSERVE_MAX_TOKENS) caps what one turn may generate, "no limit" included.
     """
     defaults = GenerationOptions()
+    if default_context is not None:
+        defaults = replace(defaults, num_ctx=default_context)
     options = replace(defaults, **{"num_ctx": min(defaults.num_ctx, context_length), **given})
     num_predict = options.num_predict
     return replace(

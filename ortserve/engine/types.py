@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ortserve.config import DEFAULT_CONTEXT_LENGTH
+
 
 @dataclass(frozen=True)
 class GenerationOptions:
@@ -16,7 +18,7 @@ class GenerationOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     repeat_penalty: float = 1.1
-    num_ctx: int = 4096
+    num_ctx: int = DEFAULT_CONTEXT_LENGTH  # the server's is ORTSERVE_CONTEXT_LENGTH
     guidance: tuple[str, str] | None = None  # (kind, data) for TurnOptions.set_guidance
     # None: no log probabilities; k >= 0: each generated token's, plus its top k alternatives
     # (OpenAI allows 0..20). Such a turn runs unbatched on an og.Generator (engine.md).

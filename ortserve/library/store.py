@@ -263,9 +263,15 @@ class Library:
     def prune(self) -> list[str]:
         """Remove bundles and (hour-old) blobs no manifest uses, and crashed writes' leftovers.
 
+        The names removed are the bundles' and the blobs' (prune_all also counts leftovers).
+        """
+        return self.prune_all()[0]
+
+    def prune_all(self) -> tuple[list[str], int]:
+        """prune(): (the bundles' and blobs' names removed, how many leftovers were removed).
+
         Leftovers: staging of processes that are gone (or a day old), and temporary files of
-        atomic JSON writes that never got renamed. The names removed are the bundles' and
-        the blobs'.
+        atomic JSON writes that never got renamed.
         """
         used = self._used_digests()
         removed = []
@@ -273,10 +279,9 @@ class Library:
             if bundle.name not in used:
                 shutil.rmtree(bundle, ignore_errors=True)
                 removed.append(bundle.name)
-        self._remove_stale_staging()
-        self._remove_abandoned_temp_files()
+        leftovers = self._remove_stale_staging() + self._remove_abandoned_temp_files()
         self._verified.forget_missing(self.bundles_dir)
-        return removed + self._prune_blobs()
+        return removed + self._prune_blobs(), leftovers
 
     def verify(self, name: str | None = None) -> list[VerifyResult]:
         """Re-hash bundles (all, or the one `name` uses) and compare with their digests."""
@@ -349,20 +354,24 @@ class Library:
                 removed.append(path.name)
         return removed
 
-    def _remove_stale_staging(self) -> None:
+    def _remove_stale_staging(self) -> int:
         if not self.tmp_dir.is_dir():
-            return
-        for entry in self.tmp_dir.iterdir():
-            if _staging_is_stale(entry):
-                _remove(entry)
+            return 0
+        stale = [entry for entry in self.tmp_dir.iterdir() if _staging_is_stale(entry)]
+        for entry in stale:
+            _remove(entry)
+        return len(stale)
 
-    def _remove_abandoned_temp_files(self) -> None:
+    def _remove_abandoned_temp_files(self) -> int:
         """`.<name>.json.<random>` files of atomic writes killed before their rename."""
         folders = [self.root, *(p for p in self.manifests_dir.rglob("*") if p.is_dir())]
+        removed = 0
         for folder in (f for f in folders if f.is_dir()):
             for entry in folder.iterdir():
                 if _is_temp_json(entry) and _age(entry) > _TEMP_FILE_GRACE_S:
                     entry.unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     def _bundle_problem(
         self, digest: str, stamps: dict[str, list[int]] | None = None

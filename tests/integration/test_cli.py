@@ -35,7 +35,9 @@ def test_convert_list_show_cp_rm(tiny_checkpoint, library):
             "convert", checkpoint, "--name", f"tiny:{precision}", "--precision", precision
         )
         assert out.stdout.startswith(f"tiny:{precision}")
-        assert "verified:" in out.stdout
+        assert "verified: greedy_match " in out.stdout
+        assert f": within what {precision} normally loses" in out.stdout  # the verdict
+        assert "WARNING" not in out.stderr
 
     listing = ortserve("list").stdout.splitlines()
     assert listing[0].split() == ["NAME", "ID", "SIZE", "MODIFIED"]
@@ -90,3 +92,69 @@ def test_version():
     from ortserve import __version__
 
     assert ortserve("--version").stdout.strip() == f"ortserve, version {__version__}"
+
+
+def test_a_machine_set_up_for_ollama_serves_and_connects_the_same(served_library, tmp_path):
+    """OLLAMA_HOST and OLLAMA_CONTEXT_LENGTH with no ORTSERVE_ ones: serve says which it read,
+    `ps` finds the server, and a request with no num_ctx gets that context."""
+    import json
+    import os
+    import urllib.error
+    import urllib.request
+
+    from tests.integration.conftest import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORTSERVE_", "OLLAMA_"))}
+    env.update(ORTSERVE_MODELS=str(served_library.root), OLLAMA_HOST=address,
+               OLLAMA_CONTEXT_LENGTH="32", HOME=str(tmp_path))  # fmt: skip
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen([ORTSERVE, "serve"], env=env, stdout=out, stderr=out)
+    try:
+        _wait_for(f"http://{address}/", server)
+        assert "ortserve listening on http://" + address in log.read_text()
+        assert "ORTSERVE_CONTEXT_LENGTH is unset: using OLLAMA_CONTEXT_LENGTH='32'" in (
+            log.read_text()
+        )
+        ps = subprocess.run([ORTSERVE, "ps"], env=env, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+        assert ps.returncode == 0 and ps.stdout.split()[:2] == ["NAME", "ID"], ps.stderr
+
+        def chat(**options):
+            body = {"model": "tiny-chat", "stream": False, "options": options,
+                    "messages": [{"role": "user", "content": "word " * 40}]}  # fmt: skip
+            request = urllib.request.Request(f"http://{address}/api/chat",
+                                             data=json.dumps(body).encode())  # fmt: skip
+            try:
+                with urllib.request.urlopen(request, timeout=120) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.loads(exc.read())
+
+        status, answer = chat(num_predict=1)
+        assert status == 400 and "exceed the context length of 32" in answer["error"]
+        assert chat(num_predict=1, num_ctx=512)[0] == 200  # a request's num_ctx still wins
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+    bad = subprocess.run([ORTSERVE, "serve"], env={**env, "OLLAMA_NUM_PARALLEL": "zero"},
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 1
+    assert bad.stderr == "Error: OLLAMA_NUM_PARALLEL must be a whole number, got 'zero'\n"
+
+
+def _wait_for(url, process, timeout=60.0):
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the server exited"
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer in {timeout} s")

@@ -1,5 +1,7 @@
 """The `ortserve run` session: slash commands, multi-line input, what it sends."""
 
+import pytest
+
 from ortserve import interactive
 
 
@@ -154,3 +156,123 @@ def test_think_flags_reach_the_request_and_hidden_thinking_prints_only_the_answe
     assert s.backend.bodies[-1][1]["think"] is True and "".join(out) == "2\n"
     interactive.repl(s, feed(["/set nothink", "again"]))
     assert s.backend.bodies[-1][1]["think"] is False
+
+
+# ---- Ctrl-C, quoted commands, /show parameters, history ---------------------------------------
+
+
+class InterruptedBackend(RecordingBackend):
+    """The second chat is interrupted (Ctrl-C) after part of its answer; records the close."""
+
+    calls = 0
+    closed = False
+
+    def stream(self, path, body):
+        self.calls += 1
+        if self.calls != 2:
+            yield from super().stream(path, body)
+            return
+        self.bodies.append((path, body))
+        try:
+            yield {"message": {"role": "assistant", "content": "par"}, "done": False}
+            yield {"message": {"role": "assistant", "content": "tial"}, "done": False}
+            raise KeyboardInterrupt  # as SIGINT lands while the answer streams
+        finally:
+            self.closed = True
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_conversation():
+    out = []
+    s = interactive.Session(InterruptedBackend(), "m", keep_alive=None, verbose=False,
+                            out=out.append)  # fmt: skip
+    interactive.repl(s, feed(["first", "second", "third"]))
+    assert s.backend.closed
+    assert s.backend.bodies[-1][1]["messages"] == [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "second"},
+        {"role": "assistant", "content": "partial"},  # what the user saw
+        {"role": "user", "content": "third"},
+    ]
+    assert "partial\n" in "".join(out)
+
+
+def test_ctrl_c_before_any_answer_forgets_that_message():
+    s, _ = session()
+    s.backend.stream = lambda path, body: iter(_interrupt())
+    with pytest.raises(KeyboardInterrupt):
+        s.ask("lost")
+    assert s.messages == []
+
+
+def _interrupt():
+    raise KeyboardInterrupt
+    yield
+
+
+def interrupting(lines):
+    """feed(), where the item KeyboardInterrupt stands for Ctrl-C at the prompt."""
+    items = iter(lines)
+
+    def read_line(prompt):
+        item = next(items, EOFError)
+        if item in (KeyboardInterrupt, EOFError):
+            raise item
+        return item
+
+    return read_line
+
+
+def test_ctrl_c_at_the_prompt_says_how_to_leave_and_drops_a_half_typed_message():
+    s, out = session()
+    lines = [KeyboardInterrupt, '"""half', "typed", KeyboardInterrupt, "hello"]
+    interactive.repl(s, interrupting(lines))
+    assert "".join(out).count("\nUse Ctrl + d or /bye to exit.\n") == 2
+    assert s.backend.bodies[-1][1]["messages"] == [{"role": "user", "content": "hello"}]
+    assert out[-1] == "\n"  # then Ctrl-D: the session ends
+
+
+def test_a_quoted_message_starting_with_a_slash_is_text():
+    s, out = session()
+    interactive.repl(s, feed(['"""/set parameter top_k 3', 'is this a command?"""',
+                              '"""/bye"""', "/show parameters"]))  # fmt: skip
+    sent = [body["messages"][-1]["content"] for _, body in s.backend.bodies]
+    assert sent == ["/set parameter top_k 3\nis this a command?", "/bye"]
+    assert s.options == {} and out[-2] == "No parameters set.\n"  # out[-1]: Ctrl-D's newline
+    assert interactive.read_input(feed(["/bye"])) == ("/bye", False)
+
+
+def test_show_parameters_prints_one_line_per_value_as_ollama():
+    s, out = session()
+    interactive.repl(s, feed(["/set parameter stop .", '/set parameter stop "<|end|>"',
+                              "/set parameter temperature 0.5", "/show parameters"]))  # fmt: skip
+    assert out[-2] == (
+        'stop                           "."\n'
+        'stop                           "<|end|>"\n'
+        "temperature                    0.5\n"
+    )
+
+
+def test_history_is_saved_unless_turned_off(tmp_path, monkeypatch):
+    import readline
+
+    def typing(prompt):  # input() on a terminal: readline adds each line to its history
+        line = next(typed)
+        readline.add_history(line)
+        return line
+
+    typed = iter(["first line", "/bye"])
+    monkeypatch.setattr("builtins.input", typing)
+    readline.clear_history()
+    path = tmp_path / ".ortserve" / "history"
+    read_line = interactive.line_reader(path)
+    assert read_line(">>> ") == "first line"
+    assert path.read_text().splitlines() == ["first line"]
+    assert path.stat().st_mode & 0o077 == 0  # prompts can be private
+    readline.clear_history()
+    interactive.line_reader(path)  # a new session reads it back
+    assert readline.get_history_item(1) == "first line"
+
+    typed = iter(["secret"])  # ORTSERVE_NOHISTORY: kept in memory, never written
+    assert interactive.line_reader(None)(">>> ") == "secret"
+    assert path.read_text().splitlines() == ["first line"]
