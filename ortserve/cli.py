@@ -117,7 +117,7 @@ def convert(ctx, source, name, precision, block_size, provider, backend, revisio
         library=_library(),
     )
     click.echo(f"{info.name}  {info.short_id}  {humanize.size(info.size)}")
-    _echo_verification(info.manifest.get("verification") or {})
+    _echo_verification(info.manifest.get("verification") or {}, precision)
 
 
 def _convert_batch(ctx, source, spec, jobs, report) -> None:
@@ -143,9 +143,20 @@ def _convert_batch(ctx, source, spec, jobs, report) -> None:
     ctx.exit(run_and_print(spec, jobs=jobs, report=report, library=_library()))
 
 
-def _echo_verification(figures: dict) -> None:
-    if figures:
-        click.echo("verified: " + ", ".join(f"{k} {v}" for k, v in figures.items()))
+def _echo_verification(figures: dict, precision: str) -> None:
+    """The figures and a verdict: within what the precision normally loses, or a WARNING."""
+    from converters.verify import verdict
+
+    if not figures:
+        return
+    shown = {k: v for k, v in figures.items() if k != "greedy_tokens"}
+    if "greedy_tokens" in figures and "greedy_match" in shown:
+        shown["greedy_match"] = f"{figures['greedy_match']}/{figures['greedy_tokens']}"
+    ok, line = verdict(figures, precision)
+    click.echo("verified: " + ", ".join(f"{k} {v}" for k, v in shown.items())
+               + (f": {line}" if ok else ""))  # fmt: skip
+    if not ok:
+        click.echo(line, err=True)
 
 
 # ---- pull ------------------------------------------------------------------------------------
@@ -203,17 +214,55 @@ class _PullDisplay:
             self._bar = None
 
 
+# ---- push ------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("destination", required=False)
+def push(model, destination):
+    """Push MODEL to hf.co/ORG/REPO[:VARIANT] (default: MODEL's own name, if it is one).
+
+    One commit holds the bundle and its manifest (parameters, template, system, messages,
+    adapters, licence), so `ortserve pull DESTINATION` elsewhere makes the same model. An
+    interrupted push resumes: what the hub already has is not sent again. HF_TOKEN (with
+    write access) and HF_ENDPOINT are used.
+    """
+    from ortserve.models.push import push as run_push
+
+    display = _PullDisplay()
+    try:
+        result = run_push(model, destination, library=_library(), progress=display)
+    finally:
+        display.close()
+    done = f"commit {result.commit[:12]}" if result.commit else "already up to date"
+    click.echo(f"pushed {model} to {result.target.text} ({done})")
+
+
 # ---- list / show / cp / rm -------------------------------------------------------------------
 
 
 @cli.command("list")
-def list_models():
-    """List the models in the library."""
+@click.option("--catalog", is_flag=True, help="List the catalog of short names `pull` knows.")
+def list_models(catalog):
+    """List the models in the library (or, with --catalog, the names `pull` resolves)."""
+    if catalog:
+        _list_catalog()
+        return
     rows = [
         [m.name, m.short_id, humanize.size(m.size), humanize.ago(m.modified)]
         for m in _library().list()
     ]
     click.echo(humanize.table(["NAME", "ID", "SIZE", "MODIFIED"], rows))
+
+
+def _list_catalog() -> None:
+    """The catalog's entries, and what `pull NAME` would fetch on this machine (HERE)."""
+    from ortserve.models import catalog
+    from ortserve.models.pull import preferred_providers
+
+    rows = catalog.rows(catalog.load(_library().root), preferred_providers())
+    click.echo(humanize.table(["NAME", "ALSO", "HERE", "BUNDLES", "CHECKPOINT"], rows))
 
 
 cli.add_command(list_models, "ls")
@@ -324,9 +373,15 @@ def create(name, modelfile, quantize):
 @click.argument("models", nargs=-1, required=True)
 def rm(models):
     """Remove models (a running server unloads them first)."""
+    from ortserve.errors import ModelNotFound
+
     library = _library()
-    for model in models:
-        name = library.get(model).name  # ModelNotFound before anything is unloaded
+    try:  # every name checked before anything is unloaded or removed
+        names = {model: library.get(model).name for model in models}
+    except ModelNotFound as exc:  # a name mistyped, not a model to fetch: say what exists
+        raise OrtServeError(f'model "{exc.name}" not found, nothing removed: `ortserve list` '
+                            "shows the models in the library") from None  # fmt: skip
+    for model, name in names.items():
         _unload_from_server(name)
         library.delete(name)
         click.echo(f"deleted '{model}'")
@@ -350,8 +405,9 @@ def _unload_from_server(name: str) -> None:
 @cli.command()
 def prune():
     """Remove bundles no model uses and leftovers of interrupted conversions."""
-    removed = _library().prune()
-    click.echo(f"removed {len(removed)} unused bundle(s) and blob(s)")
+    removed, leftovers = _library().prune_all()
+    click.echo(f"removed {len(removed)} unused bundle(s) and blob(s), "
+               f"{leftovers} leftover(s) of interrupted work")  # fmt: skip
 
 
 @cli.command()
@@ -383,7 +439,14 @@ def _check_install() -> None:
     check_flavours()
 
 
-@cli.command()
+def _env_epilog() -> str:
+    """Every variable, from config.VARIABLES (\\b: click keeps the lines as they are)."""
+    from ortserve.config import env_help
+
+    return "\b\n" + env_help()
+
+
+@cli.command(epilog=_env_epilog())
 @click.option("--waitress", is_flag=True, help="Serve with waitress (the Windows server).")
 def serve(waitress):
     """Serve the library over Ollama's API (ORTSERVE_HOST, default 127.0.0.1:11434)."""
@@ -405,7 +468,8 @@ def run(model, prompt, verbose, keepalive, think, hidethinking):
     """Chat with MODEL: one answer for PROMPT (or piped stdin), else an interactive session."""
     from ortserve import client, interactive
 
-    backend = client.connect(_settings())
+    settings = _settings()
+    backend = client.connect(settings)
     if isinstance(backend, client.InProcessBackend):
         _check_install()
     try:
@@ -418,18 +482,11 @@ def run(model, prompt, verbose, keepalive, think, hidethinking):
             session.ask(text)
             return
         session.load()
-        interactive.repl(session, _read_line())
+        history = None if settings.nohistory else interactive.history_path()
+        interactive.repl(session, interactive.line_reader(history))
     finally:
         if isinstance(backend, client.InProcessBackend):
             backend.close()
-
-
-def _read_line():
-    import contextlib
-
-    with contextlib.suppress(ImportError):
-        import readline  # noqa: F401  (line editing and history for input())
-    return input
 
 
 @cli.command()

@@ -6,9 +6,23 @@ sha256) and for `hf_hub_download` (`HEAD` and `GET /{repo}/resolve/{rev}/{path}`
 X-Repo-Commit, ETag, X-Linked-Etag / X-Linked-Size for LFS files, Content-Length and HTTP
 Range). Errors carry the X-Error-Code header huggingface-hub maps to its exceptions.
 
-Every request is logged (method, path, Range header). `stall(path, after)` makes GETs of a
-file send up to byte `after`, then hang until `release()` (then send the rest), so a test
-can kill a client mid-file and watch the next pull resume with a Range request.
+It also takes writes as huggingface-hub makes them (`create_repo`, `create_commit`,
+`upload_folder`): `POST /api/repos/create` (a new repo gets a `.gitattributes` commit, as on
+the hub; an existing one is 409 with its url), `POST /api/models/{repo}/preupload/main`
+(which files go as LFS objects: the hub's suffixes, or over 10 MB; `oid` of the file already
+at that path), the LFS batch API `POST /{repo}.git/info/lfs/objects/batch` (no upload action
+for an object the hub already holds: that is how an interrupted push resumes), the upload
+`PUT /lfs/{oid}` (the sha256 is checked), and `POST /api/models/{repo}/commit/main`, whose
+NDJSON operations (file, lfsFile, deletedFile, deletedFolder) apply all at once or not at
+all; a `parentCommit` that is no longer the head is 412. Uploaded objects are not part of any
+revision until a commit names them. With `write_token` set, writes need it as a Bearer token.
+
+Every request is logged (method, path, Range and Authorization headers). `stall(path, after)`
+makes GETs of a file send up to byte `after`, then hang until `release()` (then send the
+rest), so a test can kill a client mid-file and watch the next pull resume with a Range
+request; an upload whose path (`/lfs/{sha256}`) ends so is read up to byte `after`, then
+hangs until `release()` and is dropped unstored, so a test can kill a push mid-file and
+watch the next one send only what the hub lacks.
 
     hub = LocalHub(); hub.add_repo("org/name", folder); hub.start()
     env HF_ENDPOINT=hub.url
@@ -16,9 +30,14 @@ can kill a client mid-file and watch the next pull resume with a Range request.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
 import json
 import re
+import shutil
+import socket
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +47,11 @@ from urllib.parse import unquote, urlsplit
 # Stored with git LFS on the real hub: weights and graphs (their etag is the sha256).
 _LFS_SUFFIXES = (".onnx", ".data", ".onnx_data", ".safetensors", ".bin", ".model")
 _CHUNK = 64 * 1024
+# The hub stores larger files with LFS whatever their name (and refuses them as plain blobs).
+_LFS_THRESHOLD = 10 * 1024 * 1024
+_GITATTRIBUTES = "".join(
+    f"*{suffix} filter=lfs diff=lfs merge=lfs -text\n" for suffix in _LFS_SUFFIXES
+)
 
 
 @dataclass
@@ -52,6 +76,7 @@ class LoggedRequest:
     method: str
     path: str
     range: str | None
+    authorization: str | None = None
 
 
 @dataclass
@@ -68,6 +93,11 @@ class LocalHub:
     def __init__(self) -> None:
         self.repos: dict[str, HubRepo] = {}
         self.log: list[LoggedRequest] = []
+        self.write_token: str | None = None  # set: writes need `Authorization: Bearer <it>`
+        self.objects: dict[str, Path] = {}  # LFS objects uploaded, by sha256
+        self.commits: list[tuple[str, str]] = []  # (repo, commit) of every commit made
+        self._storage = Path(tempfile.mkdtemp(prefix="ortserve-test-hub-"))
+        self._connections: set[socket.socket] = set()
         self._stall: _Stall | None = None
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -85,6 +115,11 @@ class LocalHub:
         self.repos[repo_id.lower()] = HubRepo(repo_id, commit, files)
         return self.repos[repo_id.lower()]
 
+    def files(self, repo_id: str) -> dict[str, bytes]:
+        """The content of every file of a repository's head."""
+        repo = self.repos[repo_id.lower()]
+        return {path: f.local.read_bytes() for path, f in sorted(repo.files.items())}
+
     def start(self) -> LocalHub:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
@@ -96,6 +131,11 @@ class LocalHub:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+        with self._lock:  # a client's kept-alive connection must not reach a stopped hub
+            for connection in self._connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+        shutil.rmtree(self._storage, ignore_errors=True)
 
     @property
     def url(self) -> str:
@@ -122,6 +162,12 @@ class LocalHub:
                 r for r in self.log if (method is None or r.method == method) and contains in r.path
             ]
 
+    def uploads(self, sha256: str | None = None) -> list[LoggedRequest]:
+        """The PUTs of LFS objects (of the one with this sha256)."""
+        return [
+            r for r in self.requests("PUT", "/lfs/") if sha256 is None or r.path.endswith(sha256)
+        ]
+
     def downloads(self, path_suffix: str) -> list[LoggedRequest]:
         """The GETs of files whose path ends with `path_suffix`."""
         return [
@@ -132,9 +178,9 @@ class LocalHub:
 
     # ---- answers -------------------------------------------------------------------------
 
-    def _record(self, method: str, path: str, range_: str | None) -> None:
+    def _record(self, method: str, path: str, range_: str | None, auth: str | None = None) -> None:
         with self._lock:
-            self.log.append(LoggedRequest(method, path, range_))
+            self.log.append(LoggedRequest(method, path, range_, auth))
 
     def _find(self, repo_id: str) -> HubRepo | None:
         return self.repos.get(repo_id.lower())
@@ -145,11 +191,74 @@ class LocalHub:
             return stall
         return None
 
+    # ---- writes ---------------------------------------------------------------------------
 
-def _describe(path: str, local: Path) -> HubFile:
+    def _store(self, data: bytes) -> Path:
+        """Keep written content in the hub's own folder, named by its sha256."""
+        target = self._storage / hashlib.sha256(data).hexdigest()
+        if not target.exists():
+            staged = target.with_suffix(".partial")
+            staged.write_bytes(data)
+            staged.replace(target)
+        return target
+
+    def _create(self, repo_id: str) -> bool:
+        """A new repository with the hub's first commit (.gitattributes); False if it exists."""
+        with self._lock:
+            if repo_id.lower() in self.repos:
+                return False
+            local = self._store(_GITATTRIBUTES.encode())
+            files = {".gitattributes": _describe(".gitattributes", local, lfs=False)}
+            self.repos[repo_id.lower()] = HubRepo(repo_id, _commit_id(repo_id, "", files), files)
+            return True
+
+    def _commit(self, repo: HubRepo, parent: str | None, operations: list[dict]) -> str:
+        """Apply every operation or none (ValueError, KeyError); the new head's id."""
+        with self._lock:
+            current = self.repos[repo.repo_id.lower()]
+            if parent is not None and parent != current.commit:
+                raise _Conflict("A commit has happened since. Please refresh and try again.")
+            files = dict(current.files)
+            for operation in operations:
+                self._apply(files, operation["key"], operation["value"])
+            commit = _commit_id(current.repo_id, current.commit, files)
+            self.repos[current.repo_id.lower()] = HubRepo(current.repo_id, commit, files)
+            self.commits.append((current.repo_id, commit))
+            return commit
+
+    def _apply(self, files: dict[str, HubFile], key: str, value: dict) -> None:
+        path = value["path"]
+        if key == "file":
+            local = self._store(base64.b64decode(value["content"]))
+            files[path] = _describe(path, local, lfs=False)
+        elif key == "lfsFile":
+            local = self.objects.get(value["oid"])
+            if local is None or local.stat().st_size != value["size"]:
+                raise ValueError(f"LFS object {value['oid']} of {path} was never uploaded")
+            files[path] = _describe(path, local, lfs=True)
+        elif key == "deletedFile":
+            if files.pop(path, None) is None:
+                raise KeyError(f"A file with this name doesn't exist: {path}")
+        elif key == "deletedFolder":
+            for name in [p for p in files if p.startswith(path.rstrip("/") + "/")]:
+                del files[name]
+        else:
+            raise ValueError(f"unsupported commit operation {key!r}")
+
+
+class _Conflict(Exception):
+    """A commit whose parent is no longer the head."""
+
+
+def _commit_id(repo_id: str, parent: str, files: dict[str, HubFile]) -> str:
+    tree = "".join(f"{p}\0{f.blob_id}\n" for p, f in sorted(files.items()))
+    return hashlib.sha1(f"{repo_id}\n{parent}\n{tree}".encode()).hexdigest()
+
+
+def _describe(path: str, local: Path, lfs: bool | None = None) -> HubFile:
     data = local.read_bytes()
     sha256 = hashlib.sha256(data).hexdigest()
-    lfs = path.endswith(_LFS_SUFFIXES)
+    lfs = path.endswith(_LFS_SUFFIXES) if lfs is None else lfs
     if lfs:
         pointer = (
             f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n"
@@ -167,11 +276,25 @@ def _git_blob_id(data: bytes) -> str:
 _INFO = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?/?$")
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+_PREUPLOAD = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)$")
+_COMMIT = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)$")
+_BATCH = re.compile(r"^/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch$")
+_UPLOAD = re.compile(r"^/lfs/(?P<oid>[0-9a-f]{64})$")
 
 
 def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+
+        def setup(self):
+            super().setup()
+            with hub._lock:
+                hub._connections.add(self.connection)
+
+        def finish(self):
+            with hub._lock:
+                hub._connections.discard(self.connection)
+            super().finish()
 
         def log_message(self, format, *args):  # noqa: A002  (the stdlib's name)
             pass  # quiet: tests read hub.log instead
@@ -182,8 +305,34 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
         def do_GET(self):  # noqa: N802
             self._answer(head=False)
 
+        def do_POST(self):  # noqa: N802
+            self._record()
+            path = unquote(urlsplit(self.path).path)
+            if not self._authorized():
+                return
+            if path == "/api/repos/create":
+                return self._create_repo()
+            if match := _PREUPLOAD.match(path):
+                return self._preupload(match["repo"], match["rev"])
+            if match := _BATCH.match(path):
+                return self._batch(match["repo"])
+            if match := _COMMIT.match(path):
+                return self._commit(match["repo"], match["rev"])
+            self._error(404, None, "not found")
+
+        def do_PUT(self):  # noqa: N802
+            self._record()
+            match = _UPLOAD.match(unquote(urlsplit(self.path).path))
+            if match is None:
+                return self._error(404, None, "not found")
+            self._upload(match["oid"])
+
+        def _record(self) -> None:
+            hub._record(self.command, self.path, self.headers.get("Range"),
+                        self.headers.get("Authorization"))  # fmt: skip
+
         def _answer(self, head: bool) -> None:
-            hub._record(self.command, self.path, self.headers.get("Range"))
+            self._record()
             path = unquote(urlsplit(self.path).path)
             if match := _INFO.match(path):
                 return self._model_info(
@@ -282,6 +431,98 @@ def _handler_for(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                         return
                     self.wfile.write(chunk)
                     position += len(chunk)
+
+        # -- writes --
+
+        def _authorized(self) -> bool:
+            if hub.write_token is None:
+                return True
+            if self.headers.get("Authorization") == f"Bearer {hub.write_token}":
+                return True
+            self.close_connection = True  # its body is left unread
+            self._error(401, None, "Invalid credentials in Authorization header")
+            return False
+
+        def _body(self) -> bytes:
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def _json(self, status: int, body: dict, content_type="application/json") -> None:
+            self._send(status, json.dumps(body).encode(), {"Content-Type": content_type})
+
+        def _create_repo(self) -> None:
+            body = json.loads(self._body())
+            name, org = body.get("name"), body.get("organization")
+            repo_id = f"{org}/{name}" if org else name
+            url = f"{hub.url}/{repo_id}"
+            if not hub._create(repo_id):
+                self._json(409, {"error": "You already created this model repo", "url": url})
+                return
+            self._json(200, {"url": url, "name": repo_id})
+
+        def _preupload(self, repo_id: str, rev: str) -> None:
+            repo = self._repo(repo_id, rev)
+            if repo is None:
+                return
+            files = []
+            for entry in json.loads(self._body())["files"]:
+                path, size = entry["path"], entry["size"]
+                lfs = path.endswith(_LFS_SUFFIXES) or size > _LFS_THRESHOLD
+                present = repo.files.get(path)
+                oid = (
+                    None if present is None else present.sha256 if present.lfs else present.blob_id
+                )
+                files.append({"path": path, "uploadMode": "lfs" if lfs else "regular",
+                              "shouldIgnore": False, "oid": oid})  # fmt: skip
+            self._json(200, {"files": files})
+
+        def _batch(self, repo_id: str) -> None:
+            if self._repo(repo_id, None) is None:
+                return
+            objects = []
+            for entry in json.loads(self._body())["objects"]:
+                answer = {"oid": entry["oid"], "size": entry["size"], "authenticated": True}
+                if entry["oid"] not in hub.objects:  # what it already holds is not sent again
+                    answer["actions"] = {"upload": {"href": f"{hub.url}/lfs/{entry['oid']}"}}
+                objects.append(answer)
+            self._json(200, {"transfer": "basic", "objects": objects},
+                       "application/vnd.git-lfs+json")  # fmt: skip
+
+        def _upload(self, oid: str) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            stall = hub._take_stall(self.path)
+            data = self.rfile.read(min(length, stall.after) if stall else length)
+            if stall is not None:  # an upload cut off: the client is killed meanwhile
+                stall.reached.set()
+                stall.released.wait(120)
+                self.close_connection = True
+                return
+            if len(data) != length:
+                self.close_connection = True  # the client went away mid-upload
+                return
+            if hashlib.sha256(data).hexdigest() != oid:
+                return self._error(400, None, f"the content does not hash to {oid}")
+            local = hub._store(data)
+            with hub._lock:
+                hub.objects[oid] = local
+            self._send(200, b"", {})
+
+        def _commit(self, repo_id: str, rev: str) -> None:
+            repo = self._repo(repo_id, rev)
+            if repo is None:
+                return
+            lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
+            header = next((line["value"] for line in lines if line["key"] == "header"), {})
+            operations = [line for line in lines if line["key"] != "header"]
+            try:
+                commit = hub._commit(repo, header.get("parentCommit"), operations)
+            except _Conflict as exc:
+                return self._error(412, None, str(exc))
+            except KeyError as exc:
+                return self._error(404, "EntryNotFound", str(exc.args[0]))
+            except ValueError as exc:
+                return self._error(400, None, str(exc))
+            self._json(200, {"success": True, "commitOid": commit,
+                             "commitUrl": f"{hub.url}/{repo.repo_id}/commit/{commit}"})  # fmt: skip
 
         # -- helpers --
 

@@ -44,6 +44,7 @@ def init_app(
     from ortserve.api.openai import openai_bp
     from ortserve.api.ops import ops_bp
     from ortserve.api.pull import pull_bp
+    from ortserve.api.push import push_bp
     from ortserve.api.responses import responses_bp
     from ortserve.engine.install import check_flavours
 
@@ -51,7 +52,7 @@ def init_app(
     state = ServerState(settings or Settings.from_env(), runtime, url_prefix=url_prefix)
     app.extensions[EXTENSION] = state
     for blueprint in (native_bp, ops_bp, embeddings_bp, openai_bp, responses_bp, anthropic_bp,
-                      create_bp, pull_bp):  # fmt: skip
+                      create_bp, pull_bp, push_bp):  # fmt: skip
         app.register_blueprint(blueprint, url_prefix=url_prefix or None)
     register_error_handlers(app)
     install_security(app, _is_ours)
@@ -114,7 +115,8 @@ def _is_ours() -> bool:
     state = current_app.extensions.get(EXTENSION)
     if not isinstance(state, ServerState) or state.owns_app:
         return True
-    if request.blueprint in ("native", "ops", "openai", "responses", "anthropic", "create", "pull"):
+    ours = ("native", "ops", "openai", "responses", "anthropic", "create", "pull", "push")
+    if request.blueprint in ours:
         return True
     return request.path.startswith(tuple(state.url_prefix + p for p in _API_PATHS))
 

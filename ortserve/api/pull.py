@@ -41,18 +41,63 @@ def pull_model():
         return json_response({"status": "success"})
     job.start()
     head = job.head()  # an error before any progress keeps its HTTP status
-    return stream_response(_lines(head, job), on_close=job.cancel.set)
+    return stream_response(progress_lines(head, job), on_close=job.cancel.set)
 
 
-class _PullJob:
-    """One pull, in the request thread or on a worker feeding a queue of progress."""
+class ProgressJob:
+    """Work that reports PullStatus progress (a pull, a push), in the request thread or on a
+    worker feeding a queue; `first` is its opening status, sent before anything can fail
+    slowly, so an error up to then keeps its HTTP status."""
+
+    first = "pulling manifest"
+    what = "pull"
+
+    def __init__(self, label: str):
+        self.label = label
+        self.events: queue.Queue = queue.Queue()
+        self.cancel = threading.Event()
+
+    def run(self) -> Any:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        threading.Thread(target=self._work, name=f"ortserve-{self.what}", daemon=True).start()
+
+    def _work(self) -> None:
+        try:
+            self.run()
+        except OrtServeError as exc:
+            self.events.put(exc)
+        except Exception:
+            log.exception("unexpected error in the %s of %s", self.what, self.label)
+            self.events.put(OrtServeError("internal error"))
+        finally:
+            self.events.put(_END)
+
+    def head(self) -> list[Any]:
+        """Events up to the first beyond `first`; raise if the job failed before that."""
+        items: list[Any] = []
+        while True:
+            item = self.events.get()
+            if isinstance(item, OrtServeError):
+                raise item
+            items.append(item)
+            if item is _END or item.status != self.first:
+                return items
+
+    def rest(self) -> Iterator[Any]:
+        while (item := self.events.get()) is not _END:
+            yield item
+
+
+class _PullJob(ProgressJob):
+    """One pull."""
 
     def __init__(self, ref: PullRef, library: Library, runtime: Any):
+        super().__init__(ref.text)
         self.ref = ref
         self.library = library
         self.runtime = runtime
-        self.events: queue.Queue = queue.Queue()
-        self.cancel = threading.Event()
 
     def run(self) -> ModelInfo:
         name = self.ref.default_name()
@@ -62,37 +107,9 @@ class _PullJob:
             self.runtime.unload(info.name)  # the name means another bundle now
         return info
 
-    def start(self) -> None:
-        threading.Thread(target=self._work, name="ortserve-pull", daemon=True).start()
 
-    def _work(self) -> None:
-        try:
-            self.run()
-        except OrtServeError as exc:
-            self.events.put(exc)
-        except Exception:
-            log.exception("unexpected error while pulling %s", self.ref.text)
-            self.events.put(OrtServeError("internal error"))
-        finally:
-            self.events.put(_END)
-
-    def head(self) -> list[Any]:
-        """Events up to the first beyond "pulling manifest"; raise if the pull failed first."""
-        items: list[Any] = []
-        while True:
-            item = self.events.get()
-            if isinstance(item, OrtServeError):
-                raise item
-            items.append(item)
-            if item is _END or item.status != "pulling manifest":
-                return items
-
-    def rest(self) -> Iterator[Any]:
-        while (item := self.events.get()) is not _END:
-            yield item
-
-
-def _lines(head: list[Any], job: _PullJob) -> Iterator[str]:
+def progress_lines(head: list[Any], job: ProgressJob) -> Iterator[str]:
+    """A job's progress as NDJSON lines; an error after the first line is the last line."""
     items = head if head[-1] is _END else itertools.chain(head, job.rest())
     for item in items:
         if item is _END:

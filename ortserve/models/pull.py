@@ -7,7 +7,10 @@ variant for this machine's execution provider or the checkpoint to convert. Down
 huggingface-hub (its cache, resumed `.incomplete` files, HF_TOKEN, HF_ENDPOINT,
 HF_HUB_OFFLINE); nothing reaches the library until every file is there and verified, and
 then it arrives in one rename (`Library.add`). Pulls of one repository take turns through a
-file lock, so a second pull of the same model waits and then finds it in place.
+file lock, so a second pull of the same model waits and then finds it in place. A variant
+that `ortserve push` wrote (its `ortserve-manifest.json`: models/pushed.py) is pulled as
+exactly the files that file lists, with its parameters, template, system, messages, adapters
+and licence: the same model as the one pushed.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from ortserve.errors import (
 from ortserve.hub import CHECKPOINT_PATTERNS, endpoint, hub_errors
 from ortserve.library import bundle as bundles
 from ortserve.library.names import REPO_ID, ModelName, bare_name
-from ortserve.library.store import INDEX_FILE, Library, ModelInfo, file_sha256
+from ortserve.library.store import INDEX_FILE, Library, ModelInfo, blob_hex, file_sha256
 
 HF_HOST = "hf.co"
 CONVERT_EXTRA = "pip install 'ortserve[convert]'"
@@ -430,21 +433,40 @@ class _Pull:
         if current is not None:
             return current
         files = snapshot.variant_files(variant)
-        local = self._fetch(snapshot, files)
+        pushed, adapters = self._pushed(snapshot, variant), []
+        if pushed is not None:  # `ortserve push` wrote it: exactly its files, and its fields
+            files = _pushed_files(self.ref, snapshot, variant, pushed.files)
+            adapters = _pushed_files(self.ref, snapshot, variant, _adapter_entries(pushed))
+        local = self._fetch(snapshot, files + adapters)
         self._check_cancel()
         self.report(PullStatus("verifying sha256 digest"))
-        for file in files:
+        for file in files + adapters:
             _check_digest(self.ref, file, local[file.path])
-        license_ = self._root_license(snapshot)
+        license_ = self._root_license(snapshot) if pushed is None else None
         with self.library.staging("pull") as staged:
             bundle = staged / "bundle"
             _stage(files, local, variant, bundle)
             verify_bundle(bundle, self.ref.source)
             checked = sum(1 for f in files if f.digest)
             manifest = bundle_manifest(bundle, source, license_, checked)
+            if pushed is not None:
+                manifest.update(pushed.fields)
+                for adapter in adapters:
+                    _store_blob(self.library, adapter, local[adapter.path])
             self._check_cancel()
             self.report(PullStatus("writing manifest"))
             return self.library.add(self.name, bundle, manifest)
+
+    def _pushed(self, snapshot: Snapshot, variant: str) -> Any:
+        """The variant's ortserve manifest file (models/pushed.py), checked; None without one."""
+        from ortserve.models import pushed
+
+        file = snapshot.files.get(posixpath.join(variant, pushed.MANIFEST_FILE))
+        if file is None:
+            return None
+        path = self._fetch(snapshot, [file], quiet=True)[file.path]
+        _check_digest(self.ref, file, path)
+        return pushed.read(path, self.ref.source)
 
     def _target_from_config(self, snapshot: Snapshot, variant: str) -> str:
         """A variant whose name says nothing: read its genai_config.json's provider options."""
@@ -664,6 +686,41 @@ def git_blob_id(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _adapter_entries(pushed: Any) -> list[dict[str, Any]]:
+    """The adapter blobs of a pushed manifest as file entries (their sha256 is their name)."""
+    from ortserve.models.pushed import adapter_path
+
+    return [{"path": adapter_path(a["digest"]), "sha256": blob_hex(a["digest"])}
+            for a in pushed.adapters]  # fmt: skip
+
+
+def _pushed_files(
+    ref: PullRef, snapshot: Snapshot, variant: str, entries: list[dict[str, Any]]
+) -> list[RepoFile]:
+    """The listed files of a pushed variant, each with the sha256 the manifest gives it (so
+    a file the hub serves as a plain git blob is checked against it too)."""
+    files = []
+    for entry in entries:
+        path = posixpath.join(variant, entry["path"]) if variant else entry["path"]
+        found = snapshot.files.get(path)
+        if found is None:
+            raise SourceUnavailable(f"cannot pull {ref.source!r}: {path}, listed by its "
+                                    "ortserve manifest, is not in the repository")  # fmt: skip
+        if found.sha256 not in (None, entry["sha256"]):
+            raise SourceUnavailable(f"cannot pull {ref.source!r}: {path} on the hub is not the "
+                                    "file its ortserve manifest lists")  # fmt: skip
+        files.append(RepoFile(path, found.size, entry["sha256"], found.blob_id))
+    return files
+
+
+def _store_blob(library: Library, file: RepoFile, path: Path) -> None:
+    """An adapter file as a library blob, named by its digest (checked while copied)."""
+    digest = f"sha256:{file.sha256}"
+    if not library.has_blob(digest):
+        with open(path, "rb") as stream:
+            library.add_blob(stream, digest)
 
 
 def _snapshot_dir(local: dict[str, Path], files: list[RepoFile]) -> Path:
