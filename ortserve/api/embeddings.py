@@ -13,6 +13,7 @@ from ortserve.api.state import current_state
 from ortserve.api.streaming import json_response
 from ortserve.api.validation import keep_alive_seconds, read_json, validate
 from ortserve.errors import InvalidRequest
+from ortserve.serving.requests import EMBED_MAX_INPUTS
 
 embeddings_bp = Blueprint("embeddings", __name__)
 
@@ -80,8 +81,14 @@ def _run(body: dict[str, Any], texts: list[str], *, keep_alive: float | None):
 
 
 def _texts_only(body: dict[str, Any]) -> dict[str, Any]:
-    """Token arrays ([1, 2] or [[1, 2]]) are refused by name rather than as a type error."""
+    """Token arrays ([1, 2] or [[1, 2]]) are refused by name rather than as a type error, and
+    too many texts before any is looked at."""
     value = body.get("input")
+    if isinstance(value, list) and len(value) > EMBED_MAX_INPUTS:
+        raise InvalidRequest(
+            f"input: {len(value)} texts, more than the {EMBED_MAX_INPUTS} one request may embed",
+            param="input",
+        )
     if isinstance(value, list) and any(isinstance(v, (int, list)) for v in value):
         raise InvalidRequest(
             "input: token arrays are not supported; send a string or a list of strings",

@@ -18,13 +18,17 @@ import numpy as np
 
 from ortserve.engine.providers import ORT_NAMES, load_candidates, load_on_best, session_providers
 from ortserve.engine.resident import Resident
-from ortserve.errors import InvalidRequest, ModelLoadError, ServerBusy
+from ortserve.errors import InvalidRequest, ModelLoadError, OrtServeError, ServerBusy
 from ortserve.library import ModelInfo
 
 log = logging.getLogger("ortserve.engine")
 
 OUTPUT = "sentence_embedding"
 BATCH_SIZE = 32  # texts per session.run: bounds the padded input tensor's memory
+# A text is cut (or refused) before it is tokenized at max_length tokens times the vocabulary's
+# longest entry, times this: WordPiece reads whitespace as no token at all, so indented or
+# padded text takes more characters per token than any entry's length.
+WHITESPACE_SLACK = 4
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class Embedder:
             pad_id=pad.get("pad_id", 0), pad_token=pad.get("pad_token", "[PAD]")
         )
         self.tokenizer.enable_truncation(max_length=self.max_length)
+        longest = max((len(token) for token in self.tokenizer.get_vocab()), default=16)
+        self.max_chars = self.max_length * max(1, longest) * WHITESPACE_SLACK
         options, providers = session_providers(provider)
         self.session = onnxruntime.InferenceSession(
             str(self.bundle / "model.onnx"), sess_options=options, providers=providers
@@ -75,6 +81,7 @@ class Embedder:
     ) -> EmbeddingResult:
         """Embed `texts` in batches; over-long texts are cut, or refused when not `truncate`."""
         self._check_dimensions(dimensions)
+        texts = self._bounded(texts, truncate)
         rows, tokens = [], 0
         for start in range(0, len(texts), self.batch_size):
             vectors, count = self._embed_batch(
@@ -86,6 +93,25 @@ class Embedder:
         if dimensions is not None and dimensions != self.dimension:
             vectors = shorten(vectors, dimensions)
         return EmbeddingResult(vectors.astype(np.float32, copy=False), tokens)
+
+    def _bounded(self, texts: list[str], truncate: bool) -> list[str]:
+        """`texts` within max_chars, before any is tokenized: a 30 MB text would take half a
+        minute and gigabytes to tokenize, for the 256 tokens the model reads.
+
+        Past max_chars a text holds more tokens than the model reads: it is cut there
+        (`truncate`), or refused.
+        """
+        if truncate:
+            return [text[: self.max_chars] for text in texts]
+        for i, text in enumerate(texts):
+            if len(text) > self.max_chars:
+                raise InvalidRequest(
+                    f"input[{i}] is too long: {len(text)} characters cannot fit the model's "
+                    f"limit of {self.max_length} tokens (send truncate true to cut it)",
+                    param="input",
+                    code="context_length_exceeded",
+                )
+        return texts
 
     def _embed_batch(self, texts: list[str], truncate: bool, offset: int) -> tuple[np.ndarray, int]:
         with self._lock:
@@ -160,6 +186,8 @@ def load_embedder(info: ModelInfo, requested_provider: str) -> LoadedEmbedder:
         embedder, _ = load_on_best(
             info.name, candidates, lambda provider: Embedder(Path(info.path), provider)
         )
+    except OrtServeError:
+        raise  # ProviderUnavailable: a named provider's failure, already said for a client
     except Exception as exc:
         raise ModelLoadError(f'failed to load model "{info.name}": {exc}') from exc
     duration = int((time.perf_counter() - started) * 1e9)

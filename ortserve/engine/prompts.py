@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from ortserve.engine import sandbox
+from ortserve.engine.sandbox import OUTPUT_SIZE, TemplateLimitExceeded, TemplateLimits
 from ortserve.errors import InvalidRequest
 from ortserve.library.bundle import chat_template, template_thinks
 
@@ -72,20 +72,29 @@ class ChatTemplate:
         *,
         tools: list[dict] | None = None,
         add_generation_prompt: bool = True,
+        limits: TemplateLimits | None = None,
         **extra: Any,
     ) -> str:
-        """The prompt text; a template that fails raises InvalidRequest, never a 500."""
+        """The prompt text; a template that fails raises InvalidRequest, never a 500.
+
+        The render is bounded by `limits` (TemplateLimitExceeded names the one it broke).
+        """
         compiled = _compile(self.source)
         # Special tokens first so that caller's keywords override them, as in transformers.
         variables = {**self.special_tokens, **extra}
         try:
-            return compiled.render(
+            return sandbox.render(
+                compiled,
+                limits or TemplateLimits(),
                 messages=messages,
                 tools=tools,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **variables,
             )
+        except TemplateLimitExceeded as e:
+            e.param = "messages"
+            raise
         except jinja2.TemplateError as e:  # raise_exception(...) in the template, or undefined
             raise InvalidRequest(e.message or "chat template error", param="messages") from e
         except Exception as e:  # e.g. None + str on a message the template did not expect
@@ -166,11 +175,13 @@ def build_chat_prompt(
     num_ctx: int,
     truncate: bool = True,
     think: bool | None = None,
+    limits: TemplateLimits | None = None,
 ) -> tuple[str, int]:
     """The chat prompt and its token count, dropping the oldest messages to fit num_ctx.
 
     think: None leaves thinking to the template's default; True or False is passed to it as
     enable_thinking (True on a template without a thinking section is InvalidRequest).
+    limits bound each render; a render past their output size counts as too long to fit.
     """
     if template is None:
         raise InvalidRequest("this model has no chat template; use raw generation", param="model")
@@ -180,8 +191,20 @@ def build_chat_prompt(
     if system and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system})
 
+    overflow: list[TemplateLimitExceeded] = []  # the last render's, if it passed its size
+
     def render(kept: list[dict]) -> tuple[str, int]:
-        prompt = template.render(kept, tools=tools, add_generation_prompt=True, **switch)
+        overflow.clear()
+        try:
+            prompt = template.render(
+                kept, tools=tools, add_generation_prompt=True, limits=limits, **switch
+            )
+        except TemplateLimitExceeded as exc:
+            if exc.limit != OUTPUT_SIZE:
+                raise
+            # Too long for any context this limit was sized for: drop turns, as for tokens.
+            overflow.append(exc)
+            return "", num_ctx + 1
         return prompt, count_tokens(prompt)
 
     prompt, tokens = render(messages)
@@ -193,6 +216,8 @@ def build_chat_prompt(
             prompt, tokens = render(kept)
             if tokens <= num_ctx:
                 return prompt, tokens
+    if overflow:
+        raise _too_long_text(overflow[0], num_ctx)
     raise _too_long(tokens, num_ctx)
 
 
@@ -205,6 +230,7 @@ def build_generate_prompt(
     count_tokens: CountTokens,
     num_ctx: int,
     think: bool | None = None,
+    limits: TemplateLimits | None = None,
 ) -> tuple[str, int]:
     """The /api/generate prompt and its token count: raw, templated, or plain text.
 
@@ -220,7 +246,12 @@ def build_generate_prompt(
         switch = thinking_variables(template, think)
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": prompt})
-        text = template.render(messages, add_generation_prompt=True, **switch)
+        try:
+            text = template.render(messages, add_generation_prompt=True, limits=limits, **switch)
+        except TemplateLimitExceeded as exc:
+            if exc.limit != OUTPUT_SIZE:
+                raise
+            raise _too_long_text(exc, num_ctx, param="prompt") from None
     tokens = count_tokens(text)
     if tokens > num_ctx:
         # A single prompt has nothing to drop: cutting it would change what was asked.
@@ -256,17 +287,24 @@ def _with_reasoning(message: dict) -> dict:
 
 @functools.lru_cache(maxsize=32)
 def _compile(source: str) -> jinja2.Template:
-    """The template compiled in transformers' environment (cached: compiling is slow)."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
+    """The template compiled in transformers' environment, bounded (sandbox.py); cached:
+    compiling is slow."""
+    try:
+        return sandbox.compile_template(source, _configure)
+    except TemplateLimitExceeded as e:
+        e.param = "messages"
+        raise
+    except jinja2.TemplateError as e:
+        raise InvalidRequest(f"invalid chat template: {e.message}", param="messages") from e
+    except (RecursionError, MemoryError) as e:  # nesting too deep for the compiler
+        raise InvalidRequest(f"invalid chat template: {e!r}", param="messages") from e
+
+
+def _configure(env: jinja2.Environment) -> None:
+    """What transformers' apply_chat_template adds to its environment."""
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateError as e:
-        raise InvalidRequest(f"invalid chat template: {e.message}", param="messages") from e
 
 
 def _tojson(
@@ -306,6 +344,16 @@ def _turn_starts(messages: Sequence[dict]) -> list[int]:
 def _too_long(tokens: int, num_ctx: int, param: str = "messages") -> InvalidRequest:
     return InvalidRequest(
         f"prompt is too long: {tokens} tokens exceed the context length of {num_ctx}",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
+def _too_long_text(
+    exc: TemplateLimitExceeded, num_ctx: int, param: str = "messages"
+) -> InvalidRequest:
+    return InvalidRequest(
+        f"prompt is too long for the context length of {num_ctx} tokens: the {exc.message}",
         param=param,
         code="context_length_exceeded",
     )

@@ -110,13 +110,22 @@ def quantize_precision(quantize: str | None) -> str | None:
 
 
 def check_template(spec: ModelSpec) -> None:
-    """A TEMPLATE must be a Jinja chat template that renders a sample conversation."""
+    """A TEMPLATE must be a Jinja chat template that renders a sample conversation.
+
+    It renders within the sandbox's default limits (output size, loop iterations, time), as
+    every request's render is bounded: one that breaks them is refused here, naming the limit.
+    """
     if not spec.template:
         return
     from ortserve.engine.prompts import ChatTemplate
+    from ortserve.engine.sandbox import TemplateLimitExceeded
 
     try:
         ChatTemplate(spec.template).render(_SAMPLE_CHAT, add_generation_prompt=True)
+    except TemplateLimitExceeded as exc:
+        raise InvalidRequest(
+            f"{spec.where('template')}template: {exc.message}", param="template", code=exc.code
+        ) from None
     except InvalidRequest as exc:
         raise InvalidRequest(
             f"{spec.where('template')}template: {exc.message} (TEMPLATE is a Jinja chat "

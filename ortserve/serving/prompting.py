@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ortserve.engine.prompts import build_chat_prompt, build_generate_prompt, template_of
+from ortserve.engine.sandbox import TemplateLimits
 from ortserve.engine.types import GenerationOptions
 from ortserve.errors import InvalidRequest
+from ortserve.serving import requests
 from ortserve.serving.requests import ChatPrompt, GenerationRequest, Prompt, TextPrompt
 from ortserve.serving.thinking import ThinkingSplitter, prompt_opens_thinking, thinking_tags
 
@@ -47,17 +49,29 @@ def render(loaded, prompt: Prompt, request: GenerationRequest,
     think, split = _thinking_mode(template, loaded, request)
     hidden = request.think is False
     messages, truncate = _messages(loaded, prompt)
+    tools = request.tools.tools if request.tools else None
     try:
         text, _ = build_chat_prompt(template, messages, system=_system(loaded, prompt),
-                                    tools=request.tools.tools if request.tools else None,
-                                    count_tokens=encoder.count, num_ctx=options.num_ctx,
-                                    truncate=truncate, think=think)  # fmt: skip
+                                    tools=tools, count_tokens=encoder.count,
+                                    num_ctx=options.num_ctx, truncate=truncate, think=think,
+                                    limits=template_limits(loaded, messages, tools))  # fmt: skip
     except InvalidRequest as exc:
         if isinstance(prompt, TextPrompt) and exc.code == "context_length_exceeded":
             raise InvalidRequest(exc.message, param=prompt.param, code=exc.code) from None
         raise
     thinking = _thinking(template.source, text, hidden) if split else None
     return Rendered(encoder.encode(text), text, thinking)
+
+
+def template_limits(loaded, messages: list, tools: list | None) -> TemplateLimits:
+    """What one render of this request's prompt may take (the limits in serving/requests)."""
+    items = len(messages) + len(tools or ())
+    most = getattr(loaded, "max_prompt_chars", 0)  # what the context can hold, in characters
+    return TemplateLimits(
+        chars=max(requests.TEMPLATE_MIN_CHARS, 2 * most),
+        iterations=requests.TEMPLATE_ITERATIONS + requests.TEMPLATE_ITERATIONS_PER_ITEM * items,
+        seconds=requests.TEMPLATE_SECONDS,
+    )
 
 
 def _plain_text(prompt: TextPrompt, loaded, encoder: _Encoder, options) -> str:

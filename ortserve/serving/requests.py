@@ -12,6 +12,17 @@ from typing import Any
 
 from ortserve.serving.tools import ToolSpec
 
+# One render of a chat template (engine/sandbox.py holds it to these): its loop steps, plus a
+# share for each message and tool that templates loop over; its wall time; and its text, up
+# to twice what the model's context can hold (its pre-tokenization bound), or this floor.
+TEMPLATE_ITERATIONS = 100_000
+TEMPLATE_ITERATIONS_PER_ITEM = 64
+TEMPLATE_SECONDS = 5.0
+TEMPLATE_MIN_CHARS = 1_000_000
+# Texts in one embedding request (OpenAI's limit); each is cut or refused at the model's
+# character bound before it is tokenized (engine/embeddings.py).
+EMBED_MAX_INPUTS = 2048
+
 
 @dataclass(frozen=True)
 class ChatPrompt:

@@ -94,6 +94,33 @@ def test_truncate_false_refuses_an_over_long_input_naming_the_limit(embedder):
     assert embedder.embed(["word " * 254], truncate=False).prompt_tokens == 256  # fits exactly
 
 
+class _Recording:
+    """The embedder's tokenizer, recording the longest text it was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.longest = tokenizer, 0
+
+    def encode_batch(self, texts):
+        self.longest = max(self.longest, *map(len, texts))
+        return self.tokenizer.encode_batch(texts)
+
+
+@slow
+def test_a_huge_text_is_cut_or_refused_before_the_tokenizer_sees_it(minilm_library):
+    embedder = Embedder(minilm_library.get("all-minilm").path)
+    recording = embedder.tokenizer = _Recording(embedder.tokenizer)
+    huge = LONG * 10_000  # 20 MB; over a minute and gigabytes to tokenize whole
+    assert embedder.max_chars == 256 * 18 * 4  # max tokens x longest vocabulary entry x slack
+    cut = embedder.embed([huge])
+    assert cut.prompt_tokens == 256 and recording.longest <= embedder.max_chars
+    np.testing.assert_allclose(cut.vectors, embedder.embed([LONG]).vectors, atol=1e-5)
+    with pytest.raises(InvalidRequest) as info:
+        embedder.embed(["short", huge], truncate=False)
+    assert (info.value.param, info.value.code) == ("input", "context_length_exceeded")
+    assert "input[1]" in info.value.message and f"{len(huge)} characters" in info.value.message
+    assert recording.longest <= embedder.max_chars
+
+
 @slow
 def test_dimensions_truncate_and_renormalise(embedder):
     full = embedder.embed(TEXTS).vectors
