@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,21 @@ def parse_duration(value: str | int | float) -> float:
     if not match:
         raise ValueError(f"invalid duration {value!r} (use e.g. 5m, 30s, 1h, or seconds)")
     return float(match[1]) * _UNITS[match[2]]
+
+
+# The longest keep_alive that is a real duration: Go's time.Duration (what Ollama parses
+# into) ends at 2**63-1 ns, ~292 years; Python's lock waits end there too (TIMEOUT_MAX).
+MAX_KEEP_ALIVE_SECONDS = min((2**63 - 1) / 1e9, threading.TIMEOUT_MAX)
+
+
+def parse_keep_alive(value: str | int | float) -> float:
+    """A keep_alive in seconds (negative: forever); one too long to be a duration (1e300, or
+    1e400, which JSON reads as infinity) is forever, as Ollama keeps a model with an endless
+    keep_alive: an expiry past any date would break /api/ps and the keep-alive timer."""
+    seconds = parse_duration(value)
+    if math.isnan(seconds):
+        raise ValueError(f"invalid duration {value!r}")
+    return -1.0 if seconds > MAX_KEEP_ALIVE_SECONDS else seconds
 
 
 def parse_host(value: str) -> tuple[str, int]:
@@ -99,6 +116,8 @@ class Settings:
     compute_threads: int = 0  # threads one model's forward passes use (0: the physical cores)
     context_length: int = DEFAULT_CONTEXT_LENGTH  # num_ctx of a request that sets none
     nohistory: bool = False  # `ortserve run` writes no history file
+    # Models loaded at start-up, in the background, and kept loaded; /readyz waits for them
+    preload: tuple[str, ...] = ()
     # Lines for the server's log: the OLLAMA_* variables read in place of unset ORTSERVE_* ones
     env_notes: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
@@ -244,11 +263,15 @@ def _non_negative_int(value: str) -> int:
     return number
 
 
-def _duration(value: str) -> float:
+def _duration(value: str, parse: Callable[[str], float] = parse_duration) -> float:
     try:
-        return parse_duration(value)
+        return parse(value)
     except ValueError:
         raise ValueError("must be a duration such as 30s, 5m or 1h30m, or seconds") from None
+
+
+def _keep_alive(value: str) -> float:
+    return _duration(value, parse_keep_alive)
 
 
 def _positive_duration(value: str) -> float:
@@ -363,9 +386,11 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("ORTSERVE_CATALOG", "", "A JSON file of short model names that extends the "
              "shipped catalog"),
     Variable("ORTSERVE_KEEP_ALIVE", "5m", "How long a model stays loaded after its last "
-             "request, negative: forever", "keep_alive", _duration, "OLLAMA_KEEP_ALIVE"),
+             "request, negative: forever", "keep_alive", _keep_alive, "OLLAMA_KEEP_ALIVE"),
     Variable("ORTSERVE_MAX_LOADED_MODELS", "3", "Models loaded at once",
              "max_loaded_models", _positive_int, "OLLAMA_MAX_LOADED_MODELS"),
+    Variable("ORTSERVE_PRELOAD", "", "Models loaded at start-up and kept loaded; /readyz "
+             "answers 503 until they are (comma-separated names)", "preload", _list),
     Variable("ORTSERVE_NUM_PARALLEL", "8", "Turns generating at once per model",
              "num_parallel", _positive_int, "OLLAMA_NUM_PARALLEL"),
     Variable("ORTSERVE_ENGINE_LANES", "4", "onnxruntime-genai engines per model",

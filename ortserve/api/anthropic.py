@@ -163,7 +163,8 @@ def _tools(tools: list[dict] | None, choice: dict[str, Any]) -> ToolSpec | None:
     functions = [{"type": "function", "function": _function(tool)} for tool in tools]
     forced = {"type": "function", "function": {"name": choice.get("name")}}
     return tool_spec(functions, _TOOL_CHOICES.get(kind, forced),
-                     not choice.get("disable_parallel_tool_use", False))  # fmt: skip
+                     not choice.get("disable_parallel_tool_use", False),
+                     schema_param="tools[{i}].input_schema")  # fmt: skip
 
 
 def _function(tool: dict[str, Any]) -> dict[str, Any]:

@@ -85,12 +85,7 @@ def parameter_text(parameters: dict[str, Any]) -> str:
 def ps_entry(loaded) -> dict[str, Any]:
     """One /api/ps model, from the runtime's record of a loaded model."""
     info = loaded.info
-    expires = loaded.expires_at
-    if loaded.active or expires is None:
-        # in use, or kept forever: Ollama shows a far-future time for "forever"
-        stamp = datetime(2318, 1, 1, tzinfo=UTC) if not loaded.active else datetime.now(UTC)
-    else:
-        stamp = datetime.fromtimestamp(expires, tz=UTC)
+    stamp = _expiry(loaded.active, loaded.expires_at)
     return {
         "name": info.name,
         "model": info.name,
@@ -103,6 +98,26 @@ def ps_entry(loaded) -> dict[str, Any]:
         "provider": loaded.provider,
         "pending": loaded.pending(),  # turns queued or generating (not Ollama's)
     }
+
+
+# What Ollama shows for a model kept forever: a far-future time.
+_FOREVER = datetime(2318, 1, 1, tzinfo=UTC)
+
+
+def _expiry(active: int, expires: float | None) -> datetime:
+    """When a loaded model unloads: now while in use, far ahead when kept forever.
+
+    An expiry past any date (a keep_alive longer than datetime reaches) reads as forever:
+    one model's expiry must never fail the whole listing.
+    """
+    if active:
+        return datetime.now(UTC)
+    if expires is None:
+        return _FOREVER
+    try:
+        return min(datetime.fromtimestamp(expires, tz=UTC), _FOREVER)
+    except (OverflowError, OSError, ValueError):
+        return _FOREVER
 
 
 def _timestamp(when: datetime) -> str:

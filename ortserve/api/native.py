@@ -138,11 +138,14 @@ def _model_alias(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def _refuse_later(body: dict[str, Any]) -> None:
+def _refuse_later(body: dict[str, Any], kind: str) -> None:
     for field in _LATER:
         if body.get(field):
             raise NotSupportedYet(f'"{field}" is not supported yet', param=field)
-    for i, message in enumerate(body.get("messages") or []):
+    # Only chat reads messages (its schema made each an object); generate has no such field
+    # and ignores it, as Ollama does any unknown field: [null] or [5] there is no error.
+    messages = body.get("messages") if kind == "chat" else None
+    for i, message in enumerate(messages or []):
         for field in _MESSAGE_LATER:
             if message.get(field):
                 param = f"messages[{i}].{field}"
@@ -151,7 +154,7 @@ def _refuse_later(body: dict[str, Any]) -> None:
 
 def _request(body: dict[str, Any], prompt, kind: str) -> GenerationRequest:
     """The core's request: prompt, options, format, think, logprobs, keep_alive."""
-    _refuse_later(body)
+    _refuse_later(body, kind)
     return GenerationRequest(
         model=body["model"],
         prompts=[prompt],
@@ -194,7 +197,7 @@ def _chat_message(i: int, message: dict[str, Any]) -> dict[str, Any]:
 
 def _load_or_unload(body: dict[str, Any], kind: str) -> Response:
     """An empty prompt loads the model; with keep_alive 0 it unloads it instead."""
-    _refuse_later(body)
+    _refuse_later(body, kind)
     keep_alive = keep_alive_seconds(body)
     state = current_state()
     if keep_alive == 0:

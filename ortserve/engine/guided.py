@@ -153,10 +153,125 @@ def _unsupported(node: Any, path: str) -> str | None:
     return None
 
 
+# The grammar llguidance builds from a schema is parsed Earley-style, and og's parser refuses a
+# row of more than 2000 items mid-generation (the batch fails and the engine is rebuilt). A row
+# holds about one item per alternative still open at a position, so a schema is refused before
+# generation when it could open more than this many at once, or has a list past this length.
+MAX_SCHEMA_ALTERNATIVES = 1000
+# $ref links followed one inside another (a chain of $defs), like JSON's own nesting limit.
+MAX_REF_DEPTH = 64
+# Lists whose length alone makes grammar rows or lexer states (enum is one token pattern
+# when its values are scalars: only its objects and arrays count, as alternatives).
+_LIST_KEYWORDS = ("anyOf", "oneOf", "allOf", "prefixItems", "required", "type")
+_MAP_KEYWORDS = ("properties", "$defs", "definitions")
+
+
+def check_size(schema: dict, param: str) -> None:
+    """400 for a schema whose grammar would pass og's parser limits (see above)."""
+    for node, path in _nodes_with_paths(schema, "#"):
+        for key in (*_LIST_KEYWORDS, *_MAP_KEYWORDS):
+            value = node.get(key)
+            if isinstance(value, (list, dict)) and len(value) > MAX_SCHEMA_ALTERNATIVES:
+                raise InvalidRequest(
+                    f"{param} is too large to enforce: {path}/{key} has {len(value)} entries "
+                    f"(at most {MAX_SCHEMA_ALTERNATIVES})",
+                    param=param,
+                )
+    try:
+        width = alternatives(schema)
+    except ValueError as exc:
+        raise InvalidRequest(f"{param} is too large to enforce: {exc}", param=param) from None
+    if width > MAX_SCHEMA_ALTERNATIVES:
+        raise InvalidRequest(
+            f"{param} is too large to enforce: it can leave more than "
+            f"{MAX_SCHEMA_ALTERNATIVES} alternatives open at once (anyOf/oneOf branches, "
+            "nested ones multiplied, enum objects or arrays, optional properties); "
+            "use fewer",
+            param=param,
+        )
+
+
+def alternatives(root: Any) -> int:
+    """An upper estimate of the alternatives a schema's grammar keeps open at one position.
+
+    anyOf/oneOf branches add up (branches that share a prefix, like objects with the same
+    key, are all open at once, and so are the alternatives inside them); allOf members and
+    sibling anyOf/oneOf multiply (their intersection is built branch by branch); an object
+    opens its optional properties (the next key) or the widest of its values; an array the
+    widest of its items. Capped just past the limit, and each $ref counted once, so the
+    work stays linear in the schema's size.
+    """
+    cap = MAX_SCHEMA_ALTERNATIVES + 1
+    refs: dict[str, int] = {}
+
+    def width(node: Any, stack: frozenset[str]) -> int:
+        if not isinstance(node, dict):
+            return 1
+        if len(stack) > MAX_REF_DEPTH:  # each link is a grammar rule, and a Python frame
+            raise ValueError(f"$ref links nest more than {MAX_REF_DEPTH} deep")
+        found = [_own_width(node, cap), _composed(node, stack), _inner(node, stack)]
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref not in stack:
+            if ref not in refs:
+                refs[ref] = width(_resolve_pointer(root, ref), stack | {ref})
+            found.append(refs[ref])
+        return min(cap, max(found))
+
+    def _composed(node: dict, stack: frozenset[str]) -> int:
+        total = 1
+        for key in ("anyOf", "oneOf"):
+            if isinstance(node.get(key), list):
+                total *= max(1, sum(width(child, stack) for child in node[key]))
+        for member in _as_list(node.get("allOf")):
+            total = min(cap, total * width(member, stack))
+        return min(cap, total)
+
+    def _inner(node: dict, stack: frozenset[str]) -> int:
+        children = [child for key in (*_ONE_SCHEMA, "prefixItems") for child in
+                    _as_list(node.get(key))]  # fmt: skip
+        properties = node.get("properties")
+        if isinstance(properties, dict):
+            children.extend(properties.values())
+        return max((width(child, stack) for child in children), default=1)
+
+    return width(root, frozenset())
+
+
+def _own_width(node: dict, cap: int) -> int:
+    """Alternatives a node opens by itself: enum objects/arrays, types, optional keys."""
+    enum = node.get("enum") if isinstance(node.get("enum"), list) else []
+    compound = sum(isinstance(v, (dict, list)) for v in enum)
+    types = node.get("type")
+    properties = node.get("properties")
+    required = node.get("required") if isinstance(node.get("required"), list) else []
+    optional = 0
+    if isinstance(properties, dict):
+        optional = sum(name not in required for name in properties) + 1
+    return min(cap, max(compound + (compound < len(enum)),
+                        len(types) if isinstance(types, list) else 1, optional))  # fmt: skip
+
+
+def _as_list(value: Any) -> list:
+    if isinstance(value, dict):
+        return [value]
+    return value if isinstance(value, list) else []
+
+
+def _nodes_with_paths(node: Any, path: str):
+    """Every schema node under (and including) node, with its JSON pointer."""
+    pending = [(node, path)]
+    while pending:
+        current, where = pending.pop()
+        if isinstance(current, dict):
+            yield current, where
+            pending.extend(_subschemas(current, where))
+
+
 def check_schema(schema: Any, param: str) -> dict:
     """Return the caller's schema if it is valid JSON Schema the guidance can enforce."""
     if not isinstance(schema, dict):
         raise InvalidRequest(f"{param} must be a JSON Schema object", param=param)
+    check_size(schema, param)  # first: checking a huge schema's validity takes seconds
     try:
         _validator_class(schema).check_schema(schema)
     except ValueError as exc:

@@ -7,6 +7,9 @@ also recorded in its Choice, so a protocol either streams the events or reads th
 
 Events: engine TextChunk (with logprobs when asked), ThinkingChunk, ToolCallEvent, Retry
 (a failed structured attempt: discard that choice's output so far) and Finished.
+
+A client that goes away is noticed by the HTTP layer (api/hangup.py), which calls
+Exchange.hang_up from its own thread: every turn is cancelled, whatever its kind.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ortserve.errors import InvalidRequest, OrtServeError, ServerBusy
 from ortserve.serving.prompting import Rendered, render
 from ortserve.serving.requests import GenerationRequest
 from ortserve.serving.structured import GuidedTurn, attempt_usages, start_turn
-from ortserve.serving.thinking import ThinkingSplitter
+from ortserve.serving.thinking import AnswerStops, ThinkingSplitter
 from ortserve.serving.tools import ToolCallEvent, model_format, start_tool_turn
 
 
@@ -87,22 +90,31 @@ class Choice:
             self.finished = event
 
 
+class ClientGone(OrtServeError):
+    """The client closed its connection: its turns were cancelled (Ollama's 499)."""
+
+    status = 499
+    type = "cancelled"
+
+
 class Exchange:
     """One request's turns, their events as they come, and the clean-up (exactly once)."""
 
-    def __init__(self, runtime, loaded, request: GenerationRequest):
+    def __init__(self, runtime, loaded, request: GenerationRequest, started_ns: int | None = None):
         self.runtime = runtime
         self.loaded = loaded
         self.request = request
-        self.started_ns = time.perf_counter_ns()
+        # From before the model was acquired: a request's total time includes its load, as
+        # Ollama's total_duration does.
+        self.started_ns = time.perf_counter_ns() if started_ns is None else started_ns
+        # Read now: the next request to acquire the model resets it.
+        self.load_duration_ns: int = loaded.load_duration_ns
         self.choices: list[Choice] = []
         self._splitters: dict[int, ThinkingSplitter] = {}
+        self._stops: dict[int, AnswerStops] = {}  # stop strings cut here, on the answer only
         self._rendered: list[Rendered] = []
         self._closed = False
-
-    @property
-    def load_duration_ns(self) -> int:
-        return self.loaded.load_duration_ns
+        self._gone = False  # hang_up was called: the client left
 
     @property
     def prompt_tokens(self) -> int:
@@ -115,15 +127,24 @@ class Exchange:
         guided = [c.attempts for c in self.choices if c.attempts is not None]
         return max(guided) if guided else None
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def events(self) -> Iterator[tuple[int, Any]]:
         """(choice index, event) as they come, each recorded in its Choice first."""
-        for index, event in _merged([c.turn for c in self.choices]):
-            for item in self._split(index, event):
-                if isinstance(item, Finished) and item.reason == "cancelled":
-                    raise ServerBusy("generation was cancelled: the model was unloaded or the "
-                                     "server is stopping")  # fmt: skip
-                self.choices[index].record(item)
-                yield index, item
+        try:
+            for index, event in _merged([c.turn for c in self.choices]):
+                for item in self._split(index, event):
+                    if isinstance(item, Finished) and item.reason == "cancelled":
+                        raise ServerBusy("generation was cancelled: the model was unloaded or "
+                                         "the server is stopping")  # fmt: skip
+                    self.choices[index].record(item)
+                    yield index, item
+        except OrtServeError:
+            if self._gone:  # whatever the cancelled turn raised, the cause is the client
+                raise ClientGone("request canceled: the client closed the connection") from None
+            raise
         if any(c.finished is None for c in self.choices):
             raise OrtServeError("generation ended without finishing")
 
@@ -157,11 +178,23 @@ class Exchange:
             return
         self._closed = True
         try:
-            for choice in self.choices:
-                if choice.finished is None:
-                    choice.turn.cancel()
+            self._cancel_turns()
         finally:
             self.runtime.release(self.loaded, self.request.keep_alive, failed=failed)
+
+    def hang_up(self) -> None:
+        """The client is gone: cancel every unfinished turn now (from any thread).
+
+        The request thread, waiting on the turns, then sees them end and closes the exchange
+        (which releases the model) as it would after any cancellation.
+        """
+        self._gone = True
+        self._cancel_turns()
+
+    def _cancel_turns(self) -> None:
+        for choice in list(self.choices):
+            if choice.finished is None:
+                choice.turn.cancel()
 
     # ---- internals ---------------------------------------------------------------------
 
@@ -173,15 +206,21 @@ class Exchange:
         if spec is not None:
             spec = replace(spec, fmt=model_format(self.loaded))
         for group, prompt in enumerate(rendered):
+            # A plain turn that may think: its stops apply to the answer (see AnswerStops).
+            answer_stops = (prompt.thinking is not None and bool(options.stop)
+                            and request.schema is None and (spec is None or spec.choice == "none"))  # fmt: skip
+            turn_options = replace(options, stop=()) if answer_stops else options
             for _ in range(request.n):
                 if spec is not None:
-                    turn = start_tool_turn(self.loaded, prompt.tokens, options, spec,
+                    turn = start_tool_turn(self.loaded, prompt.tokens, turn_options, spec,
                                            settings.format_retries)  # fmt: skip
                 else:
-                    turn = start_turn(self.loaded, prompt.tokens, options, request.schema,
+                    turn = start_turn(self.loaded, prompt.tokens, turn_options, request.schema,
                                       settings)  # fmt: skip
                 if prompt.thinking is not None:
                     self._splitters[len(self.choices)] = prompt.thinking.splitter()
+                if answer_stops:
+                    self._stops[len(self.choices)] = AnswerStops(options.stop)
                 self.choices.append(Choice(group, turn))
 
     def _split(self, index: int, event: Any) -> list[Any]:
@@ -204,7 +243,30 @@ class Exchange:
             out.append(event)
         elif not out and getattr(event, "logprobs", ()):
             out.append(TextChunk("", event.tokens, logprobs=event.logprobs))  # held text's
-        return out
+        stops = self._stops.get(index)
+        return out if stops is None else self._cut_at_stop(index, stops, out)
+
+    def _cut_at_stop(self, index: int, stops: AnswerStops, items: list[Any]) -> list[Any]:
+        """The answer up to its first stop string; the turn is cancelled there, and its end
+        reads as a stop (as the engine's own stop cut does)."""
+        kept: list[Any] = []
+        for item in items:
+            if isinstance(item, Finished):
+                tail = stops.flush()
+                if tail:
+                    kept.append(TextChunk(tail))
+                kept.append(replace(item, reason="stop") if stops.stopped else item)
+            elif stops.stopped:
+                continue  # generated after the stop, before the cancel landed
+            elif isinstance(item, TextChunk):
+                shown = stops.feed(item.text)
+                if stops.stopped:
+                    self.choices[index].turn.cancel()
+                if shown or item.logprobs:
+                    kept.append(replace(item, text=shown))
+            else:
+                kept.append(item)
+        return kept
 
     def _thinking_of(self, index: int):
         return self._rendered[self.choices[index].prompt].thinking
@@ -223,15 +285,18 @@ def start(state, request: GenerationRequest) -> Exchange:
     """Resolve, lease, render and start: the Exchange of `request` (its turns submitted).
 
     `state` gives the library, the runtime and the settings (api/state.ServerState, or any
-    object with those three). Errors before the turns start release the lease.
+    object with those three). Errors before the turns start release the lease. A `state`
+    with a `watch` method (the HTTP layer's) is handed the exchange, to hang it up if its
+    client goes away.
     """
     require(state.library, request.model, "completion", request.kind)
     guided_tools = request.tools is not None and request.tools.choice != "none"
     if request.think and (request.schema is not None or guided_tools):
         _refuse_guided_thinking(request)  # tool_choice "none" is a plain turn: it may think
+    started_ns = time.perf_counter_ns()
     runtime = state.runtime
     loaded = runtime.acquire(request.model, request.keep_alive)
-    exchange = Exchange(runtime, loaded, request)
+    exchange = Exchange(runtime, loaded, request, started_ns)
     try:
         options = _options(loaded, request, state.settings)
         rendered = [render(loaded, prompt, request, options) for prompt in request.prompts]
@@ -239,6 +304,9 @@ def start(state, request: GenerationRequest) -> Exchange:
     except BaseException:
         exchange.close(failed=True)
         raise
+    watch = getattr(state, "watch", None)
+    if watch is not None:
+        watch(exchange)
     return exchange
 
 
@@ -288,8 +356,8 @@ def _options(loaded, request: GenerationRequest, settings) -> GenerationOptions:
     from ortserve.engine.sampling import resolve
 
     options = resolve(request.sampling, loaded.info.manifest.get("parameters"),
-                      context_length=loaded.context_length,
-                      max_tokens=settings.max_tokens)  # fmt: skip
+                      context_length=loaded.context_length, max_tokens=settings.max_tokens,
+                      default_context=settings.context_length)  # fmt: skip
     if request.logprobs is not None:
         options = replace(options, logprobs=request.logprobs)
     return options

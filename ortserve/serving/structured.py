@@ -86,6 +86,7 @@ class GuidedTurn:
         self.result: GuidedResult | None = None
         self.finishes: list[Finished] = []  # one per attempt that ran to its end
         self._turn = None
+        self._cancelled = False  # cancel() came (maybe from another thread): no more attempts
 
     @property
     def usages(self) -> list[Usage]:
@@ -101,6 +102,7 @@ class GuidedTurn:
         yield all_attempts(self.finishes)
 
     def cancel(self) -> None:
+        self._cancelled = True  # set first: _attempt checks it after starting its turn
         if self._turn is not None:
             self._turn.cancel()
 
@@ -127,6 +129,8 @@ class GuidedTurn:
         options = replace(self.options, num_predict=max_tokens, seed=seed)
         special = {} if self.skip_special_tokens else {"skip_special_tokens": False}
         self._turn = self.loaded.generate(self.tokens, options, **special)
+        if self._cancelled:  # cancelled between two attempts: this one ends at once
+            self._turn.cancel()
         parts: list[str] = []
         for event in self._turn:
             if isinstance(event, TextChunk):

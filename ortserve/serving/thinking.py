@@ -166,3 +166,37 @@ def _merged(pieces: list[Piece]) -> list[Piece]:
         else:
             merged.append((kind, text))
     return merged
+
+
+class AnswerStops:
+    """Stop strings applied to the answer only, after the thinking is split off.
+
+    A stop string the model writes while thinking ("Paris" in a thought about France) must
+    not end the turn before the answer starts: the engine's own stop cut sees the raw text,
+    thinking included, so for a prompt with a thinking section the stops run here, on the
+    content. Text that may still begin a stop string is held back until it cannot.
+    """
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = tuple(s for s in stops if s)  # "" would stop before any text
+        self._pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """The answer text safe to show now; once a stop string is found, nothing more."""
+        if self.stopped:
+            return ""
+        self._pending += text
+        found = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
+        if found:
+            shown, self._pending, self.stopped = self._pending[: min(found)], "", True
+            return shown
+        keep = max((_partial_tag_len(self._pending, s) for s in self._stops), default=0)
+        split = len(self._pending) - keep
+        shown, self._pending = self._pending[:split], self._pending[split:]
+        return shown
+
+    def flush(self) -> str:
+        """What was held back, at the end of the answer (no stop string came)."""
+        held, self._pending = ("" if self.stopped else self._pending), ""
+        return held

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ortserve.engine.guided import OutputRejected, bounded_schema, check_schema
+from ortserve.engine.guided import OutputRejected, bounded_schema, check_schema, check_size
 from ortserve.engine.toolcalls import (
     StreamingToolCallParser,
     ToolCall,
@@ -76,20 +76,25 @@ class ToolSpec:
     names: list[str] = field(default_factory=list)
 
 
-def tool_spec(tools: Any, tool_choice: Any = "auto", parallel: Any = True) -> ToolSpec | None:
+def tool_spec(tools: Any, tool_choice: Any = "auto", parallel: Any = True, *,
+              schema_param: str = "tools[{i}].function.parameters") -> ToolSpec | None:  # fmt: skip
     """Tools in OpenAI's shape ({type: function, function: {name, parameters}}), a
     tool_choice ("auto", "none", "required" or {function: {name}}) and whether several calls
-    may be made; None without tools."""
+    may be made; None without tools. `schema_param` names a tool's schema in errors, as the
+    protocol spells it (Anthropic's "tools[{i}].input_schema")."""
     if not tools:
         return None
     if not isinstance(tools, list) or not all(_is_function(t) for t in tools):
         raise InvalidRequest("tools must be an array of {type: function, function: {name}}",
                              param="tools")  # fmt: skip
     for i, tool in enumerate(tools):
-        _check_parameters(tool["function"], f"tools[{i}].function.parameters")
+        _check_parameters(tool["function"], schema_param.format(i=i))
     names = [t["function"]["name"] for t in tools]
     choice, name = _choice("auto" if tool_choice is None else tool_choice, names)
-    return ToolSpec(tools, choice, name, parallel is not False, names=names)
+    spec = ToolSpec(tools, choice, name, parallel is not False, names=names)
+    if choice != "none":  # the grammar holds every tool the call may name, side by side
+        check_size(_call_options(spec, "arguments"), "tools")
+    return spec
 
 
 def _check_parameters(function: dict, param: str) -> None:

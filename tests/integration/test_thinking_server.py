@@ -246,6 +246,25 @@ def test_chat_completions_reasoning_content(oai, r1, effort):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_sequence_written_while_thinking_does_not_end_the_turn(oai, r1, stream):
+    """Stops apply to the answer (issue 20): one the thinking held cut the turn there, so the
+    answer came back empty. r1-think writes only thinking: all of it comes back, to the end."""
+    stop = r1.thinking.split()[len(r1.thinking.split()) // 2]  # a word from the middle
+    assert stop not in r1.content
+    if not stream:
+        whole = _completion(oai, "r1-think", stop=[stop])
+        assert whole.choices[0].message.model_extra.get("reasoning_content") == r1.thinking
+        assert whole.choices[0].finish_reason == "length"
+        assert whole.usage.completion_tokens == TOKENS
+        return
+    chunks = list(_completion(oai, "r1-think", stop=[stop], stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.model_extra.get("reasoning_content", "") for d in deltas
+                   if d.model_extra) == r1.thinking  # fmt: skip
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 @pytest.mark.parametrize("effort", ["none", "minimal"])
 def test_chat_completions_effort_off_hides_the_reasoning(oai, r1, effort):
     whole = _completion(oai, "r1-think", effort)

@@ -376,3 +376,34 @@ def test_count_tokens_errors(client, runtime):
                        "invalid_request_error")  # fmt: skip
     assert message == "messages is required"
     assert runtime.acquired == []
+
+
+def _branches(n: int) -> dict:
+    return {"anyOf": [{"type": "object", "properties": {"k": {"const": i}}, "required": ["k"]}
+                      for i in range(n)]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("input_schema", "said"),
+    [
+        ({"type": "object", "properties": {"a": {"type": "nope"}}}, "is not a valid JSON Schema"),
+        ({"type": "object", "properties": {"a": _branches(5000)}}, "is too large to enforce"),
+    ],
+)
+def test_tool_schema_errors_name_input_schema(client, input_schema, said):
+    """Anthropic's tools have input_schema: errors named tools[0].function.parameters."""
+    body = {**ASK, "tools": [{**TOOL, "input_schema": input_schema}],
+            "tool_choice": {"type": "tool", "name": "get_time"}}  # fmt: skip
+    message = error_of(client.post("/v1/messages", json=body), 400, "invalid_request_error")
+    assert message.startswith(f"tools[0].input_schema {said}")
+
+
+def test_many_tools_too_large_together_are_refused(client):
+    """Each tool's schema fits, but a call may name any of them: their sum is the grammar."""
+    tools = [{**TOOL, "name": f"t{i}", "input_schema": {"type": "object", **_branches(300)}}
+             for i in range(5)]  # fmt: skip
+    body = {**ASK, "tools": tools, "tool_choice": {"type": "any"}}
+    message = error_of(client.post("/v1/messages", json=body), 400, "invalid_request_error")
+    assert message.startswith("tools is too large to enforce")
+    body["tool_choice"] = {"type": "tool", "name": "t0"}  # one tool forced: it fits
+    assert client.post("/v1/messages", json=body).status_code != 400

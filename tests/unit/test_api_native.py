@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 from flask import Flask
@@ -813,3 +814,87 @@ def test_deep_json_and_lone_surrogates_are_400_not_500(client, raw, message):
         response = client.post(route, data=raw, content_type="application/json")
         assert response.status_code == 400, (route, response.get_json())
         assert response.get_json()["error"].startswith(message), route
+
+
+# ---- issue 20: hostile keep_alive, messages on generate, durations, stops and thinking ----------
+
+
+@pytest.mark.parametrize("keep_alive", ["1e300", "1e400", '"9999999999999h"', "9.3e9"])
+def test_a_keep_alive_too_long_to_be_a_date_is_forever(client, runtime, keep_alive):
+    raw = f'{{"model": "tiny", "prompt": "x", "stream": false, "keep_alive": {keep_alive}}}'
+    response = client.post("/api/generate", data=raw, content_type="application/json")
+    assert response.status_code == 200
+    assert runtime.acquired[-1] == ("tiny:latest", -1.0)  # forever, as a negative keep_alive
+
+
+def test_ps_survives_an_expiry_past_any_date(client, runtime):
+    """One model's expiry (a keep_alive of 1e300 before the fix) must not fail the listing."""
+    listed = runtime.loaded_models
+
+    def far_future():
+        (loaded,) = listed()
+        loaded.expires_at = 1e300
+        return [loaded]
+
+    runtime.loaded_models = far_future
+    response = client.get("/api/ps")
+    assert response.status_code == 200
+    assert response.get_json()["models"][0]["expires_at"] == "2318-01-01T00:00:00Z"
+
+
+@pytest.mark.parametrize("messages", [[None], [5], ["x"]])
+def test_generate_ignores_messages_of_any_shape(client, runtime, messages):
+    """Generate has no messages field (Ollama ignores it): [null] was a 500 (AttributeError)."""
+    response = client.post("/api/generate", json={"model": "tiny", "prompt": "x",
+                                                    "stream": False, "messages": messages})  # fmt: skip
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["response"] == "Hello world"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("route", ["/api/generate", "/api/chat"])
+def test_total_duration_includes_the_load(client, runtime, monkeypatch, route, stream):
+    """Ollama's total_duration counts the load; it was measured from after the load."""
+    load_ns = 50_000_000
+    acquire = runtime.acquire
+
+    def slow_acquire(name, keep_alive=None):
+        time.sleep(load_ns / 1e9)  # the load, as a real first request waits for it
+        loaded = acquire(name, keep_alive)
+        loaded.load_duration_ns = load_ns
+        return loaded
+
+    monkeypatch.setattr(runtime, "acquire", slow_acquire)
+    body = {"model": "tiny", "stream": stream, "prompt": "x",
+            "messages": [{"role": "user", "content": "x"}]}  # fmt: skip
+    response = client.post(route, json=body)
+    final = lines(response)[-1] if stream else response.get_json()
+    assert final["load_duration"] == load_ns
+    assert final["total_duration"] >= load_ns + final["eval_duration"]
+
+
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% if enable_thinking is defined and "
+    "not enable_thinking %}<think></think>{% endif %}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stops_apply_to_the_answer_not_the_thinking(client, runtime, library, stream):
+    """stop=["Paris"] on a model that thinks about Paris first gave an empty answer."""
+    add_model(library, "thinker", capabilities=["completion", "thinking"],
+              template=THINKING_TEMPLATE)  # fmt: skip
+    runtime.script = [(["<think>The capital is Par", "is, I know.</think>", "It is Pa",
+                        "ris.", " More"],)]  # fmt: skip
+    body = {"model": "thinker", "stream": stream, "think": True, "options": {"stop": ["Paris"]},
+            "messages": [{"role": "user", "content": "capital of France?"}]}  # fmt: skip
+    response = client.post("/api/chat", json=body)
+    objects = lines(response) if stream else [response.get_json()]
+    assert "".join(o["message"]["content"] for o in objects) == "It is "
+    assert "".join(o["message"].get("thinking", "") for o in objects) == (
+        "The capital is Paris, I know."
+    )
+    assert objects[-1]["done_reason"] == "stop"
+    assert runtime.generated[-1][1].stop == ()  # the engine does not cut the thinking
+    assert runtime.turns[-1].cancelled  # generation ends at the stop all the same

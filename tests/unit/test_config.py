@@ -145,3 +145,10 @@ def test_the_table_and_the_docs_name_the_same_variables():
     assert len(names) == len(set(names))
     docs = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
     assert set(re.findall(r"^\| `(ORTSERVE_[A-Z_]+)`", docs, re.MULTILINE)) == set(names)
+
+
+def test_a_keep_alive_too_long_to_be_a_date_is_forever():
+    """ORTSERVE_KEEP_ALIVE=99999999999999h would overflow the keep-alive timer's wait and
+    /api/ps's expiry date, as a request's keep_alive 1e300 did (issue 20, item 1)."""
+    assert Settings.from_env({"ORTSERVE_KEEP_ALIVE": "99999999999999h"}).keep_alive == -1.0
+    assert Settings.from_env({"ORTSERVE_KEEP_ALIVE": "10m"}).keep_alive == 600.0

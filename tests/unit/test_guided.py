@@ -441,3 +441,84 @@ def test_a_schema_without_a_finite_instance_is_refused_before_generation(schema,
         check_schema(schema, "format")
     assert info.value.param == "format"
     assert info.value.message.startswith("format has no finite instance")
+
+
+# ---- schemas too large for og's parser (issue 20) ---------------------------------------------
+
+
+def _keyed(i: int) -> dict:
+    """An object branch: every branch shares the prefix {"k": and stays open past it."""
+    return {"type": "object", "properties": {"k": {"const": i}}, "required": ["k"]}
+
+
+def _props(n: int, required: bool) -> dict:
+    names = [f"p{i}" for i in range(n)]
+    schema = {"type": "object", "properties": {name: {"type": "integer"} for name in names}}
+    return {**schema, "required": names} if required else schema
+
+
+@pytest.mark.parametrize(
+    ("schema", "where"),
+    [
+        ({"anyOf": [_keyed(i) for i in range(5000)]}, "#/anyOf has 5000 entries"),
+        ({"oneOf": [_keyed(i) for i in range(1001)]}, "#/oneOf has 1001 entries"),
+        ({"allOf": [{"type": "object"}] * 1001}, "#/allOf has 1001 entries"),
+        (_props(1001, required=True), "#/required has 1001 entries"),
+        (_props(1001, required=False), "#/properties has 1001 entries"),
+        ({"type": "array", "prefixItems": [{"type": "integer"}] * 1001}, "#/prefixItems has"),
+        ({"$defs": {f"d{i}": {"type": "integer"} for i in range(1001)}}, "#/$defs has 1001"),
+        # what they hold, nested: inside a property, through a $ref, as array items
+        ({"type": "object", "properties": {"a": {"anyOf": [_keyed(i) for i in range(2001)]}}},
+         "#/properties/a/anyOf has 2001"),
+        ({"type": "array", "items": {"anyOf": [_keyed(i) for i in range(2001)]}},
+         "#/items/anyOf has 2001"),
+        # no one list too long, but more alternatives open at once than the parser takes
+        ({"anyOf": [{"type": "object", "properties": {"k": {"anyOf": [_keyed(j) for j in
+                                                                       range(50)]}},
+                     "required": ["k"]} for _ in range(50)]}, "alternatives open at once"),
+        ({"enum": [{"k": i} for i in range(1001)]}, "alternatives open at once"),
+        ({"allOf": [{"anyOf": [_keyed(i) for i in range(40)]},
+                    {"anyOf": [_keyed(i) for i in range(40)]}]}, "alternatives open at once"),
+        ({"$defs": {"many": {"anyOf": [_keyed(i) for i in range(600)]}},
+          "anyOf": [{"$ref": "#/$defs/many"}, {"$ref": "#/$defs/many"}]}, "open at once"),
+        ({"$defs": {f"d{i}": {"type": "object", "properties": {"n": {"$ref": f"#/$defs/d{i + 1}"}}}
+                    for i in range(100)}, "$ref": "#/$defs/d0"}, "$ref links nest more than 64"),
+    ],
+)  # fmt: skip
+def test_a_schema_too_large_for_the_parser_is_refused_before_generation(schema, where):
+    """og's parser fails a batch mid-generation on a grammar row of over 2000 items (the
+    engine is rebuilt; the request was a 500): refused here first, naming the field."""
+    with pytest.raises(InvalidRequest) as info:
+        check_schema(schema, "response_format.json_schema.schema")
+    assert info.value.param == "response_format.json_schema.schema"
+    assert info.value.message.startswith("response_format.json_schema.schema is too large")
+    assert where in info.value.message
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "string", "enum": [f"v{i}" for i in range(5000)]},  # one token pattern: fine
+        {"anyOf": [_keyed(i) for i in range(1000)]},
+        _props(1000, required=True),
+        {"type": "array", "items": {"anyOf": [_keyed(i) for i in range(30)]}},
+        JSON_OBJECT_SCHEMA,
+        {"$defs": {"node": {"type": "object", "properties": {
+            "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}},
+         "$ref": "#/$defs/node"},
+    ],
+)  # fmt: skip
+def test_large_schemas_within_the_parsers_limits_pass(schema):
+    assert check_schema(schema, "format") is schema
+
+
+def test_an_oversized_schema_is_refused_before_its_slow_validity_check(monkeypatch):
+    """jsonschema's own check of 5000 branches takes seconds: the size check comes first."""
+    import ortserve.engine.guided as guided
+
+    def never(schema):
+        raise AssertionError("the validity check ran on an oversized schema")
+
+    monkeypatch.setattr(guided, "_validator_class", never)
+    with pytest.raises(InvalidRequest, match="too large"):
+        check_schema({"anyOf": [_keyed(i) for i in range(5000)]}, "format")

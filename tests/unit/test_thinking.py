@@ -12,6 +12,7 @@ from ortserve.engine.prompts import ChatTemplate, build_chat_prompt, build_gener
 from ortserve.errors import InvalidRequest
 from ortserve.library.bundle import capabilities, template_capabilities, template_thinks
 from ortserve.serving.thinking import (
+    AnswerStops,
     ThinkingSplitter,
     prompt_opens_thinking,
     split_whole,
@@ -287,3 +288,28 @@ def test_other_tags():
     text = "[THINK]plan[/THINK]\nanswer"
     assert split_whole(text, "[THINK]", "[/THINK]") == ("plan", "answer")
     assert split_whole(text) == ("", text)
+
+
+# ---- stop strings on the answer only ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("cut", range(1, 12))
+def test_answer_stops_cut_at_the_first_stop_wherever_the_chunks_split(cut):
+    text = "It is Paris. Then more"
+    stops = AnswerStops(("Paris", "more"))
+    shown = stops.feed(text[:cut]) + stops.feed(text[cut:]) + stops.flush()
+    assert shown == "It is " and stops.stopped
+    assert stops.feed("after") == ""
+
+
+def test_answer_stops_hold_back_only_what_may_start_a_stop():
+    stops = AnswerStops(("Paris",))
+    assert stops.feed("It is Pa") == "It is "  # "Pa" may begin "Paris"
+    assert stops.feed("rma") == "Parma"
+    assert stops.feed(" Pa") == " "
+    assert stops.flush() == "Pa" and not stops.stopped  # no stop came: the held text is out
+
+
+def test_answer_stops_ignore_an_empty_stop():
+    stops = AnswerStops(("",))
+    assert stops.feed("text") == "text" and not stops.stopped
