@@ -38,3 +38,8 @@ QUEUED_TURNS = Gauge(
     "ortserve_queued_turns", "Turns waiting for a batch slot", ["model"], registry=REGISTRY
 )
 RUNNING_TURNS = Gauge("ortserve_running_turns", "Turns generating", ["model"], registry=REGISTRY)
+# One number per replica, what an autoscaler scales on (an HPA through prometheus-adapter, a
+# KEDA ScaledObject: deploy/kubernetes): the two gauges above summed over every model.
+PENDING_TURNS = Gauge(
+    "ortserve_pending_turns", "Turns queued or generating, all models together", registry=REGISTRY
+)

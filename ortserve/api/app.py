@@ -57,6 +57,7 @@ def init_app(
     register_error_handlers(app)
     install_security(app, _is_ours)
     install_observe(app, _is_ours)
+    state.start_preload()  # ORTSERVE_PRELOAD: in the background; /readyz waits for it
     return state
 
 

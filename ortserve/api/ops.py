@@ -23,15 +23,24 @@ def healthz():
 
 @ops_bp.get("/readyz")
 def readyz():
-    """Ready when the model library can be read (a missing or unreadable volume is not)."""
-    root = current_state().library.root
+    """Ready when the model library can be read (a missing or unreadable volume is not) and
+    the models ORTSERVE_PRELOAD names are loaded: 503 "loading" until then, 503 "failed"
+    naming the model whose load failed."""
+    state = current_state()
+    root = state.library.root
     # /readyz answers without a key: the message names no server path
     if not root.is_dir():
         return json_response({"status": "not ready", "error": "the model library is missing"}, 503)
     if not os.access(root, os.R_OK | os.X_OK):
         return json_response({"status": "not ready", "error": "the model library is not readable"},
                              503)  # fmt: skip
-    return json_response({"status": "ready"})
+    if state.preload is None:
+        return json_response({"status": "ready"})
+    report = state.preload.report()
+    body = {"status": report.status, "models": report.models}
+    if report.error:
+        body["error"] = report.error
+    return json_response(body, 200 if report.status == "ready" else 503)
 
 
 @ops_bp.get("/openapi.json")
@@ -51,4 +60,5 @@ def prometheus_metrics():
     for name, (queued, running) in counts.items():
         metrics.QUEUED_TURNS.labels(name).set(queued)
         metrics.RUNNING_TURNS.labels(name).set(running)
+    metrics.PENDING_TURNS.set(sum(queued + running for queued, running in counts.values()))
     return Response(generate_latest(metrics.REGISTRY), mimetype=CONTENT_TYPE_LATEST)

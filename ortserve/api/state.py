@@ -27,6 +27,18 @@ class ServerState:
         self._lock = threading.Lock()
         self._responses = None
         self._hangups = None
+        self.preload = None  # engine.preload.Preload, once start_preload() has started it
+
+    def start_preload(self) -> None:
+        """Load ORTSERVE_PRELOAD's models in the background (/readyz waits for them)."""
+        with self._lock:
+            if not self.settings.preload or self.preload is not None:
+                return
+            from ortserve.engine.preload import Preload
+
+            # the runtime is made in the preload's thread: importing onnxruntime takes a while
+            self.preload = Preload(lambda name: self.runtime.preload(name), self.settings.preload)
+        self.preload.start()
 
     @property
     def runtime(self):
@@ -78,6 +90,8 @@ class ServerState:
 
     def shutdown(self, grace: float = 0.0) -> None:
         """Let in-flight turns finish for `grace` seconds, then cancel what is left."""
+        if self.preload is not None:
+            self.preload.stop()
         runtime = self._runtime
         if runtime is not None:
             runtime.shutdown(grace)

@@ -111,6 +111,7 @@ class Runtime:
         self.library = library or Library(settings.models)
         self._models: dict[str, LoadedModel] = {}
         self._loading: dict[str, threading.Event] = {}
+        self._pinned: set[str] = set()  # ORTSERVE_PRELOAD's models: kept loaded (preload())
         self._lock = threading.Condition()
         self._closed = False
         self._reaper = threading.Thread(target=self._reap, name="keep-alive", daemon=True)
@@ -132,6 +133,22 @@ class Runtime:
             raise InvalidRequest(f'"{info.name}" does not support embeddings', param="model")
         return self._acquire(info, self._load_embedder)
 
+    def preload(self, name: str) -> str:
+        """Load `name` now and keep it loaded (ORTSERVE_PRELOAD): no keep-alive expiry, never
+        evicted; a request's own keep_alive still applies. Returns the library's name."""
+        info = self.library.get(name)
+        with self._lock:
+            self._pinned.add(info.name)
+        try:
+            embedder = "embedding" in info.capabilities and "completion" not in info.capabilities
+            loaded = self.acquire_embedder(name) if embedder else self.acquire(name)
+        except BaseException:
+            with self._lock:
+                self._pinned.discard(info.name)
+            raise
+        self.release(loaded)
+        return info.name
+
     def release(
         self,
         loaded: LoadedModel | LoadedEmbedder,
@@ -144,7 +161,10 @@ class Runtime:
         A `failed` request (refused after the model was acquired) does not extend the
         keep-alive: the model keeps the expiry it had before.
         """
-        keep = self.settings.keep_alive if keep_alive is None else keep_alive
+        if keep_alive is not None:
+            keep = keep_alive
+        else:
+            keep = -1.0 if loaded.name in self._pinned else self.settings.keep_alive
         with self._lock:
             loaded.active = max(0, loaded.active - 1)
             if loaded.active:
@@ -308,7 +328,8 @@ class Runtime:
     def _evict_over_limit(self, keep: str) -> None:
         """Unload idle models, least recently used first, while over the limit (lock held)."""
         while len(self._models) > self.settings.max_loaded_models:
-            idle = [m for m in self._models.values() if not m.active and m.name != keep]
+            idle = [m for m in self._models.values()
+                    if not m.active and m.name != keep and m.name not in self._pinned]  # fmt: skip
             if not idle:
                 return  # everything is busy: stay over the limit rather than fail requests
             victim = min(idle, key=lambda m: m.last_used)
