@@ -50,9 +50,41 @@ _MISSING_CLASSES = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditional
 _MODULE = "onnxruntime_genai.models.builder"
 
 
+# onnxruntime's CPU GroupQueryAttention (the builder's attention, and the CPU fallback of a
+# bundle built for a GPU) runs head sizes that are multiples of 16 only; measured on
+# onnxruntime 1.32: 100 (open_llama_3b) and 20 fail "head_size must be a multiple of 8", 8 and
+# 24 "head_size shall be a multiple of 16"; 16 to 512 in steps of 16 run.
+_HEAD_SIZE_MULTIPLE = 16
+
+
 def supports(checkpoint: Checkpoint) -> bool:
     """Whether the builder builds this checkpoint's architecture."""
     return checkpoint.kind == "decoder" and checkpoint.architecture in FAMILIES
+
+
+def unrunnable_shape(checkpoint: Checkpoint) -> str | None:
+    """Why the builder's graph of this checkpoint could not run (None: nothing known against it).
+
+    Checked before building: the builder writes such a graph without complaint, and it fails
+    only when onnxruntime first runs it (in the verify step, or later in the server).
+    """
+    config = checkpoint.config
+    heads = config.get("num_attention_heads")
+    if not isinstance(heads, int) or heads <= 0:
+        return None  # a shape the builder itself will judge
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_size = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    if head_size % _HEAD_SIZE_MULTIPLE:
+        return (
+            f"its head size {head_size} is not a multiple of {_HEAD_SIZE_MULTIPLE}, which "
+            "onnxruntime's CPU GroupQueryAttention needs"
+        )
+    if heads % kv_heads:
+        return (
+            f"its {heads} attention heads are not a multiple of its {kv_heads} key/value heads "
+            "(GroupQueryAttention shares each key/value head among whole groups)"
+        )
+    return None
 
 
 def installed() -> bool:

@@ -96,21 +96,33 @@ def convert(
 
 
 def choose_graph(checkpoint: Checkpoint, backend: str) -> str:
-    """'builder' or 'optimum': who makes this checkpoint's graph for the requested backend."""
-    from converters.builder import FAMILIES, installed, supports
+    """'builder' or 'optimum': who makes this checkpoint's graph for the requested backend.
 
+    `auto` is the builder wherever its graph can run, else optimum with one warning saying
+    why; `builder` where it cannot is an InvalidRequest naming the reason.
+    """
     if backend == "optimum":
         return "optimum"
-    if supports(checkpoint) and installed():
+    why = _builder_refusal(checkpoint)
+    if why is None:
         return "builder"
     if backend == "builder":
-        why = (
-            "the model builder is not installed (onnxruntime-genai's models.builder, onnx-ir)"
-            if supports(checkpoint)
-            else f"the model builder builds {', '.join(FAMILIES)}, not {checkpoint.architecture!r}"
-        )
         raise InvalidRequest(f"backend 'builder': {why}; use backend 'optimum'", param="backend")
+    if checkpoint.kind == "decoder":  # encoders always go to optimum: nothing to say
+        log.warning("backend auto: exporting with optimum, not the model builder: %s", why)
     return "optimum"
+
+
+def _builder_refusal(checkpoint: Checkpoint) -> str | None:
+    """Why the model builder cannot make this checkpoint's graph (None: it can)."""
+    from converters.builder import FAMILIES, installed, supports, unrunnable_shape
+
+    if not supports(checkpoint):
+        return f"the model builder builds {', '.join(FAMILIES)}, not {checkpoint.architecture!r}"
+    if not installed():
+        return "the model builder is not installed (onnxruntime-genai's models.builder, onnx-ir)"
+    shape = unrunnable_shape(checkpoint)
+    return f"the model builder's graph cannot run this checkpoint: {shape}" if shape else None
 
 
 def _build(

@@ -111,7 +111,9 @@ class ModelLoadError(OrtServeError):
 
 
 class ProviderUnavailable(OrtServeError):
-    """An explicitly requested execution provider that this machine does not have."""
+    """An explicitly requested execution provider that this machine does not have, or that
+    fails to load a model: the server is fine, this provider is not (the message names it and
+    the fix)."""
 
-    status = 500
+    status = 503
     type = "provider_error"

@@ -55,7 +55,12 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
             code={"type": ["string", "null"]},
         ),
     ),
-    "Status": _object(("status",), status=_STRING, error=_STRING),
+    "Status": _object(
+        ("status",),
+        status=_STRING,
+        error=_STRING,
+        models={"type": "object", "additionalProperties": _STRING},
+    ),
     "Version": _object(("version",), version=_STRING),
     "ModelList": _object(
         ("models",),
@@ -273,13 +278,15 @@ def _path_parameter(name: str, description: str, **schema: Any) -> dict[str, Any
 
 
 _DIGEST = _path_parameter("digest", "the file's sha256", pattern="^sha256[:-][0-9a-fA-F]{64}$")
-_MODEL = _path_parameter("model", "a model name, [namespace/]model[:tag]")
+_MODEL = {**_path_parameter("model", "a model name, [namespace/]model[:tag]"),
+          "schema": {"$ref": _REF + "common/$defs/model_name"}}  # fmt: skip
 _RESPONSE_ID = _path_parameter("response_id", "a stored response's id (resp_...)")
 
 ROUTES: tuple[Route, ...] = (
     # ops
     Route("GET", "/healthz", "Liveness: the process answers HTTP", None, json_body("Status")),
-    Route("GET", "/readyz", "Readiness: the model library can be read", None,
+    Route("GET", "/readyz", "Readiness: the model library can be read and the models "
+          "ORTSERVE_PRELOAD names are loaded", None,
           {**json_body("Status"), **json_body("Status", "not ready", 503)}),
     Route("GET", "/metrics", "Prometheus metrics", None, text("text/plain", "Prometheus text")),
     Route("GET", "/openapi.json", "This document", None, json_body("OpenAPI")),
@@ -302,6 +309,8 @@ ROUTES: tuple[Route, ...] = (
           json_body("EmbeddingLegacy"), GENERATION),
     Route("POST", "/api/pull", "Pull a model from the Hugging Face Hub", "pull",
           ndjson_or_json("Status"), (*MODEL, 501, 502)),
+    Route("POST", "/api/push", "Push a model to a Hugging Face Hub repository", "push",
+          ndjson_or_json("Status"), (*MODEL, 502)),
     Route("POST", "/api/create", "Make a model from a base and Ollama's create fields", "create",
           ndjson_or_json("Status"), (*MODEL, 501)),
     Route("HEAD", "/api/blobs/{digest}", "Whether the server has an uploaded file", None,
@@ -351,7 +360,10 @@ def document() -> dict[str, Any]:
             "Responses API included) and Anthropic's Messages API (/v1/messages) on ONNX "
             'Runtime GenAI. Errors are {"error": message} on /api, OpenAI\'s {"error": '
             '{message, type, param, code}} on /v1, and Anthropic\'s {"type": "error", '
-            '"error": {type, message}} on /v1/messages.',
+            '"error": {type, message}} on /v1/messages. Request bodies are checked against '
+            "the schemas below (x-checked-by-code marks rules the server's code enforces with "
+            "its own message); an integer field takes a JSON integer, 2 and not 2.0, as "
+            "Ollama's Go structs do.",
         },
         "paths": paths,
         "components": {
@@ -408,7 +420,8 @@ _ERROR_TEXT = {
     500: "the model cannot load, or an unexpected error",
     501: "needs the convert extra",
     502: "the model source cannot be reached",
-    503: "busy: try again after Retry-After seconds",
+    503: "busy: try again after Retry-After seconds; or the execution provider named in "
+    "ORTSERVE_PROVIDER cannot run or load the model (the message names the fix)",
 }
 
 

@@ -2,8 +2,10 @@
 
 og 0.18's `is_*_available()` probes lie (WebGPU, OpenVINO and QNN always say yes; CUDA says
 yes without a GPU), so a provider counts as usable only when it can run: its package is
-the installed flavour or its plugin registers and lists a device, and, in the end, the model
-loads on it. `load_candidates` orders the providers to try; `load_on_best` tries them and
+the installed flavour or its plugin registers, lists a device and runs a test graph on it,
+and, in the end, the model loads on it. A plugin's device list alone proves nothing: WebGPU
+with ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER=1 lists the CPU even where Dawn finds no adapter
+(no Vulkan loader). `load_candidates` orders the providers to try; `load_on_best` tries them and
 falls back with one warning that names the cause.
 """
 
@@ -12,6 +14,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import re
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -187,6 +192,14 @@ def _probe_plugin(plugin: Plugin, runtime: str) -> Probe:
     kinds = sorted({kind for kind in devices})
     cpu_only = kinds == ["CPU"]
     what = "software adapter on the CPU" if cpu_only else ", ".join(kinds)
+    failure = session_failure(plugin.provider)
+    if failure is not None:
+        fix = _LOAD_FIXES.get(plugin.provider)
+        return Probe(
+            plugin.provider, False,
+            f"{plugin.package} lists a device ({what}) but cannot run on it: {failure}"
+            + (f"; fix: {fix}" if fix else ""),
+        )  # fmt: skip
     return Probe(plugin.provider, True, f"{plugin.package}: {what}", cpu_only=cpu_only)
 
 
@@ -197,6 +210,77 @@ _NO_DEVICE_HINTS = {
     ),
     "openvino": " (OpenVINO runs on Intel CPUs, GPUs and NPUs only)",
 }
+# What to do when a provider lists a device and still cannot run (or load a model) on it.
+_LOAD_FIXES = {
+    "webgpu": (
+        "set ORTSERVE_PROVIDER=cpu, or install a Vulkan loader and driver "
+        "(Debian: apt install libvulkan1 mesa-vulkan-drivers)"
+    ),
+}
+# The test graph a plugin must run: onnxruntime's own example (Y = X * W), shipped in its wheel.
+_TEST_GRAPH = "mul_1.onnx"
+_TEST_SESSION_TIMEOUT = 60.0  # seconds; a first shader compile on a software driver takes ~1
+
+
+@functools.cache
+def session_failure(provider: str, timeout: float = _TEST_SESSION_TIMEOUT) -> str | None:
+    """Why a plugin provider cannot run a graph on its first device (None: it ran it).
+
+    In a child process: a driver that crashes or hangs while the adapter is requested must
+    not take the server (or `doctor`) with it.
+    """
+    code = f"from ortserve.engine.providers import run_test_session as r; r({provider!r})"
+    # the child imports this ortserve, wherever it was imported from (a source checkout too)
+    here = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, "PYTHONPATH": path})  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return f"a test graph did not run within {timeout:.0f} s"
+    lines = done.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])["failure"]
+    except (IndexError, ValueError, KeyError, TypeError):
+        said = public_message(done.stderr).strip().splitlines()
+        return f"the test process exited with {done.returncode}" + (
+            f": {said[-1][:300]}" if said else ""
+        )
+
+
+def run_test_session(provider: str) -> None:
+    """In the child of session_failure: run the test graph, print {"failure": ...}."""
+    import numpy as np
+    import onnxruntime
+    from onnxruntime.datasets import get_example
+
+    try:
+        options, _ = session_providers(provider)
+        graph = get_example(_TEST_GRAPH)
+        x = np.arange(6, dtype=np.float32).reshape(3, 2)
+        (got,) = onnxruntime.InferenceSession(graph, options).run(None, {"X": x})
+        cpu = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
+        failure = None if np.allclose(got, cpu.run(None, {"X": x})[0]) else "wrong results"
+    except Exception as exc:
+        failure = public_message(str(exc)).strip().splitlines()[0] or type(exc).__name__
+    print(json.dumps({"failure": failure}))
+
+
+# onnxruntime's error texts carry its build's source locations and C++ signatures:
+# ".../onnxruntime_src/.../webgpu_context.cc:136 onnxruntime::...::Initialize(...)::<lambda()> "
+_SOURCE_LOCATION = re.compile(
+    r"\S*[/\\]\S+\.(?:cc|cpp|cxx|c|h|hpp):\d+\s+"  # path:line
+    r"(?:[^()\s][^()]*\((?:[^()]|\([^()]*\))*\)(?:::<lambda\(\)>)?(?:\s+const)?\s*)?"  # signature
+)
+_ORT_STATUS = re.compile(r"\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+_ENFORCE = re.compile(r"^.*? was false\.\s*", re.DOTALL)  # ORT_ENFORCE's condition
+
+
+def public_message(text: str) -> str:
+    """onnxruntime's message without its source paths, signatures and status codes."""
+    text = text.split("Stacktrace:", 1)[0]
+    text = _ORT_STATUS.sub("", _SOURCE_LOCATION.sub("", text))
+    return _ENFORCE.sub("", text, count=1).strip()
 
 
 def cuda_device_count() -> int:
@@ -321,13 +405,22 @@ def load_candidates(requested: str, target: str = "cpu", runtime: str = "genai")
 
 
 def load_on_best(what: str, candidates: list[str], load: Callable[[str], T]) -> tuple[T, str]:
-    """Load on the first candidate that works; each fallback is one warning naming the cause."""
+    """Load on the first candidate that works; each fallback is one warning naming the cause.
+
+    When the last candidate is not the CPU (a provider named in ORTSERVE_PROVIDER), its
+    failure is ProviderUnavailable naming the provider and the fix, never onnxruntime's text.
+    """
     for index, provider in enumerate(candidates):
         try:
             return load(provider), provider
         except Exception as exc:
             if index == len(candidates) - 1:
-                raise
+                if provider == "cpu":
+                    raise  # no provider to blame: the model's own failure
+                raise ProviderUnavailable(
+                    f'model "{what}" cannot load on execution provider {provider!r}: '
+                    f"{_cause(exc)}; fix: {_LOAD_FIXES.get(provider, _DEFAULT_FIX)}"
+                ) from exc
             log.warning(
                 "%s: could not load on %s (%s); falling back to %s",
                 what, provider, _cause(exc), candidates[index + 1],
@@ -335,8 +428,13 @@ def load_on_best(what: str, candidates: list[str], load: Callable[[str], T]) -> 
     raise ModelLoadError(f"{what}: no execution provider to load on")
 
 
+_DEFAULT_FIX = "set ORTSERVE_PROVIDER=cpu or auto, or install what it needs (docs/engine.md)"
+# The scheduler's and embedder's wrapping of the runtime's message (the model is named already).
+_LOAD_PREFIX = re.compile(r'^failed to load model "[^"]*":\s*')
+
+
 def _cause(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    text = public_message(_LOAD_PREFIX.sub("", str(exc).strip())).splitlines()
     return text[0] if text else type(exc).__name__
 
 

@@ -9,6 +9,7 @@ int4 bundle through ortserve's runtime, and LoRA on the builder's fused projecti
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -95,6 +96,35 @@ def test_the_builder_backend_refuses_an_encoder_before_any_work(minilm_dir, libr
         convert(minilm_dir, "emb", precision="fp32", backend="builder", library=library,
                 progress=False)  # fmt: skip
     assert library.list() == []
+
+
+def test_auto_falls_back_to_optimum_for_a_head_size_the_builders_graph_cannot_run(
+    tmp_path, library, caplog
+):
+    # open_llama_3b's head size is 100: onnxruntime's CPU GroupQueryAttention refuses it
+    # ("head_size must be a multiple of 8"); this llama's is 20 (hidden 60, 3 heads)
+    checkpoint = build_checkpoint("llama", tmp_path / "head20", hidden_size=60,
+                                  num_attention_heads=3, num_key_value_heads=3)  # fmt: skip
+    with pytest.raises(InvalidRequest, match="head size 20 is not a multiple of 16") as info:
+        convert(checkpoint, "built", precision="fp32", backend="builder", library=library,
+                progress=False)  # fmt: skip
+    assert info.value.param == "backend" and "use backend 'optimum'" in info.value.message
+    assert library.list() == []
+
+    with caplog.at_level(logging.WARNING, logger="ortserve.convert"):
+        converted = convert(checkpoint, "auto", precision="fp32", library=library,
+                            progress=False)  # fmt: skip
+    assert converted.details["graph"] == "optimum"
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert said == [
+        "backend auto: exporting with optimum, not the model builder: the model builder's "
+        "graph cannot run this checkpoint: its head size 20 is not a multiple of 16, which "
+        "onnxruntime's CPU GroupQueryAttention needs"
+    ]
+    prompt = [5, 17, 33, 100, 7, 250, 31, 64]
+    assert greedy_genai(converted.path, prompt, 16) == greedy_transformers(
+        _reference(checkpoint), prompt, 16
+    )
 
 
 def test_fp16_for_the_cpu_with_qk_norm(tiny_checkpoint, library):

@@ -28,6 +28,41 @@ PUBLISHED = ROOT / "docs" / "openapi.json"
 # Cases per operation and generation mode (positive, negative); raise it to fuzz longer.
 EXAMPLES = int(os.environ.get("ORTSERVE_FUZZ_EXAMPLES", "100"))
 MODELS = ("tiny-chat", "tiny-llama", "all-minilm")  # not "broken": it is meant to fail loading
+GENERATORS, EMBEDDERS = ("tiny-chat", "tiny-llama"), ("all-minilm",)
+# Operations whose bodies name a model that must embed, or a model that must generate: a
+# schema cannot tell the two apart, so the positive cases name one that can.
+_EMBEDDING_PATHS = ("/api/embed", "/api/embeddings", "/v1/embeddings")
+_GENERATION_PATHS = ("/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions",
+                     "/v1/responses", "/v1/messages", "/v1/messages/count_tokens")  # fmt: skip
+# A schema-valid request may still be refused for what no schema can say. Each entry: the
+# operation ("*": any), the status, a regular expression its message matches, and why. Every
+# other 4xx answer to a positive case is the document promising more than the server accepts
+# ("schema-valid request rejected"), and fails the test.
+SEMANTIC_REFUSALS = [
+    ("POST /api/pull", 404, "", "the stand-in hub has no repositories"),
+    ("DELETE /api/delete", 404, "", "the served models are never deleted: no other name exists"),
+    ("GET /v1/responses/{response_id}", 404, "", "no stored response has a generated id"),
+    ("DELETE /v1/responses/{response_id}", 404, "", "no stored response has a generated id"),
+    ("HEAD /api/blobs/{digest}", 404, "", "documented: the file is absent"),
+    ("POST /api/blobs/{digest}", 400, "", "the generated body does not hash to its digest"),
+    ("POST /api/create", 400, "is not on the server", "no generated digest was uploaded"),
+    ("POST /api/create", 400, "quantize: ", "the base model's own precision"),
+    ("*", 400, r"\d\.0 is not of type 'integer'",
+     "2.0 for an integer is refused, as Ollama's Go structs do (said in the document's info)"),
+    ("*", 400, "dimensions must be between", "the embedding model's width"),
+    ("*", 400, "prompt is too long", "the model's context length"),
+    ("POST /v1/completions", 400, "at most 8 choices", "prompts times n: a product"),
+    ("*", 400, "names unknown function|No tool call found",
+     "a name or id that must match another part of the request"),
+    ("*", 400, "not valid JSON|must be a JSON object", "JSON text inside a string"),
+    ("*", 400, "not a valid JSON Schema|uses an |has no finite instance|too large|too deep",
+     "a JSON Schema inside the request: checked against the meta-schema and the guidance"),
+    ("*", 400, "prefill", "the last message's role"),
+    ("*", 400, "does not support thinking", "the model's chat template has no thinking section"),
+    ("POST /v1/responses", 404, "Previous response", "no stored response has a generated id"),
+    ("POST /api/push", 404, "", "the stand-in hub has no repositories"),
+    ("*", 422, "", "documented: a random-weight model's output failed the schema or tools"),
+]  # fmt: skip
 
 
 def test_every_route_of_the_app_is_in_the_table(tmp_path):
@@ -80,7 +115,7 @@ class _NoSuchRepo(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(b'{"error": "Repository not found"}')
 
-    do_HEAD = do_GET
+    do_HEAD = do_POST = do_GET  # a push's create_repo too
 
     def log_message(self, *args):
         pass
@@ -119,13 +154,21 @@ def test_schemathesis_finds_no_server_errors_and_answers_as_documented(fuzzed_se
             fuzz.operation(result.ok(), mode)
     statuses = dict(sorted(fuzz.statuses.items()))
     print(f"schemathesis: {fuzz.cases} cases over {len(ROUTES)} operations, statuses {statuses}, "
-          f"{fuzz.server_errors} 5xx, {len(fuzz.failures)} failures")  # fmt: skip
+          f"{fuzz.server_errors} 5xx, {len(fuzz.failures)} failures, "
+          f"{len(fuzz.rejected)} schema-valid requests rejected")  # fmt: skip
     for label, counts in fuzz.by_operation.items():
         print(f"  {label}: {dict(sorted(counts.items()))}")
+    for rejected in fuzz.rejected:
+        print(f"schema-valid request rejected: {rejected}")
     assert fuzz.cases >= len(ROUTES) * 10
     log = fuzzed_server.output()[-20000:]
     assert not fuzz.failures, "\n\n".join(fuzz.failures[:10]) + f"\n\nserver log:\n{log}"
     assert fuzz.server_errors == 0
+    # the document says what the server accepts: no positive case gets a 4xx it cannot explain
+    rejected = "\n\n".join(fuzz.rejected[:40])
+    assert fuzz.rejected_count == 0, (
+        f"{fuzz.rejected_count} schema-valid requests rejected:\n{rejected}"
+    )
 
 
 class _Fuzz:
@@ -152,12 +195,14 @@ class _Fuzz:
         )
         self.failures: list[str] = []
         self.kinds: set[tuple] = set()
+        self.rejected: list[str] = []  # one example of each kind of rejected positive case
+        self.rejected_count = 0
+        self.rejected_kinds: set[tuple] = set()
 
     def operation(self, operation, mode) -> None:
         from hypothesis import HealthCheck, Phase, given, settings
-        from hypothesis import strategies as st
 
-        names = st.sampled_from((None, None, None, *MODELS))  # None: keep the generated name
+        names = _model_names(operation, mode)
 
         @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
                   phases=[Phase.explicit, Phase.generate],
@@ -189,11 +234,47 @@ class _Fuzz:
         except (AssertionError, BaseExceptionGroup) as exc:
             problems.append(str(exc))
         problems += _ndjson_problems(response)
+        self._rejected_positive(case, response)
         kind = (case.operation.label, response.status_code, _title(problems))
         if problems and kind not in self.kinds:  # one example of each kind of failure
             self.kinds.add(kind)
             self.failures.append(f"{case.operation.label} -> {response.status_code}\n"
                                  f"{case.as_curl_command()}\n{''.join(problems)[:2000]}")  # fmt: skip
+
+    def _rejected_positive(self, case, response) -> None:
+        """Count a positive case answered 4xx for a reason SEMANTIC_REFUSALS does not give."""
+        if not case.meta.generation.mode.is_positive or not 400 <= response.status_code < 500:
+            return
+        for operation, status, said, _why in SEMANTIC_REFUSALS:
+            if (operation in ("*", case.operation.label) and status == response.status_code
+                    and re.search(said, response.text)):  # fmt: skip
+                return
+        self.rejected_count += 1
+        said = response.text[:300]
+        # the kind of refusal: its message without the values it quotes
+        kind = (case.operation.label, response.status_code, _QUOTED.sub("…", said)[:80])
+        if kind not in self.rejected_kinds:
+            self.rejected_kinds.add(kind)
+            self.rejected.append(f"{case.operation.label} -> {response.status_code}: {said}\n"
+                                 f"{case.as_curl_command()}")  # fmt: skip
+
+
+_QUOTED = re.compile(r"'[^']*'|\\\"[^\\]*\\\"")
+
+
+def _model_names(operation, mode):
+    """Served models for positive cases (one that can do what the operation asks); negative
+    cases keep the generated name 3 times in 4 (None), to reach the 404s too."""
+    from hypothesis import strategies as st
+    from schemathesis import GenerationMode
+
+    if mode != GenerationMode.POSITIVE:
+        return st.sampled_from((None, None, None, *MODELS))
+    if operation.path in _EMBEDDING_PATHS:
+        return st.sampled_from(EMBEDDERS)
+    if operation.path in _GENERATION_PATHS:
+        return st.sampled_from(GENERATORS)
+    return st.sampled_from(MODELS)
 
 
 def _with_model(case, model: str | None):
@@ -207,7 +288,9 @@ def _with_model(case, model: str | None):
     if case.operation.path == "/api/pull" and "model" in case.body:
         case.body["model"] = f"ortserve-test/{model}"  # asks the empty hub: 404
         return case
-    for key in ("model", "from", "source"):
+    # /api/create's model is the name it makes: the served ones are never overwritten
+    keys = ("from",) if case.operation.path == "/api/create" else ("model", "from", "source")
+    for key in keys:
         if key in case.body:
             case.body[key] = model
     return case

@@ -4,11 +4,14 @@ failure, clear errors for a provider that cannot run, and `ortserve doctor`."""
 from __future__ import annotations
 
 import http.server
+import json
 import logging
 import os
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from importlib import metadata
 
 import pytest
@@ -46,9 +49,7 @@ def test_a_named_provider_that_cannot_run_is_a_clear_error():
 def test_an_unknown_provider_name_stops_start_up_naming_the_variable():
     with pytest.raises(SettingsError) as info:
         Settings.from_env({"ORTSERVE_PROVIDER": "tpu"})
-    assert (
-        "ORTSERVE_PROVIDER='tpu' is invalid: must be one of auto, cpu, cuda" in info.value.message
-    )
+    assert info.value.message.startswith("ORTSERVE_PROVIDER must be one of auto, cpu, cuda")
 
 
 def test_a_provider_that_fails_to_load_falls_back_to_cpu_with_one_warning(
@@ -74,6 +75,116 @@ def test_a_provider_that_fails_to_load_falls_back_to_cpu_with_one_warning(
         runtime.release(loaded)
     finally:
         runtime.shutdown()
+
+
+# ---- WebGPU's software adapter without a Vulkan driver ------------------------------------------
+
+# The software-adapter switch makes the WebGPU plugin list the CPU as a device whatever Dawn
+# finds; VK_ICD_FILENAMES / VK_DRIVER_FILES naming no file leave the Vulkan loader (where one is
+# installed, as on CI) without any driver: what a machine without a Vulkan loader gives.
+NO_VULKAN = {
+    "ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER": "1",
+    "VK_ICD_FILENAMES": "/nonexistent/icd.json",
+    "VK_DRIVER_FILES": "/nonexistent/icd.json",
+}
+ORT_INTERNALS = ("onnxruntime_src", "[ONNXRuntimeError]", ".cc:", "onnxruntime::")
+
+
+def _probe_in(env: dict[str, str]) -> dict:
+    code = (
+        "import json; from ortserve.engine.providers import probe_all; "
+        "p = next(p for p in probe_all() if p.provider == 'webgpu'); "
+        "print(json.dumps({'usable': p.usable, 'reason': p.reason}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                         capture_output=True, text=True, check=True, timeout=120)  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_software_adapter_without_a_vulkan_driver_is_not_usable():
+    probe = _probe_in(NO_VULKAN)
+    assert not probe["usable"], probe  # it listed a device; a real session found no adapter
+    assert probe["reason"].startswith(
+        "onnxruntime-ep-webgpu lists a device (software adapter on the CPU) but cannot run on "
+        "it: Failed to get a WebGPU adapter"
+    )
+    assert probe["reason"].endswith("(Debian: apt install libvulkan1 mesa-vulkan-drivers)")
+    assert not any(internal in probe["reason"] for internal in ORT_INTERNALS), probe
+
+
+def test_doctor_says_webgpu_without_a_vulkan_driver_cannot_run(served_library):
+    result = _doctor(served_library, **NO_VULKAN, ORTSERVE_PROVIDER="webgpu",
+                     ORTSERVE_HOST=f"127.0.0.1:{free_port()}")  # fmt: skip
+    lines = _lines(result)
+    assert lines["webgpu"].startswith("no: onnxruntime-ep-webgpu lists a device"), lines
+    assert lines["generation on"].startswith("execution provider 'webgpu' cannot run here")
+    assert result.returncode == 1 and "fix: unset ORTSERVE_PROVIDER" in result.stdout
+
+
+def test_onnxruntime_internals_are_cut_from_a_message():
+    raw = (
+        "/onnxruntime_src/onnxruntime/core/session/plugin_ep/ep_plugin_provider_interfaces.cc:393 "
+        "virtual std::unique_ptr<onnxruntime::IExecutionProvider> onnxruntime::PluginExecution"
+        "ProviderFactory::CreateProvider(const OrtSessionOptions&, const OrtLogger&) "
+        "[ONNXRuntimeError] : 11 : EP_FAIL : /onnxruntime_src/onnxruntime/core/providers/webgpu/"
+        "webgpu_context.cc:136 onnxruntime::webgpu::WebGpuContext::Initialize(const onnxruntime::"
+        "webgpu::WebGpuContextConfig&)::<lambda()> adapter_result.status == wgpu::RequestAdapter"
+        "Status::Success was false. Failed to get a WebGPU adapter: No supported adapters"
+    )
+    assert providers.public_message(raw) == "Failed to get a WebGPU adapter: No supported adapters"
+    assert providers.public_message("a plain message (with parentheses)") == (
+        "a plain message (with parentheses)"
+    )
+
+
+@pytest.fixture
+def webgpu_claimed(monkeypatch):
+    """WebGPU claimed usable without its software adapter: og and onnxruntime really fail."""
+    monkeypatch.delenv("ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER", raising=False)
+    claimed = providers.Probe("webgpu", True, "claimed for the test")
+    real = providers._probe
+    monkeypatch.setattr(
+        providers, "_probe", lambda name, rt: claimed if name == "webgpu" else real(name, rt)
+    )
+
+
+def test_a_named_provider_that_fails_to_load_is_a_503_naming_it_and_the_fix(
+    served_library, webgpu_claimed
+):
+    settings = Settings(models=served_library.root, keep_alive=0, provider="webgpu")
+    runtime = Runtime(settings, served_library)
+    try:
+        for acquire, name in ((runtime.acquire, "tiny-llama"),
+                              (runtime.acquire_embedder, "all-minilm")):  # fmt: skip
+            with pytest.raises(ProviderUnavailable) as info:
+                acquire(name)
+            message = info.value.message
+            assert info.value.status == 503
+            assert message.startswith(
+                f"model \"{name}:latest\" cannot load on execution provider 'webgpu': "
+            ), message
+            assert message.endswith("; fix: set ORTSERVE_PROVIDER=cpu, or install a Vulkan "
+                                    "loader and driver (Debian: apt install libvulkan1 "
+                                    "mesa-vulkan-drivers)")  # fmt: skip
+            assert not any(internal in message for internal in ORT_INTERNALS), message
+    finally:
+        runtime.shutdown()
+
+
+def test_webgpu_named_without_a_vulkan_driver_is_a_503_over_http(make_server):
+    running = make_server(**NO_VULKAN, ORTSERVE_PROVIDER="webgpu")
+    for path, body in (("/api/generate", {"model": "tiny-chat", "prompt": "hi", "stream": False}),
+                       ("/v1/embeddings", {"model": "all-minilm", "input": "hi"})):  # fmt: skip
+        request = urllib.request.Request(running.url + path, json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=120)
+        assert info.value.code == 503, path
+        error = json.loads(info.value.read())["error"]
+        message = error if isinstance(error, str) else error["message"]
+        assert message.startswith("execution provider 'webgpu' cannot run here"), message
+        assert "libvulkan1" in message
+        assert not any(internal in message for internal in ORT_INTERNALS), message
 
 
 def test_two_flavours_are_refused_with_the_pip_commands(monkeypatch):

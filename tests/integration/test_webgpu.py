@@ -46,7 +46,8 @@ def webgpu_env():
            "ORTSERVE_ENGINE_LANES": "1"}  # fmt: skip
     probe = _webgpu_probe(env)
     if not probe["usable"]:
-        assert "lists no device" in probe["reason"], probe  # the plugin itself must be there
+        # the plugin itself must be there: it lists no device, or no adapter runs a graph
+        assert "lists no device" in probe["reason"] or "cannot run on it" in probe["reason"], probe
         pytest.skip(f"no Vulkan device for WebGPU: {probe['reason']}")
     return env
 

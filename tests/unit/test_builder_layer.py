@@ -117,6 +117,36 @@ def test_the_builder_backend_refuses_what_it_cannot_build():
         choose_graph(_checkpoint("bert", "encoder"), "builder")
 
 
+def _shaped(hidden: int, heads: int, kv_heads: int, **extra) -> Checkpoint:
+    config = {"model_type": "llama", "hidden_size": hidden, "num_attention_heads": heads,
+              "num_key_value_heads": kv_heads, **extra}  # fmt: skip
+    return Checkpoint(path=Path("."), config=config, kind="decoder")
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "why"),
+    [
+        (_shaped(3200, 32, 32), "head size 100 is not a multiple of 16"),  # open_llama_3b
+        (_shaped(96, 4, 2), "head size 24 is not a multiple of 16"),
+        (_shaped(64, 4, 4, head_dim=8), "head size 8 is not a multiple of 16"),
+        (_shaped(64, 4, 3), "4 attention heads are not a multiple of its 3 key/value heads"),
+    ],
+)
+def test_auto_takes_optimum_for_a_shape_the_builders_graph_cannot_run(checkpoint, why, caplog):
+    with caplog.at_level("WARNING", logger="ortserve.convert"):
+        assert choose_graph(checkpoint, "auto") == "optimum"
+    assert len(caplog.records) == 1 and why in caplog.records[0].getMessage()
+    with pytest.raises(InvalidRequest, match=why) as info:
+        choose_graph(checkpoint, "builder")
+    assert info.value.param == "backend"
+
+
+def test_shapes_the_builders_graph_runs():
+    for checkpoint in (_shaped(2048, 32, 8), _shaped(64, 4, 2), _shaped(64, 4, 2, head_dim=256)):
+        assert builder.unrunnable_shape(checkpoint) is None
+        assert choose_graph(checkpoint, "auto") == "builder"
+
+
 def test_backend_is_validated_and_recorded():
     with pytest.raises(InvalidRequest, match="backend 'onnx' is not one of auto, builder"):
         ConvertOptions(backend="onnx").validate()

@@ -85,7 +85,7 @@ def test_create_from_uploaded_files(client, library, tmp_path):
         ({"model": "x", "from": "base", "parameters": {"temprature": 1}}, 400,
          'unknown option "temprature"'),
         ({"model": "x", "from": "base", "parameters": {"temperature": "hot"}}, 400,
-         "invalid type for parameters.temperature"),
+         "parameters.temperature: 'hot' is not of type"),
         ({"model": "x", "from": "base", "messages": [{"role": "robot", "content": "x"}]}, 400,
          "messages[0].role: 'robot' is not one of"),
         ({"model": "x", "from": "base", "messages": [{"role": "user"}]}, 400,
