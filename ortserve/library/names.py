@@ -17,8 +17,11 @@ DEFAULT_TAG = "latest"
 _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _FORBIDDEN = ("\\", "\0", "..")
-# A Hugging Face repository id, ORG/REPO (the hub's own limit is 96 characters a part).
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+# A Hugging Face repository id, ORG/REPO, by the hub's rules (huggingface_hub's
+# validate_repo_id): at most 96 characters a part, ASCII letters, digits, '_', '.', '-', each
+# part starting with a letter or digit and not ending in '.' or '-'; no '--', '..' or '.git' end.
+_REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+REPO_ID = re.compile(rf"^(?!.*(?:--|\.\.))(?!.*\.git$){_REPO_PART}/{_REPO_PART}$")
 
 
 @dataclass(frozen=True)

@@ -288,6 +288,8 @@ def _with_model(case, model: str | None):
     if case.operation.path == "/api/pull" and "model" in case.body:
         case.body["model"] = f"ortserve-test/{model}"  # asks the empty hub: 404
         return case
+    if case.operation.path == "/api/push" and "destination" not in case.body:
+        return case  # the model's name is its destination: a served name is not a repository
     # /api/create's model is the name it makes: the served ones are never overwritten
     keys = ("from",) if case.operation.path == "/api/create" else ("model", "from", "source")
     for key in keys:
