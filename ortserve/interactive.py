@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ortserve.errors import OrtServeError
+from ortserve.options import parameter_text
 
 HELP = """Available Commands:
   /set parameter NAME VALUE   Set a parameter (temperature, top_k, num_predict, stop, ...)
@@ -166,7 +167,9 @@ class Session:
 
     def _show(self, what: str) -> None:
         if what == "parameters":
-            self.out(parameter_lines(self.options) or "No parameters set.\n")
+            self.out(
+                parameter_text(self.options) + "\n" if self.options else "No parameters set.\n"
+            )
         elif what == "system":
             self.out((self.system or "No system message was specified for this model.") + "\n")
         elif what == "info":
@@ -190,15 +193,6 @@ def parse_value(name: str, value: str, previous: Any) -> Any:
     typed = parameter_value(name, _unquote(value))
     check_parameters({name: typed})
     return typed
-
-
-def parameter_lines(options: dict[str, Any]) -> str:
-    """Ollama's form: one line per value, strings quoted (`stop "."`, `top_k 40`)."""
-    lines = []
-    for key, value in options.items():
-        for item in value if isinstance(value, list) else [value]:
-            lines.append(f"{key:<30} {json.dumps(item, ensure_ascii=False)}\n")
-    return "".join(lines)
 
 
 def timings(final: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ them, over the model's parameters and the defaults, into GenerationOptions.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -225,3 +226,12 @@ def _json_type(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "array"
     return "object"
+
+
+def parameter_text(parameters: dict[str, Any]) -> str:
+    """Ollama's text form: `key` padded to 30, a space, the value (strings quoted)."""
+    lines = []
+    for key, value in parameters.items():
+        for item in value if isinstance(value, list) else [value]:
+            lines.append(f"{key:<30} {json.dumps(item, ensure_ascii=False)}")
+    return "\n".join(lines)

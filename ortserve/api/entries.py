@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
 from ortserve.api.streaming import rfc3339
 from ortserve.library import ModelInfo
+from ortserve.options import parameter_text
 
 
 def tag_entry(info: ModelInfo) -> dict[str, Any]:
@@ -71,15 +71,6 @@ def model_info(info: ModelInfo) -> dict[str, Any]:
             out[f"{arch}.{key}"] = rest.pop(key)
     out.update({f"general.{key}": value for key, value in sorted(rest.items())})
     return out
-
-
-def parameter_text(parameters: dict[str, Any]) -> str:
-    """Ollama's text form: `key` padded to 30, a space, the value (strings quoted)."""
-    lines = []
-    for key, value in parameters.items():
-        for item in value if isinstance(value, list) else [value]:
-            lines.append(f"{key:<30} {json.dumps(item, ensure_ascii=False)}")
-    return "\n".join(lines)
 
 
 def ps_entry(loaded) -> dict[str, Any]:

@@ -127,3 +127,17 @@ def make_server(served_library):
 
 def models_dir(library: Library) -> Path:
     return library.root
+
+
+@pytest.fixture
+def own_library(tmp_path, served_library) -> Library:
+    """A library of its own holding a copy of tiny-chat, free to be damaged or
+    added to."""
+    library = Library(tmp_path / "models")
+    source = served_library.get("tiny-chat")
+    with library.staging("copy") as staged:
+        bundle = staged / "bundle"
+        shutil.copytree(source.path, bundle)
+        (bundle / "ortserve-files.json").unlink()
+        library.add("tiny-chat", bundle, {**source.manifest, "bundle": None})
+    return library

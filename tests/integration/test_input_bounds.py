@@ -4,7 +4,6 @@ input is cut or refused before it is tokenized."""
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import httpx
@@ -12,7 +11,6 @@ import numpy as np
 import psutil
 import pytest
 
-from ortserve.library import Library
 from tests.integration.conftest import Server
 
 pytestmark = pytest.mark.slow
@@ -45,17 +43,10 @@ def post(server: Server, path: str, body: dict) -> tuple[httpx.Response, float]:
 
 
 @pytest.fixture
-def chat_server(tmp_path, served_library):
+def chat_server(own_library):
     """A server over a library of its own: a copy of tiny-chat, and models added by tests."""
-    library = Library(tmp_path / "models")
-    source = served_library.get("tiny-chat")
-    with library.staging("copy") as staged:
-        bundle = staged / "bundle"
-        shutil.copytree(source.path, bundle)
-        (bundle / "ortserve-files.json").unlink()
-        library.add("tiny-chat", bundle, {**source.manifest, "bundle": None})
-    running = Server(library)
-    yield running, library
+    running = Server(own_library)
+    yield running, own_library
     running.stop()
 
 

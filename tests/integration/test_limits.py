@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -279,19 +278,6 @@ def test_generation_beyond_the_threads_answers_503_and_health_still_answers(serv
 
 
 # ---- integrity at load --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def own_library(tmp_path, served_library) -> Library:
-    """A library of its own holding a copy of tiny-chat, free to be damaged."""
-    library = Library(tmp_path / "models")
-    source = served_library.get("tiny-chat")
-    with library.staging("copy") as staged:
-        bundle = staged / "bundle"
-        shutil.copytree(source.path, bundle)
-        (bundle / "ortserve-files.json").unlink()
-        library.add("tiny-chat", bundle, {**source.manifest, "bundle": None})
-    return library
 
 
 def test_a_corrupted_bundle_refuses_to_load_and_verify_agrees(serve, own_library):
