@@ -18,8 +18,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	@echo "==> [3/4] torch 2.13.0: the CPU wheel, pinned first (not GBs of CUDA packages)"
 	$(PY) -m pip install $(PIP_FLAGS) torch==2.13.0
-	@echo "==> [4/4] ortserve with its convert and dev extras"
-	$(PY) -m pip install $(PIP_FLAGS) -e '.[convert,dev]'
+	@echo "==> [4/4] ortserve with its convert, ray and dev extras"
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[convert,ray,dev]'
 	touch $@
 	@echo "==> $(VENV) is ready"
 

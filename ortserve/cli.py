@@ -448,12 +448,27 @@ def _env_epilog() -> str:
 
 @cli.command(epilog=_env_epilog())
 @click.option("--waitress", is_flag=True, help="Serve with waitress (the Windows server).")
-def serve(waitress):
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+              metavar="[ADDRESS|auto]", help="Serve replicas on a Ray cluster (the `ray` extra): "
+              "its ADDRESS, auto (the running one), or none given: a Ray started here.")  # fmt: skip
+def serve(waitress, ray_address):
     """Serve the library over Ollama's API (ORTSERVE_HOST, default 127.0.0.1:11434)."""
+    _check_install()
+    if ray_address is not None:
+        _serve_on_ray(None if ray_address == "local" else ray_address)
+        return
     from ortserve.serve import serve as run_server
 
-    _check_install()
     run_server(_settings(), server="waitress" if waitress else None)
+
+
+def _serve_on_ray(address: str | None) -> None:
+    """Ray Serve replicas of the same app (docs/cluster.md)."""
+    try:
+        from ortserve.cluster.deployments import run
+    except ImportError as exc:
+        _fail(f"serving on Ray needs the ray extra: pip install 'ortserve[ray]' ({exc})")
+    run(address, _settings())
 
 
 @cli.command()

@@ -118,6 +118,9 @@ class Settings:
     nohistory: bool = False  # `ortserve run` writes no history file
     # Models loaded at start-up, in the background, and kept loaded; /readyz waits for them
     preload: tuple[str, ...] = ()
+    # Ray Serve replicas (ortserve serve --ray): autoscaled between these (docs/cluster.md)
+    min_replicas: int = 1
+    max_replicas: int = 1
     # Lines for the server's log: the OLLAMA_* variables read in place of unset ORTSERVE_* ones
     env_notes: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
@@ -434,6 +437,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("ORTSERVE_NOHISTORY", "", "`ortserve run` keeps no history file",
              "nohistory", _flag, "OLLAMA_NOHISTORY"),
     Variable("ORTSERVE_DEBUG", "", "Show the traceback of an unexpected CLI error"),
+    Variable("ORTSERVE_MIN_REPLICAS", "1", "Ray Serve replicas kept when idle (serve --ray)",
+             "min_replicas", _positive_int),
+    Variable("ORTSERVE_MAX_REPLICAS", "1", "Ray Serve replicas at most, added while requests "
+             "queue (serve --ray)", "max_replicas", _positive_int),
 )  # fmt: skip
 
 
