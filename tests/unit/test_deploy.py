@@ -25,6 +25,7 @@ from ortserve.config import VARIABLES, Settings, SettingsError, parse_duration, 
 DEPLOY = Path(__file__).parents[2] / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
 OVERLAYS = sorted(p.parent.name for p in (KUBERNETES / "overlays").glob("*/kustomization.yaml"))
+DEPLOYMENTS = [o for o in OVERLAYS if o.startswith("deployment")]  # `ortserve serve` pods
 K8S_VERSION = "1.37"
 NAMESPACE = "ortserve"  # the overlays' namespace, which the KEDA query names
 
@@ -74,8 +75,9 @@ def plain_env(docs, container: dict) -> dict[str, str]:
 
 
 def test_the_overlays():
-    """A plain Deployment scaled by an HPA, and by KEDA (the RayService one comes with Ray)."""
-    assert OVERLAYS == ["deployment", "deployment-keda"]
+    """A plain Deployment scaled by an HPA, and by KEDA; the Ray Serve app as a RayService."""
+    assert OVERLAYS == ["deployment", "deployment-keda", "rayservice"]
+    assert DEPLOYMENTS == ["deployment", "deployment-keda"]
 
 
 # ---- schemas ----------------------------------------------------------------------------------
@@ -121,7 +123,28 @@ def check_service_monitor(doc: dict) -> None:
         assert credentials["name"] and credentials["key"]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@crd("RayService")
+def check_ray_service(doc: dict) -> None:
+    """KubeRay's ray.io/v1 RayService (ray-operator/config/crd/bases/ray.io_rayservices.yaml):
+    the fields it requires and the types it gives them; the pod templates and the serve
+    Service are core kinds, validated strictly by test_the_rayservice_is_valid."""
+    assert doc["apiVersion"] == "ray.io/v1"
+    spec = doc["spec"]
+    applications = yaml.safe_load(spec["serveConfigV2"])["applications"]  # a YAML string
+    assert all(isinstance(a["import_path"], str) for a in applications)
+    cluster = spec["rayClusterConfig"]
+    assert isinstance(cluster["enableInTreeAutoscaling"], bool)
+    head = cluster["headGroupSpec"]
+    assert all(isinstance(v, str) for v in head["rayStartParams"].values())  # map of strings
+    assert head["template"]["spec"]["containers"]
+    for group in cluster["workerGroupSpecs"]:
+        assert isinstance(group["groupName"], str)
+        assert all(isinstance(v, str) for v in group.get("rayStartParams", {}).values())
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        assert group["template"]["spec"]["containers"]
+
+
+@pytest.mark.parametrize("overlay", DEPLOYMENTS)
 def test_every_document_is_valid(overlay):
     """Core kinds against Kubernetes 1.37's strict schemas; CRDs by their checks above."""
     kinds = set()
@@ -174,7 +197,7 @@ def route(app, path: str) -> str:
     return app.url_map.bind("localhost").match(path, method="GET")[0]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYMENTS)
 def test_probes_ask_the_servers_own_routes_on_its_port(overlay, app):
     docs = render(overlay)
     container = server_container(docs)
@@ -246,7 +269,7 @@ def test_the_autoscalers_scale_on_the_gauge_the_server_exports(app):
     assert "HorizontalPodAutoscaler" not in {d["kind"] for d in render("deployment-keda")}
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYMENTS)
 def test_prometheus_scrapes_metrics_with_a_key_from_the_secret(overlay, app):
     docs = render(overlay)
     monitor, service = one(docs, "ServiceMonitor"), one(docs, "Service")
@@ -271,7 +294,7 @@ def keys_volume(docs) -> dict:
     return volume["secret"]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYMENTS)
 def test_keys_come_from_a_secret_and_the_pod_runs_as_no_root(overlay):
     docs = render(overlay)
     assert keys_volume(docs)["secretName"] == "ortserve-api-keys"
@@ -289,7 +312,7 @@ def test_keys_come_from_a_secret_and_the_pod_runs_as_no_root(overlay):
         assert {"/models", "/tmp"} <= mounts  # the only places written
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYMENTS)
 def test_the_library_volume_and_its_filling(overlay):
     docs = render(overlay)
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
@@ -307,7 +330,7 @@ def test_the_library_volume_and_its_filling(overlay):
     assert plain_env(docs, pull)["ORTSERVE_API_KEYS"] == ""  # the CLI needs no key file
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", DEPLOYMENTS)
 def test_every_setting_the_manifests_give_is_a_valid_one(overlay):
     """A misspelt or bad ORTSERVE_* would only show when a pod starts: read them here."""
     docs = render(overlay)
@@ -336,6 +359,193 @@ def test_shutdown_fits_the_grace_period_and_disruptions_take_one_at_a_time():
 
 def pod_labels(docs) -> dict:
     return one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+
+
+# ---- the KubeRay RayService -------------------------------------------------------------------
+
+
+def ray_service() -> dict:
+    return one(render("rayservice"), "RayService")
+
+
+def ray_pods() -> dict[str, dict]:
+    """The head's and each worker group's pod template."""
+    cluster = ray_service()["spec"]["rayClusterConfig"]
+    pods = {"head": cluster["headGroupSpec"]["template"]}
+    pods.update({g["groupName"]: g["template"] for g in cluster["workerGroupSpecs"]})
+    return pods
+
+
+def ray_application() -> dict:
+    [application] = yaml.safe_load(ray_service()["spec"]["serveConfigV2"])["applications"]
+    return application
+
+
+def application_env() -> dict[str, str]:
+    """What every Replica reads: the head container's environment (where the builder runs),
+    the application's runtime_env, then the builder's args on top (cluster.build)."""
+    docs = render("rayservice")
+    head = ray_pods()["head"]["spec"]["containers"][0]
+    application = ray_application()
+    return {**plain_env(docs, head), **application["runtime_env"]["env_vars"],
+            **application["args"]}  # fmt: skip
+
+
+def test_the_rayservice_is_valid():
+    """Core kinds strictly; the RayService by its CRD's fields, and what it embeds (pod
+    templates, the serve Service) strictly as the core kinds KubeRay makes of them."""
+    docs = render("rayservice")
+    for doc in docs:
+        assert doc["metadata"]["namespace"] == NAMESPACE
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            CRD_CHECKS[doc["kind"]](doc)
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "PersistentVolumeClaim",
+                                               "PodDisruptionBudget", "RayService"]  # fmt: skip
+    for name, template in ray_pods().items():
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate",
+                                      "metadata": {"name": name}, "template": template},
+                                     K8S_VERSION, strict=True)  # fmt: skip
+    service = ray_service()["spec"]["serveService"]
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "Service", **service},
+                                 K8S_VERSION, strict=True)  # fmt: skip
+
+
+def test_the_rayservice_runs_the_ortserve_application():
+    """serveConfigV2 names a real builder, and its settings are valid ones that agree with
+    the cluster: worker bounds = replica bounds (one replica a node), threads = the worker's
+    CPU limit, the proxy's port = the serve port, Ray's pin = the `ray` extra's."""
+    pytest.importorskip("ray.serve")  # the `ray` extra, as tests/unit/test_cluster.py
+    import ortserve.cluster
+    from ortserve.cluster.deployments import APP_NAME, build
+
+    application = ray_application()
+    module, _, attribute = application["import_path"].partition(":")
+    assert module == "ortserve.cluster" and getattr(ortserve.cluster, attribute) is build
+    assert application["name"] == APP_NAME and application["route_prefix"] == "/"
+
+    env = application_env()
+    names = {v.name for v in VARIABLES}
+    assert {k for k in env if k.startswith("ORTSERVE_")} <= names
+    settings = Settings.from_env({k: v for k, v in env.items() if k != "ORTSERVE_API_KEYS"})
+
+    spec = ray_service()["spec"]
+    config = yaml.safe_load(spec["serveConfigV2"])
+    [group] = spec["rayClusterConfig"]["workerGroupSpecs"]
+    assert (group["minReplicas"], group["maxReplicas"]) == (settings.min_replicas,
+                                                            settings.max_replicas)  # fmt: skip
+    assert settings.min_replicas < settings.max_replicas  # it autoscales
+    assert spec["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    worker = group["template"]["spec"]["containers"][0]
+    assert settings.compute_threads == int(worker["resources"]["limits"]["cpu"])
+
+    host, port = parse_host(env["ORTSERVE_HOST"])
+    assert (host, port) == (config["http_options"]["host"], config["http_options"]["port"])
+    assert host == "0.0.0.0"  # not loopback: the Host guard answers for the Service's name
+    for template in ray_pods().values():
+        ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+        assert ports["serve"] == port
+    assert spec["serveService"]["spec"]["ports"] == [{"name": "serve", "port": port}]
+    assert spec["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+    pin = re.search(r"ray\[serve\]==([\d.]+)\.\*", (DEPLOY.parent / "setup.cfg").read_text())[1]
+    assert spec["rayClusterConfig"]["rayVersion"].startswith(pin + ".")
+    grace = settings.grace_period
+    assert group["template"]["spec"]["terminationGracePeriodSeconds"] >= grace + 10
+
+
+def test_ray_serve_takes_the_config_and_builds_the_application(monkeypatch):
+    """What KubeRay hands Ray Serve, read by Ray Serve itself: its config schema, then the
+    builder called with the args as `serve deploy` calls it (the key file aside)."""
+    pytest.importorskip("ray.serve")  # the `ray` extra, as tests/unit/test_cluster.py
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    spec = ray_service()["spec"]
+    config = ServeDeploySchema.model_validate(yaml.safe_load(spec["serveConfigV2"]))
+    assert (config.http_options.host, config.http_options.port) == ("0.0.0.0", 8000)
+    [application] = config.applications
+    # the builder's environment: the head container's, then the application's runtime_env
+    head = ray_pods()["head"]["spec"]["containers"][0]
+    env = {**plain_env(render("rayservice"), head), **application.runtime_env["env_vars"]}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("ORTSERVE_API_KEYS")
+    built = call_user_app_builder_with_args_if_necessary(
+        ray_serve_builder(application.import_path), application.args
+    )
+    assert isinstance(built, Application)
+
+
+def ray_serve_builder(import_path: str):
+    import importlib
+
+    module, _, attribute = import_path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def test_rayservice_workers_are_ready_once_the_app_is(app):
+    """Worker readiness is the app's /readyz through the node's Serve proxy (KubeRay's
+    default would run wget, which the image lacks); the head keeps KubeRay's Ray checks,
+    which do not wait for the application KubeRay submits only once the head is ready."""
+    for name, template in ray_pods().items():
+        container = template["spec"]["containers"][0]
+        if name == "head":
+            assert "readinessProbe" not in container and "livenessProbe" not in container
+            continue
+        get = container["readinessProbe"]["httpGet"]
+        assert get == {"path": "/readyz", "port": "serve"}
+        assert route(app, get["path"]) == "ops.readyz"
+        assert get["path"] in OPEN_PATHS and app.test_client().get(get["path"]).status_code != 401
+        assert "livenessProbe" not in container  # KubeRay's raylet check
+
+
+def test_rayservice_pods_mount_the_library_and_keys_and_run_as_no_root():
+    docs = render("rayservice")
+    env = application_env()
+    keys = Path(env["ORTSERVE_API_KEYS"].removeprefix("@"))
+    claim = one(docs, "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # pods on several nodes
+    uid = int(last(dockerfile_stages()["cpu"], "USER").split(":")[0])
+    for template in ray_pods().values():
+        pod = template["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert pod["automountServiceAccountToken"] is False
+        security = pod["securityContext"]
+        assert security["runAsNonRoot"] is True and security["runAsUser"] == uid > 0
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            assert container["image"] == "ortserve-ray"
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["readOnlyRootFilesystem"] is True
+            assert context["capabilities"] == {"drop": ["ALL"]}
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            library = volumes[mounts[env["ORTSERVE_MODELS"]]["name"]]
+            assert library["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+            assert "/tmp" in mounts
+        server = pod["containers"][0]
+        mount = {m["mountPath"]: m for m in server["volumeMounts"]}[str(keys.parent)]
+        assert mount["readOnly"] is True
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["secretName"] == "ortserve-api-keys"
+        assert {"key": "keys", "path": keys.name} in secret["items"]
+    # the library is filled once, on the head, before Ray (and so any Replica) starts
+    [pull] = ray_pods()["head"]["spec"]["initContainers"]
+    assert "ortserve pull" in pull["command"][-1]
+    assert plain_env(docs, pull)["ORTSERVE_MODELS"] == env["ORTSERVE_MODELS"]
+    assert plain_env(docs, pull)["ORTSERVE_PRELOAD"] == env["ORTSERVE_PRELOAD"]
+
+
+def test_rayservice_disruptions_take_one_worker_at_a_time():
+    pdb = one(render("rayservice"), "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    labels = ray_pods()["cpu"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert not pdb["spec"]["selector"]["matchLabels"].items() <= ray_pods()["head"]["metadata"][
+        "labels"].items()  # fmt: skip
 
 
 # ---- the Dockerfile ---------------------------------------------------------------------------
@@ -391,6 +601,16 @@ def test_the_image_serves_on_11434_as_no_root_and_requires_keys(target, tmp_path
     settings = Settings.from_env({**env, "ORTSERVE_API_KEYS": "@" + str(tmp_path / "keys")})
     assert settings.api_keys == (("app", "k" * 32),)
     assert list(stages)[-1] == "cpu"  # the default target
+
+
+def test_the_image_takes_the_ray_extra_for_the_rayservice():
+    """The RayService's image is the CPU target with --build-arg ORTSERVE_EXTRAS=[ray]."""
+    steps = dockerfile_stages()["cpu"]
+    assert ("ARG", "ORTSERVE_EXTRAS=") in steps
+    [install] = [a for i, a in steps if i == "RUN" and "pip install" in a]
+    assert install.endswith('"$(echo /wheels/ortserve-*.whl)${ORTSERVE_EXTRAS}"')
+    assert "--build-arg ORTSERVE_EXTRAS=[ray]" in (DEPLOY / "README.md").read_text()
+    assert re.search(r"^ray =\n\s+ray\[serve\]", (DEPLOY.parent / "setup.cfg").read_text(), re.M)
 
 
 def test_the_build_context_holds_what_the_wheel_needs():
