@@ -382,11 +382,11 @@ def pull(
     model_name = ModelName.parse(name or ref.default_name())  # a bad name fails first
     library = library or Library()
     ref, precision = resolve(ref, library, precision)
-    job = _Pull(ref, model_name, library, progress or _ignore, cancel)
+    job = _Pull(ref, model_name, library, progress or ignore_progress, cancel)
     return job.run(precision)
 
 
-def _ignore(_status: PullStatus) -> None:
+def ignore_progress(_status: PullStatus) -> None:
     pass
 
 
@@ -566,7 +566,7 @@ class _Pull:
         disable_progress_bars("huggingface_hub.http_get")  # ours are reported instead
         status = f"downloading {file.path}"
         incomplete = _incomplete_path(self.ref.repo, file)
-        report = _ignore if quiet else self.report
+        report = ignore_progress if quiet else self.report
         report(PullStatus(status, file.digest, file.size, _size(incomplete)))
         watch = _watch(incomplete, lambda n: report(PullStatus(status, file.digest, file.size, n)))
         errors = hub_errors(f"cannot pull {self.ref.source!r}", revision=self.ref.revision)

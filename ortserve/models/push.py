@@ -28,7 +28,7 @@ from ortserve.hub import endpoint, hub_errors
 from ortserve.library import bundle as bundles
 from ortserve.library.store import INDEX_FILE, Library, ModelInfo
 from ortserve.models import pushed
-from ortserve.models.pull import HF_HOST, ProgressFn, PullRef, PullStatus
+from ortserve.models.pull import HF_HOST, ProgressFn, PullRef, PullStatus, ignore_progress
 
 _CONNECT_TIMEOUT_S = 5.0
 _READ_TIMEOUT_S = 30.0
@@ -97,11 +97,9 @@ def push(
         target = parse_target(info.name, param="model")
     else:
         target = parse_target(destination)
-    return _Push(info, target, library, progress or _ignore, cancel or threading.Event()).run()
-
-
-def _ignore(_status: PullStatus) -> None:
-    pass
+    return _Push(
+        info, target, library, progress or ignore_progress, cancel or threading.Event()
+    ).run()
 
 
 class _Push:
