@@ -11,6 +11,11 @@ A spec (YAML or JSON) is a list of entries, or a mapping with `models:` and `def
 Each entry converts in its own process, so a crash or an out-of-memory kill fails that entry
 alone. An entry whose model is already in the library from the same source revision (a
 commit, or a local directory's fingerprint) and options is skipped, so a re-run resumes.
+
+With `ray_address`, each entry is a Ray task instead, declaring the same memory estimate as
+its resource need, on a cluster whose nodes share the library directory (docs/batch.md). An
+entry with `push: hf.co/ORG/REPO[:VARIANT]` is pushed once it is in the library, by the
+`publish` function the caller passes (ortserve.models.push.push: converters sit below it).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -29,13 +36,13 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from converters.convert import STEPS, ConvertOptions, convert
 from converters.progress import Progress
 from converters.source import default_name, fingerprint, is_repo_id
 from ortserve import humanize
-from ortserve.errors import InvalidRequest, OrtServeError
+from ortserve.errors import InvalidRequest, OrtServeError, SourceUnavailable
 from ortserve.library import Library, ModelInfo, ModelName
 
 REPORT_NAME = "batch-report.json"
@@ -44,6 +51,8 @@ REPORT_NAME = "batch-report.json"
 PEAK_FACTOR = 3.5
 _FP32_BYTES = 4
 _HUB_TIMEOUT_S = 10
+# [hf.co/]ORG/REPO[:VARIANT]; ortserve.models.push parses it fully when it pushes
+_PUSH_TARGET = re.compile(r"(?:(?:hf\.co|huggingface\.co)/)?(?P<repo>[^:@\s]+)(?::[\w.-]+)?")
 
 
 # ---- the spec --------------------------------------------------------------------------------
@@ -63,10 +72,11 @@ class BatchEntry:
     allow_pickle: bool = False
     verify: bool = True
     backend: str = "auto"
+    push: str | None = None  # hf.co/ORG/REPO[:VARIANT] to push to once converted
 
     def convert_options(self) -> dict[str, Any]:
         """The keyword arguments of convert() besides source and name."""
-        return {k: v for k, v in asdict(self).items() if k not in ("source", "name")}
+        return {k: v for k, v in asdict(self).items() if k not in _NOT_OPTIONS}
 
     @property
     def options(self) -> ConvertOptions:
@@ -74,6 +84,8 @@ class BatchEntry:
 
 
 _FIELDS = {f.name for f in fields(BatchEntry)}
+_NOT_OPTIONS = ("source", "name", "push")
+_PER_ENTRY = ("source", "name", "push")  # one value per entry: a default makes no sense
 _TYPES: dict[str, tuple[type, ...]] = {
     "source": (str,),
     "name": (str,),
@@ -85,6 +97,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "allow_pickle": (bool,),
     "verify": (bool,),
     "backend": (str,),
+    "push": (str, type(None)),
 }
 _TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false"}
 
@@ -164,7 +177,7 @@ def _split_top(data: Any) -> tuple[list[Any], dict[str, Any], list[str]]:
 def _default_errors(defaults: dict[str, Any]) -> list[str]:
     errors = []
     for key, value in defaults.items():
-        if key in ("source", "name"):
+        if key in _PER_ENTRY:
             errors.append(f"defaults.{key}: set per entry, not in defaults")
         elif key not in _FIELDS:
             errors.append(f"defaults.{key}: unknown field (fields: {', '.join(_TYPES)})")
@@ -216,7 +229,14 @@ def _value_errors(entry: BatchEntry) -> list[str]:
         entry.options.validate()
     except InvalidRequest as exc:
         errors.append(f"{exc.param}: {exc.message}")
+    if entry.push is not None and not _is_push_target(entry.push):
+        errors.append(f"push: {entry.push!r} is not hf.co/ORG/REPO[:VARIANT]")
     return errors
+
+
+def _is_push_target(text: str) -> bool:
+    match = _PUSH_TARGET.fullmatch(text.strip())
+    return bool(match) and is_repo_id(match["repo"]) and ".." not in match["repo"]
 
 
 def _locate(source: str, base: Path | None) -> str:
@@ -241,7 +261,23 @@ def _duplicate_names(parsed: list[tuple[int, BatchEntry]]) -> list[str]:
         if key in seen:
             errors.append(f"models[{index}].name: {entry.name!r} is also models[{seen[key]}]'s")
         seen.setdefault(key, index)
+    targets: dict[str, int] = {}
+    for index, entry in parsed:  # two bundles pushed to one place: the second replaces the first
+        target = _push_key(entry.push)
+        if target in targets:
+            errors.append(
+                f"models[{index}].push: {entry.push!r} is also models[{targets[target]}]'s"
+            )
+        if target is not None:
+            targets.setdefault(target, index)
     return errors
+
+
+def _push_key(push: str | None) -> str | None:
+    if push is None:
+        return None
+    key = push.strip().lower().removeprefix("hf.co/").removeprefix("huggingface.co/")
+    return key.removesuffix(":latest")  # :latest is the repository's root, as no variant
 
 
 # ---- skip: what the source is now, and what the library has --------------------------------
@@ -384,6 +420,8 @@ class EntryResult:
     size: int | None = None
     digest: str | None = None
     error: str | None = None
+    node: str | None = None  # where it ran: this host's name, or the Ray node's id
+    pushed: str | None = None  # the hub destination it was pushed to
 
 
 @dataclass
@@ -422,12 +460,19 @@ class BatchReport:
         """The terminal summary: one row per entry, then the totals."""
         rows = [
             [e.name, e.status, f"{e.seconds:.1f}s",
-             humanize.size(e.size) if e.size is not None else "-", e.error or ""]
+             humanize.size(e.size) if e.size is not None else "-", _short_node(e.node),
+             e.error or (f"pushed to {e.pushed}" if e.pushed else "")]
             for e in self.entries
         ]  # fmt: skip
         totals = ", ".join(f"{n} {status}" for status, n in self.counts().items())
         summary = f"{totals} in {self.seconds:.1f}s"
-        return humanize.table(["NAME", "STATUS", "TIME", "SIZE", "ERROR"], rows) + "\n" + summary
+        header = ["NAME", "STATUS", "TIME", "SIZE", "NODE", "ERROR"]
+        return humanize.table(header, rows) + "\n" + summary
+
+    def nodes(self) -> dict[str, int]:
+        """How many entries each node ran (skipped ones ran nowhere)."""
+        ran = [e.node for e in self.entries if e.node is not None]
+        return {node: ran.count(node) for node in dict.fromkeys(ran)}
 
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Write the JSON report atomically: a reader sees the old report or the new one."""
@@ -443,7 +488,22 @@ class BatchReport:
         return path
 
 
+def _short_node(node: str | None) -> str:
+    """A Ray node id (56 hex digits) as its first 12, as `ray status` shortens it."""
+    if node is None:
+        return "-"
+    if len(node) == 56 and all(c in "0123456789abcdef" for c in node):
+        return node[:12]
+    return node
+
+
 # ---- running ---------------------------------------------------------------------------------
+
+
+class Publish(Protocol):
+    """Push library model `name` to `destination` (ortserve.models.push.push has this shape)."""
+
+    def __call__(self, name: str, destination: str, *, library: Library) -> Any: ...
 
 
 def run(
@@ -454,26 +514,68 @@ def run(
     report: str | os.PathLike[str] | None = None,
     progress: bool = True,
     memory: int | None = None,
+    ray_address: str | None = None,
+    publish: Publish | None = None,
 ) -> BatchReport:
     """Convert every entry of `spec` (a path, a list of dicts, or load_spec's entries).
 
     Failures are recorded in the report, never raised; only a bad spec raises, before
     anything runs. `memory` is the byte budget for running conversions (default: what is
     available now). The JSON report goes to `report`, else beside a spec file.
+
+    `ray_address` ("auto", a cluster's address, or "local" for a Ray started here) runs each
+    entry as a Ray task instead of a local process; `jobs` and `memory` are then the
+    cluster's business. Entries with `push:` are pushed by `publish` once in the library.
     """
     entries, spec_path = _entries(spec)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise InvalidRequest(f"jobs must be a whole number >= 1, got {jobs!r}", param="jobs")
+    _check_publish(entries, publish)
     library = library or Library()
-    budget = memory if memory is not None else available_memory()
     started = time.perf_counter()
-    runner = _Runner(library, Slots(jobs, budget), _Echo(len(entries), enabled=progress))
+    echo = _Echo(len(entries), enabled=progress)
+    if ray_address is None:
+        budget = memory if memory is not None else available_memory()
+        runner: _Runner = _Runner(library, Slots(jobs, budget), echo)
+    else:
+        runner = _RayRunner(library, ray_address, echo)
     results = runner.run(entries)
+    if publish is not None:
+        _publish_all(entries, results, library, publish, echo)
     batch = BatchReport(results, time.perf_counter() - started, jobs, spec_path)
     target = report or (Path(spec_path).parent / REPORT_NAME if spec_path else None)
     if target:
         batch.write(target)
     return batch
+
+
+def _check_publish(entries: list[BatchEntry], publish: Publish | None) -> None:
+    pushing = [i for i, entry in enumerate(entries) if entry.push is not None]
+    if pushing and publish is None:
+        raise InvalidRequest(
+            f"batch spec: models[{pushing[0]}].push: pushing needs ortserve's push: run "
+            "`ortserve convert --batch`, or pass publish=ortserve.models.push.push",
+            param="batch",
+        )
+
+
+def _publish_all(entries: list[BatchEntry], results: list[EntryResult], library: Library,
+                 publish: Publish, echo: _Echo) -> None:  # fmt: skip
+    """Push each entry that asks to and is in the library (converted now or before: a push of
+    what the hub already has commits nothing, so a re-run finishes an interrupted push)."""
+    for index, (entry, result) in enumerate(zip(entries, results, strict=True)):
+        if entry.push is None or result.status == "failed":
+            continue
+        echo(index, result.name, f"pushing to {entry.push}")
+        try:
+            publish(result.name, entry.push, library=library)
+        except OrtServeError as exc:
+            result.status = "failed"
+            result.error = f"in the library, but the push to {entry.push} failed: {exc.message}"
+            echo(index, result.name, result.error)
+            continue
+        result.pushed = entry.push
+        echo(index, result.name, f"pushed to {entry.push}")
 
 
 def _entries(spec: Any) -> tuple[list[BatchEntry], str | None]:
@@ -593,7 +695,10 @@ class _Runner:
     def _finish(self, work: _Work) -> None:
         seconds = round(time.perf_counter() - work.started, 3)
         kind, value = work.outcome or ("failed", _died(work.process.exitcode))
-        result = EntryResult(_display(work.entry.name), work.probe.source, kind, seconds)
+        self._record(work, kind, value, seconds, socket.gethostname())
+
+    def _record(self, work: _Work, kind: str, value: Any, seconds: float, node: str | None) -> None:
+        result = EntryResult(_display(work.entry.name), work.probe.source, kind, seconds, node=node)
         if kind == "converted":
             result.size, result.digest = value["size"], value["digest"]
             text = f"converted in {seconds:.1f}s ({humanize.size(result.size)})"
@@ -602,6 +707,102 @@ class _Runner:
             text = f"failed in {seconds:.1f}s: {value}"
         self.results[work.index] = result
         self.echo(work.index, result.name, text)
+
+
+class _RayRunner(_Runner):
+    """Entries as Ray tasks. Each declares its estimated peak as `memory` and one CPU, so Ray
+    places it on a node with that much unreserved; the library directory is shared by the
+    nodes. A task whose worker or node dies is retried once (max_retries), an ordinary
+    conversion error never is (retry_exceptions=False: it would fail the same way again)."""
+
+    def __init__(self, library: Library, address: str, echo: _Echo):
+        super().__init__(library, Slots(1, None), echo)
+        self.address = address
+
+    def _execute(self, pending: deque[_Work]) -> None:
+        try:
+            import ray
+        except ImportError as exc:
+            raise InvalidRequest(f"ray_address needs the ray extra: pip install 'ortserve[ray]' "
+                                 f"({exc})", param="ray_address") from exc  # fmt: skip
+        connected_here = not ray.is_initialized()  # else the caller's connection is used
+        if connected_here:
+            try:
+                ray.init(address=None if self.address == "local" else self.address,
+                         namespace="ortserve", log_to_driver=False)  # fmt: skip
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise SourceUnavailable(f"cannot reach the Ray cluster at {self.address!r}: "
+                                        f"{' '.join(str(exc).split())}") from exc  # fmt: skip
+        try:
+            self._run_tasks(ray, pending)
+        finally:
+            if connected_here:
+                ray.shutdown()
+
+    def _run_tasks(self, ray: Any, pending: deque[_Work]) -> None:
+        largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]),
+                      default=0)  # fmt: skip
+        task = ray.remote(_convert_on_ray)
+        live = {self._submit(task, work, largest): work for work in pending}
+        try:
+            while live:
+                done, _ = ray.wait(list(live), num_returns=1)
+                for ref in done:
+                    self._collect(ray, ref, live.pop(ref))
+        finally:  # interrupted: the cluster stops converting for us
+            for ref in live:
+                ray.cancel(ref, force=True)
+
+    def _submit(self, task: Any, work: _Work, largest: int) -> Any:
+        # An entry bigger than every node still gets its chance on the largest, as locally
+        # it runs alone: a need no node has would wait forever.
+        memory = min(work.probe.peak, largest) if largest else work.probe.peak
+        options: dict[str, Any] = {"num_cpus": 1, "max_retries": 1, "retry_exceptions": False,
+                                   "name": f"convert {_display(work.entry.name)}"}  # fmt: skip
+        if memory > 0:
+            options["memory"] = memory
+        env = {k: os.environ[k] for k in _RAY_ENV if k in os.environ}
+        if env:
+            options["runtime_env"] = {"env_vars": env}
+        work.started = time.perf_counter()
+        need = f", ~{humanize.size(memory)} memory" if memory else ""
+        self.echo(work.index, _display(work.entry.name),
+                  f"submitted to Ray: {work.entry.source} ({work.entry.precision}{need})")  # fmt: skip
+        return task.options(**options).remote(asdict(work.entry), str(self.library.root))
+
+    def _collect(self, ray: Any, ref: Any, work: _Work) -> None:
+        from ray.exceptions import RayError, RayTaskError
+
+        try:
+            kind, value, node, seconds = ray.get(ref)
+        except RayTaskError as exc:  # raised outside convert_entry's own handling
+            kind, value, node = "failed", _one_line(exc.cause or exc), None
+            seconds = round(time.perf_counter() - work.started, 3)
+        except RayError as exc:  # its worker or node died, twice
+            kind, node = "failed", None
+            value = f"its Ray worker died, also when retried: {_one_line(exc)}"
+            seconds = round(time.perf_counter() - work.started, 3)
+        self._record(work, kind, value, seconds, node)
+
+
+# What the driver's environment says about WHICH hub to convert from, for the tasks (secrets
+# such as HF_TOKEN are not sent: runtime_env is visible in Ray's dashboard).
+_RAY_ENV = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "ORTSERVE_DEBUG")
+
+
+def _convert_on_ray(entry: dict[str, Any], root: str) -> tuple[str, Any, str, float]:
+    """A Ray task: convert_entry, and the node it ran on."""
+    import ray
+
+    started = time.perf_counter()
+    kind, value = convert_entry(entry, root, Progress(STEPS, "", enabled=False))
+    node = ray.get_runtime_context().get_node_id()
+    return kind, value, node, round(time.perf_counter() - started, 3)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def _died(exitcode: int | None) -> str:
@@ -656,21 +857,28 @@ def _convert_one(entry: dict[str, Any], root: str, conn: Connection, jobs: int) 
     _watch_parent(os.getppid())
     # parallel entries share the cores instead of each spawning a thread per core
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    try:
+        conn.send(convert_entry(entry, root, _StepSender(conn)))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole batch; the parent reports it
+        pass
+    finally:
+        conn.close()
+
+
+def convert_entry(entry: dict[str, Any], root: str, progress: Progress) -> tuple[str, Any]:
+    """Convert one entry into the library at `root`: ("converted", {size, digest}) or
+    ("failed", message). An entry's process and a Ray task both run this."""
     spec = BatchEntry(**entry)
     try:
         info = convert(spec.source, spec.name, library=Library(root),
-                       progress=_StepSender(conn), **spec.convert_options())  # fmt: skip
-        conn.send(("converted", {"size": info.size, "digest": info.digest}))
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole batch; the parent reports it
-        pass
+                       progress=progress, **spec.convert_options())  # fmt: skip
+        return "converted", {"size": info.size, "digest": info.digest}
     except OrtServeError as exc:
-        conn.send(("failed", exc.message))
+        return "failed", exc.message
     except Exception as exc:  # a bug or a library's own error: the message, not a traceback
         if os.environ.get("ORTSERVE_DEBUG"):
             traceback.print_exc()
-        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
-    finally:
-        conn.close()
+        return "failed", f"{type(exc).__name__}: {exc}"
 
 
 # ---- command line ----------------------------------------------------------------------------
@@ -682,10 +890,16 @@ def run_and_print(
     jobs: int | None = None,
     report: str | os.PathLike[str] | None = None,
     library: Library | None = None,
+    ray_address: str | None = None,
+    publish: Publish | None = None,
 ) -> int:
     """Run a spec file, print the summary table and the report's path; the exit code."""
-    batch = run(spec, library=library, jobs=1 if jobs is None else jobs, report=report)
+    batch = run(spec, library=library, jobs=1 if jobs is None else jobs, report=report,
+                ray_address=ray_address, publish=publish)  # fmt: skip
     print(batch.table())
+    if ray_address is not None:
+        split = ", ".join(f"{_short_node(n)}: {count}" for n, count in batch.nodes().items())
+        print(f"entries per node: {split or 'none ran'}")
     if batch.path:
         print(f"report: {batch.path}")
     return 0 if batch.ok else 1
@@ -698,9 +912,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", help="batch spec, YAML or JSON")
     parser.add_argument("--jobs", "-j", type=int, default=1, help="parallel conversions")
     parser.add_argument("--report", help=f"JSON report path (default: {REPORT_NAME} by the spec)")
+    parser.add_argument("--ray", metavar="ADDRESS|auto", help="run the entries on a Ray cluster")
     args = parser.parse_args(argv)
     try:
-        return run_and_print(args.spec, jobs=args.jobs, report=args.report)
+        return run_and_print(args.spec, jobs=args.jobs, report=args.report, ray_address=args.ray)
     except OrtServeError as exc:
         print(f"Error: {exc.message}", file=sys.stderr)
         return 1

@@ -89,9 +89,14 @@ def _precision_option(help_text: str, **kwargs):
 @click.option("--batch", "batch_spec", metavar="SPEC", help="Convert the models a spec lists.")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), help="Parallel batch conversions.")
 @click.option("--report", metavar="PATH", help="With --batch: JSON report path.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+              metavar="[ADDRESS|auto]", help="With --batch: each entry a task on a Ray cluster "
+              "(the `ray` extra): its ADDRESS, auto (the running one), or none given: a Ray "
+              "started here.")  # fmt: skip
 @click.pass_context
 def convert(ctx, source, name, precision, block_size, provider, backend, revision,
-            trust_remote_code, allow_pickle, no_verify, batch_spec, jobs, report):  # fmt: skip
+            trust_remote_code, allow_pickle, no_verify, batch_spec, jobs, report,
+            ray_address):  # fmt: skip
     """Convert a Hugging Face checkpoint (directory or repo id) into a library model.
 
     With --batch SPEC, convert the list of models in SPEC instead (see docs/converter.md).
@@ -100,9 +105,9 @@ def convert(ctx, source, name, precision, block_size, provider, backend, revisio
     from converters.source import default_name
 
     if batch_spec or source is None:
-        _convert_batch(ctx, source, batch_spec, jobs, report)
-    if jobs is not None or report:
-        raise InvalidRequest("--jobs and --report go with --batch SPEC", param="batch")
+        _convert_batch(ctx, source, batch_spec, jobs, report, ray_address)
+    if jobs is not None or report or ray_address is not None:
+        raise InvalidRequest("--jobs, --report and --ray go with --batch SPEC", param="batch")
     info = run_convert(
         source,
         name or default_name(source),
@@ -120,11 +125,12 @@ def convert(ctx, source, name, precision, block_size, provider, backend, revisio
     _echo_verification(info.manifest.get("verification") or {}, precision)
 
 
-def _convert_batch(ctx, source, spec, jobs, report) -> None:
-    """`convert --batch SPEC`: exits 1 when any entry failed."""
+def _convert_batch(ctx, source, spec, jobs, report, ray_address) -> None:
+    """`convert --batch SPEC [--ray ADDRESS]`: exits 1 when any entry failed."""
     from click.core import ParameterSource
 
     from converters.batch import run_and_print
+    from ortserve.models.push import push
 
     if source is not None:
         raise InvalidRequest("give either SOURCE or --batch SPEC, not both", param="batch")
@@ -132,7 +138,7 @@ def _convert_batch(ctx, source, spec, jobs, report) -> None:
         raise InvalidRequest("missing SOURCE: a checkpoint directory or Hugging Face repo id "
                              "(or --batch SPEC)", param="source")  # fmt: skip
     for param in ctx.command.params:
-        if param.name not in ("source", "batch_spec", "jobs", "report") and (
+        if param.name not in ("source", "batch_spec", "jobs", "report", "ray_address") and (
             ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE
         ):
             raise InvalidRequest(
@@ -140,7 +146,11 @@ def _convert_batch(ctx, source, spec, jobs, report) -> None:
                 "(per entry, or under defaults:)",
                 param="batch",
             )
-    ctx.exit(run_and_print(spec, jobs=jobs, report=report, library=_library()))
+    if ray_address is not None and jobs is not None:
+        raise InvalidRequest("--jobs does not apply with --ray: the cluster's resources bound "
+                             "the run", param="jobs")  # fmt: skip
+    ctx.exit(run_and_print(spec, jobs=jobs, report=report, library=_library(),
+                           ray_address=ray_address, publish=push))  # fmt: skip
 
 
 def _echo_verification(figures: dict, precision: str) -> None:
@@ -469,6 +479,35 @@ def _serve_on_ray(address: str | None) -> None:
     except ImportError as exc:
         _fail(f"serving on Ray needs the ray extra: pip install 'ortserve[ray]' ({exc})")
     run(address, _settings())
+
+
+@cli.command()
+@click.argument("input_path", metavar="INPUT.jsonl",
+                type=click.Path(exists=True, dir_okay=False))  # fmt: skip
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Where every record goes (answers and failed lines), in input order.")  # fmt: skip
+@click.option("--errors", type=click.Path(dir_okay=False),
+              help="Put the non-2xx records here instead, as OpenAI's error file.")  # fmt: skip
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+              metavar="[ADDRESS|auto]", help="Spread the lines over a Ray cluster's nodes (the "
+              "`ray` extra): its ADDRESS, auto (the running one), or none given: a Ray started here.")  # fmt: skip
+def batch(input_path, output, errors, ray_address):
+    """Run a file of OpenAI batch lines offline, writing OUTPUT when all are done.
+
+    A rerun with the same OUTPUT skips the lines already done (docs/batch.md). Exits 0
+    once every line has run, failed lines included (see the summary and their records)."""
+    from pathlib import Path
+
+    from ortserve.batch import run_batch, write_report
+
+    _check_install()
+    summary = run_batch(Path(input_path), Path(output), errors=errors and Path(errors),
+                        settings=_settings(), ray_address=ray_address)  # fmt: skip
+    write_report(summary, click.echo)
+    if not summary.complete:
+        _fail(f"stopped with {summary.ok + summary.failed} of {summary.total} lines done: "
+              "run the same command again to resume", code=130)  # fmt: skip
+    click.echo(f"written: {output}" + (f" and {errors}" if errors else ""))
 
 
 @cli.command()

@@ -118,6 +118,10 @@ class Settings:
     nohistory: bool = False  # `ortserve run` writes no history file
     # Models loaded at start-up, in the background, and kept loaded; /readyz waits for them
     preload: tuple[str, ...] = ()
+    # The Batch API (docs/batch.md): an uploaded file's size limit, and the lines a batch
+    # runs at once (0: ORTSERVE_NUM_PARALLEL - 1, so one slot stays for interactive turns)
+    max_batch_file_bytes: int = 200 << 20
+    batch_concurrency: int = 0
     # Ray Serve replicas (ortserve serve --ray): autoscaled between these (docs/cluster.md)
     min_replicas: int = 1
     max_replicas: int = 1
@@ -148,6 +152,11 @@ class Settings:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def batch_lines_at_once(self) -> int:
+        """Batch lines in flight: ORTSERVE_BATCH_CONCURRENCY, or all slots but one."""
+        return self.batch_concurrency or max(1, self.num_parallel - 1)
 
     @property
     def generation_slots(self) -> int:
@@ -437,6 +446,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("ORTSERVE_NOHISTORY", "", "`ortserve run` keeps no history file",
              "nohistory", _flag, "OLLAMA_NOHISTORY"),
     Variable("ORTSERVE_DEBUG", "", "Show the traceback of an unexpected CLI error"),
+    Variable("ORTSERVE_MAX_BATCH_FILE_BYTES", "200MB", "The largest file the Batch API "
+             "takes (/v1/files)", "max_batch_file_bytes", _size),
+    Variable("ORTSERVE_BATCH_CONCURRENCY", "0", "Batch lines run at once, 0: "
+             "ORTSERVE_NUM_PARALLEL - 1", "batch_concurrency", _non_negative_int),
     Variable("ORTSERVE_MIN_REPLICAS", "1", "Ray Serve replicas kept when idle (serve --ray)",
              "min_replicas", _positive_int),
     Variable("ORTSERVE_MAX_REPLICAS", "1", "Ray Serve replicas at most, added while requests "

@@ -38,6 +38,7 @@ def init_app(
 ) -> ServerState:
     """Mount ortserve's blueprints and error handlers into `app` (yours or create_app's)."""
     from ortserve.api.anthropic import anthropic_bp
+    from ortserve.api.batch import batch_bp, start_runner
     from ortserve.api.create import create_bp
     from ortserve.api.embeddings import embeddings_bp
     from ortserve.api.native import native_bp
@@ -52,12 +53,13 @@ def init_app(
     state = ServerState(settings or Settings.from_env(), runtime, url_prefix=url_prefix)
     app.extensions[EXTENSION] = state
     for blueprint in (native_bp, ops_bp, embeddings_bp, openai_bp, responses_bp, anthropic_bp,
-                      create_bp, pull_bp, push_bp):  # fmt: skip
+                      create_bp, pull_bp, push_bp, batch_bp):  # fmt: skip
         app.register_blueprint(blueprint, url_prefix=url_prefix or None)
     register_error_handlers(app)
     install_security(app, _is_ours)
     install_observe(app, _is_ours)
     state.start_preload()  # ORTSERVE_PRELOAD: in the background; /readyz waits for it
+    start_runner(app, state, only_if_pending=True)  # a restarted server resumes its batches
     return state
 
 
@@ -116,7 +118,8 @@ def _is_ours() -> bool:
     state = current_app.extensions.get(EXTENSION)
     if not isinstance(state, ServerState) or state.owns_app:
         return True
-    ours = ("native", "ops", "openai", "responses", "anthropic", "create", "pull", "push")
+    ours = ("native", "ops", "openai", "responses", "anthropic", "create", "pull", "push",
+            "batch")  # fmt: skip
     if request.blueprint in ours:
         return True
     return request.path.startswith(tuple(state.url_prefix + p for p in _API_PATHS))

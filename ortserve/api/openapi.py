@@ -211,6 +211,52 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
         error=_object(("type", "message"), type=_STRING, message=_STRING),
     ),
     "OpenAPI": _object(("openapi", "paths"), openapi=_STRING, paths={"type": "object"}),
+    "OpenAIFile": _object(
+        ("id", "object", "bytes", "created_at", "filename", "purpose"),
+        id=_STRING,
+        object={"const": "file"},
+        bytes=_INTEGER,
+        created_at=_INTEGER,
+        filename=_STRING,
+        purpose={"enum": ["batch", "batch_output"]},
+        status=_STRING,
+    ),
+    "OpenAIFileList": _object(
+        ("object", "data", "has_more"),
+        object={"const": "list"},
+        data={"type": "array", "items": {"$ref": _REF + "OpenAIFile"}},
+        has_more={"type": "boolean"},
+        first_id={"type": ["string", "null"]},
+        last_id={"type": ["string", "null"]},
+    ),
+    "FileDeleted": _object(
+        ("id", "object", "deleted"), id=_STRING, object=_STRING, deleted={"type": "boolean"}
+    ),
+    "Batch": _object(
+        ("id", "object", "endpoint", "input_file_id", "completion_window", "status",
+         "created_at", "request_counts"),
+        id=_STRING,
+        object={"const": "batch"},
+        endpoint=_STRING,
+        input_file_id=_STRING,
+        completion_window=_STRING,
+        status={"enum": ["validating", "failed", "in_progress", "finalizing", "completed",
+                         "expired", "cancelling", "cancelled"]},
+        output_file_id={"type": ["string", "null"]},
+        error_file_id={"type": ["string", "null"]},
+        created_at=_INTEGER,
+        request_counts=_object(("total", "completed", "failed"), total=_INTEGER,
+                               completed=_INTEGER, failed=_INTEGER),
+        metadata={"type": ["object", "null"]},
+    ),  # fmt: skip
+    "BatchList": _object(
+        ("object", "data", "has_more"),
+        object={"const": "list"},
+        data={"type": "array", "items": {"$ref": _REF + "Batch"}},
+        has_more={"type": "boolean"},
+        first_id={"type": ["string", "null"]},
+        last_id={"type": ["string", "null"]},
+    ),
 }
 
 
@@ -281,6 +327,16 @@ _DIGEST = _path_parameter("digest", "the file's sha256", pattern="^sha256[:-][0-
 _MODEL = {**_path_parameter("model", "a model name, [namespace/]model[:tag]"),
           "schema": {"$ref": _REF + "common/$defs/model_name"}}  # fmt: skip
 _RESPONSE_ID = _path_parameter("response_id", "a stored response's id (resp_...)")
+_FILE_ID = _path_parameter("file_id", "a file's id (file-...)")
+_BATCH_ID = _path_parameter("batch_id", "a batch's id (batch_...)")
+
+
+def _query(name: str, description: str, **schema: Any) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": schema}  # fmt: skip
+
+
+_AFTER = _query("after", "the id the page starts after", type="string")
 
 ROUTES: tuple[Route, ...] = (
     # ops
@@ -339,6 +395,30 @@ ROUTES: tuple[Route, ...] = (
           sse_or_json("Message"), GENERATION),
     Route("POST", "/v1/messages/count_tokens", "The tokens of a Messages request's prompt",
           "count_tokens", json_body("TokenCount"), MODEL),
+    # OpenAI's Batch API: files, and batches of their lines
+    Route("POST", "/v1/files", "Upload a batch input file (JSONL, multipart/form-data)", None,
+          json_body("OpenAIFile"), (*GUARDED, 400, 413)),
+    Route("GET", "/v1/files", "This key's files, newest first", None, json_body("OpenAIFileList"),
+          (*GUARDED, 400), (_query("purpose", "only files of this purpose", type="string"),
+                            _query("limit", "files per page", type="integer", minimum=1,
+                                   maximum=10000),
+                            _query("order", "by creation time", enum=["asc", "desc"]), _AFTER)),
+    Route("GET", "/v1/files/{file_id}", "One file", None, json_body("OpenAIFile"),
+          (*GUARDED, 404), (_FILE_ID,)),
+    Route("DELETE", "/v1/files/{file_id}", "Delete a file", None, json_body("FileDeleted"),
+          (*GUARDED, 404), (_FILE_ID,)),
+    Route("GET", "/v1/files/{file_id}/content", "A file's content", None,
+          text("application/octet-stream", "the file's bytes (JSONL)"), (*GUARDED, 404),
+          (_FILE_ID,)),
+    Route("POST", "/v1/batches", "Run an uploaded file's lines as a batch", "batch_create",
+          json_body("Batch"), (*JSON_BODY, 404)),
+    Route("GET", "/v1/batches", "This key's batches, newest first", None, json_body("BatchList"),
+          (*GUARDED, 400), (_query("limit", "batches per page", type="integer", minimum=1,
+                                   maximum=100), _AFTER)),
+    Route("GET", "/v1/batches/{batch_id}", "One batch", None, json_body("Batch"),
+          (*GUARDED, 404), (_BATCH_ID,)),
+    Route("POST", "/v1/batches/{batch_id}/cancel", "Cancel a batch: no more lines start",
+          None, json_body("Batch"), (*GUARDED, 404, 409), (_BATCH_ID,)),
 )  # fmt: skip
 
 
@@ -390,6 +470,11 @@ def operation(route: Route) -> dict[str, Any]:
     if route.request is not None:
         op["requestBody"] = {"required": True,
                              "content": {"application/json": {"schema": _ref(route.request)}}}  # fmt: skip
+    elif route.path == "/v1/files" and route.method == "POST":
+        form = _object(("file", "purpose"), file={"type": "string", "format": "binary"},
+                       purpose={"enum": ["batch"]})  # fmt: skip
+        op["requestBody"] = {"required": True,
+                             "content": {"multipart/form-data": {"schema": form}}}  # fmt: skip
     elif route.path.startswith("/api/blobs/") and route.method == "POST":
         op["requestBody"] = {"required": True, "content": {
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}  # fmt: skip
@@ -413,7 +498,8 @@ _ERROR_TEXT = {
     400: "invalid request (the message names the field)",
     401: "an API key is required, or the one sent is wrong",
     403: "Host or Origin not allowed",
-    404: "no such model",
+    404: "no such model (or file, or batch)",
+    409: "the batch's status does not allow it",
     413: "request body too large",
     415: "the body is not declared as JSON",
     422: "the output did not validate against the requested schema or tools",

@@ -28,6 +28,8 @@ class ServerState:
         self._responses = None
         self._hangups = None
         self.preload = None  # engine.preload.Preload, once start_preload() has started it
+        self._batches = None
+        self.batch_runner = None  # serving.batches.BatchRunner, once start_batches() started it
 
     def start_preload(self) -> None:
         """Load ORTSERVE_PRELOAD's models in the background (/readyz waits for them)."""
@@ -39,6 +41,34 @@ class ServerState:
             # the runtime is made in the preload's thread: importing onnxruntime takes a while
             self.preload = Preload(lambda name: self.runtime.preload(name), self.settings.preload)
         self.preload.start()
+
+    @property
+    def batches(self):
+        """The Batch API's files and batches (serving/batches.py), under the library root."""
+        with self._lock:
+            if self._batches is None:
+                from ortserve.serving.batches import BatchStore
+
+                self._batches = BatchStore(
+                    self.settings.models, max_file_bytes=self.settings.max_batch_file_bytes
+                )
+            return self._batches
+
+    def start_batches(self, execute_factory, *, only_if_pending: bool = False) -> None:
+        """Start the thread that runs batches (once); with only_if_pending, only when some
+        batch is unfinished (a server starting resumes them; an app with none has no thread)."""
+        store = self.batches
+        with self._lock:
+            if self.batch_runner is None:
+                if only_if_pending and not store.pending():
+                    return
+                from ortserve.serving.batches import BatchRunner
+
+                self.batch_runner = BatchRunner(
+                    store, execute_factory, concurrency=self.settings.batch_lines_at_once
+                )
+        self.batch_runner.start()
+        self.batch_runner.wake()
 
     @property
     def runtime(self):
@@ -92,6 +122,8 @@ class ServerState:
         """Let in-flight turns finish for `grace` seconds, then cancel what is left."""
         if self.preload is not None:
             self.preload.stop()
+        if self.batch_runner is not None:  # first: a line cut short now is not its answer
+            self.batch_runner.stop()
         runtime = self._runtime
         if runtime is not None:
             runtime.shutdown(grace)

@@ -380,10 +380,12 @@ class Scheduler:
                     self._complete_with_error(job, _start_error(job, exc))
 
     def _group_for(self, lane: Lane, limit: int) -> list[Job]:
-        """Take up to `limit` waiting jobs for `lane`, oldest first. An og.Engine batch holds
-        one prompt length unless the graph pads exactly (builder graphs), and then only
-        lengths whose padding stays bounded."""
-        group = [job for job in self._waiting if lane.takes(job)]
+        """Take up to `limit` waiting jobs for `lane`, interactive before background, oldest
+        first. An og.Engine batch holds one prompt length unless the graph pads exactly
+        (builder graphs), and then only lengths whose padding stays bounded."""
+        group = [job for job in self._waiting if lane.takes(job) and not job.options.background]
+        if not group:  # batch turns only when no interactive one waits, and never all slots
+            group = [job for job in self._waiting if lane.takes(job)][: self._background_room()]
         if group and lane.static:
             if self.graph == "builder":
                 group = _bounded_padding(group, limit)
@@ -394,6 +396,12 @@ class Scheduler:
         for job in group:
             self._waiting.remove(job)
         return group
+
+    def _background_room(self) -> int:
+        """Batch turns that may start now: one slot of ORTSERVE_NUM_PARALLEL stays free for an
+        interactive turn, which then starts at the next step instead of after a batch turn."""
+        running = sum(job.options.background for lane in self._lanes for job in lane.jobs.values())
+        return max(0, max(1, self.parallel - 1) - running)
 
     def _begin(self, lane: Lane, job: Job) -> None:
         import onnxruntime_genai as og

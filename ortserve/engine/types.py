@@ -23,6 +23,9 @@ class GenerationOptions:
     # None: no log probabilities; k >= 0: each generated token's, plus its top k alternatives
     # (OpenAI allows 0..20). Such a turn runs unbatched on an og.Generator (engine.md).
     logprobs: int | None = None
+    # A batch job's turn (serving/priority.py): it starts only when no interactive turn waits,
+    # and leaves one of the model's parallel slots free for them.
+    background: bool = False
 
     @property
     def greedy(self) -> bool:

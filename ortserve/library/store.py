@@ -459,19 +459,31 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _write_json_atomic(path: Path, data: Any) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+    with atomic_file(path) as stream:
+        stream.write(json.dumps(data, indent=2, sort_keys=True).encode() + b"\n")
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary stream to a temporary file beside `path`, flushed to disk and renamed over it
+    when the block ends: a reader (or a crash) sees the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        with os.fdopen(fd, "wb") as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+# The JSON files of other stores under the library root (serving/batches.py) are read and
+# written as the library's own.
+read_json, write_json_atomic = _read_json, _write_json_atomic
 
 
 def _remove_empty_parents(folder: Path, stop: Path) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 from ortserve.engine.guided import Retry
 from ortserve.engine.types import Finished, GenerationOptions, TextChunk
 from ortserve.errors import InvalidRequest, OrtServeError, ServerBusy
+from ortserve.serving.priority import is_background
 from ortserve.serving.prompting import Rendered, render
 from ortserve.serving.requests import GenerationRequest
 from ortserve.serving.structured import GuidedTurn, attempt_usages, start_turn
@@ -360,6 +361,8 @@ def _options(loaded, request: GenerationRequest, settings) -> GenerationOptions:
                       default_context=settings.context_length)  # fmt: skip
     if request.logprobs is not None:
         options = replace(options, logprobs=request.logprobs)
+    if is_background():  # a batch job's line: it yields to interactive turns
+        options = replace(options, background=True)
     return options
 
 

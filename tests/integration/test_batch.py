@@ -102,8 +102,10 @@ def test_batch_runs_from_python(tiny_checkpoint, tmp_path):
         (["convert"], "missing SOURCE"),
         (["convert", "some/repo", "--batch", "spec.yaml"], "not both"),
         (["convert", "--batch", "spec.yaml", "--precision", "fp16"], "--precision applies to one"),
-        (["convert", "some/dir", "--jobs", "2"], "--jobs and --report go with --batch"),
+        (["convert", "some/dir", "--jobs", "2"], "--jobs, --report and --ray go with --batch"),
         (["convert", "--batch", "no-such-spec.yaml"], "cannot read batch spec"),
+        (["convert", "some/dir", "--ray", "auto"], "--jobs, --report and --ray go with --batch"),
+        (["convert", "--batch", "s.yaml", "-j", "2", "--ray"], "--jobs does not apply with --ray"),
     ],
 )
 def test_batch_usage_errors_are_one_line(args, problem, library, tmp_path):

@@ -78,6 +78,15 @@ def test_json_spec_as_a_bare_list(tmp_path):
         ({"defaults": {"precison": "fp16"}, "models": ["a"]}, "defaults.precison: unknown"),
         ({"defaults": {"verify": 1}, "models": ["a"]}, "defaults.verify: must be true or false"),
         ({"model": ["a"]}, "unknown top-level key 'model'"),
+        ([{"source": "a", "push": "not a repo"}], "models[0].push: 'not a repo' is not hf.co/"),
+        ([{"source": "a", "push": "hf.co/org/repo@main"}], "models[0].push: 'hf.co/org/repo@main'"),
+        ([{"source": "a", "push": "org/../x"}], "models[0].push: 'org/../x' is not"),
+        ([{"source": "a", "push": 3}], "models[0].push: must be a string or null"),
+        ({"defaults": {"push": "org/x"}, "models": ["a"]}, "defaults.push: set per entry"),
+        ([{"source": "a", "push": "org/x:cpu"}, {"source": "b", "push": "hf.co/ORG/x:cpu"}],
+         "models[1].push: 'hf.co/ORG/x:cpu' is also models[0]'s"),
+        ([{"source": "a", "push": "org/x"}, {"source": "b", "push": "org/x:latest"}],
+         "models[1].push: 'org/x:latest' is also models[0]'s"),
         ({"models": []}, "models: the list is empty"),
         ("just a string", "expected a list of models"),
     ],
@@ -87,6 +96,23 @@ def test_bad_specs_name_the_entry_and_field(spec, problem):
         parse_spec(spec)
     assert problem in info.value.message
     assert info.value.message.startswith("batch spec: ")
+
+
+@pytest.mark.parametrize(
+    "push", ["org/repo", "hf.co/org/repo:cpu-int4", "huggingface.co/Org/Re.po_1:v2", None]
+)
+def test_push_destinations_in_a_spec(push):
+    (entry,) = parse_spec([{"source": "a", "push": push}])
+    assert entry.push == push
+    assert "push" not in entry.convert_options()  # a destination, not a conversion option
+    assert entry.options.recorded() == BatchEntry("a", "a").options.recorded()
+
+
+def test_a_push_entry_needs_a_publisher_before_anything_runs(tmp_path, library):
+    spec = [{"source": "./a"}, {"source": "./b", "push": "org/b"}]
+    with pytest.raises(InvalidRequest, match=r"models\[1\]\.push: pushing needs ortserve's push"):
+        batch.run(spec, library=library, progress=False)
+    assert not library.root.exists()
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
@@ -322,8 +348,13 @@ def test_report_table_and_atomic_json(tmp_path):
         seconds=13.0,
         jobs=2,
     )
+    report.entries[0].node = "a" * 56  # a Ray node id, shortened in the table
+    report.entries[2].node = "host-1"
     table = report.table()
-    assert "a:latest    converted    12.3s    2.5 MB" in table
+    assert "a:latest    converted    12.3s    2.5 MB    aaaaaaaaaaaa" in table
+    assert "NODE" in table and "host-1" in table
+    assert report.nodes() == {"a" * 56: 1, "host-1": 1}
+    report.entries[0].node = None
     assert "checkpoint directory missing" in table
     assert table.endswith("1 converted, 1 skipped, 1 failed in 13.0s")
     assert not report.ok
@@ -332,7 +363,7 @@ def test_report_table_and_atomic_json(tmp_path):
     assert data["jobs"] == 2 and data["summary"]["failed"] == 1
     assert data["entries"][0] == {
         "name": "a:latest", "source": "/a", "status": "converted", "seconds": 12.34,
-        "size": 2_500_000, "digest": "sha256-ab", "error": None,
+        "size": 2_500_000, "digest": "sha256-ab", "error": None, "node": None, "pushed": None,
     }  # fmt: skip
     assert [p.name for p in path.parent.iterdir()] == ["report.json"]  # no scratch left
 

@@ -190,8 +190,10 @@ def test_unsupported_options_accept_any_number():
 
 def test_option_sets_cover_ollamas_names():
     # Every field of GenerationOptions is an option a request can set, and nothing else is.
-    # guidance comes from a request's format, logprobs from its own fields, never options.
-    names = [f.name for f in fields(GenerationOptions) if f.name not in ("guidance", "logprobs")]
+    # guidance comes from a request's format, logprobs from its own fields, background from
+    # the batch runner (serving/priority.py), never options.
+    internal = ("guidance", "logprobs", "background")
+    names = [f.name for f in fields(GenerationOptions) if f.name not in internal]
     assert sorted(SUPPORTED_OPTIONS) == sorted(names)
     assert not SUPPORTED_OPTIONS & UNSUPPORTED_OPTIONS
     assert {"num_keep", "typical_p", "mirostat_eta", "embedding_only", "num_thread"} <= (
