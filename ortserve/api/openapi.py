@@ -233,20 +233,39 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
         ("id", "object", "deleted"), id=_STRING, object=_STRING, deleted={"type": "boolean"}
     ),
     "Batch": _object(
-        ("id", "object", "endpoint", "input_file_id", "completion_window", "status",
-         "created_at", "request_counts"),
+        (
+            "id",
+            "object",
+            "endpoint",
+            "input_file_id",
+            "completion_window",
+            "status",
+            "created_at",
+            "request_counts",
+        ),
         id=_STRING,
         object={"const": "batch"},
         endpoint=_STRING,
         input_file_id=_STRING,
         completion_window=_STRING,
-        status={"enum": ["validating", "failed", "in_progress", "finalizing", "completed",
-                         "expired", "cancelling", "cancelled"]},
+        status={
+            "enum": [
+                "validating",
+                "failed",
+                "in_progress",
+                "finalizing",
+                "completed",
+                "expired",
+                "cancelling",
+                "cancelled",
+            ]
+        },
         output_file_id={"type": ["string", "null"]},
         error_file_id={"type": ["string", "null"]},
         created_at=_INTEGER,
-        request_counts=_object(("total", "completed", "failed"), total=_INTEGER,
-                               completed=_INTEGER, failed=_INTEGER),
+        request_counts=_object(
+            ("total", "completed", "failed"), total=_INTEGER, completed=_INTEGER, failed=_INTEGER
+        ),
         metadata={"type": ["object", "null"]},
     ),  # fmt: skip
     "BatchList": _object(

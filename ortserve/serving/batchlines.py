@@ -77,7 +77,9 @@ def check_jsonl(path: Path) -> int:
         custom_id = value.get("custom_id")
         if isinstance(custom_id, str):
             if custom_id in seen:
-                message = f"line {number}: custom_id {custom_id!r} is used twice; each must be unique"
+                message = (
+                    f"line {number}: custom_id {custom_id!r} is used twice; each must be unique"
+                )
                 raise InvalidRequest(message, param="file")
             seen.add(custom_id)
         count += 1
@@ -97,7 +99,9 @@ def parse_line(number: int, value: Any) -> BatchLine | BadLine:
         return BadLine(number, None, f"line {number} is not a JSON object")
     custom_id = value.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID_CHARS:
-        return BadLine(number, None, f"line {number}: custom_id must be a string of 1-512 characters")
+        return BadLine(
+            number, None, f"line {number}: custom_id must be a string of 1-512 characters"
+        )
     method, url, body = value.get("method", "POST"), value.get("url"), value.get("body")
     problem = None
     if method != "POST":
@@ -262,7 +266,9 @@ def run_lines(
             if stopping():
                 break
             if isinstance(line, BadLine):
-                record = failure_record(line.number, line.custom_id, "invalid_request", line.message)
+                record = failure_record(
+                    line.number, line.custom_id, "invalid_request", line.message
+                )
                 results.write(record)
                 on_record(record)
                 continue
@@ -289,4 +295,6 @@ def _guarded(execute: Execute, line: BatchLine) -> dict[str, Any]:
     try:
         return execute(line)
     except Exception as exc:  # noqa: BLE001 - one line's failure must not end the batch
-        return failure_record(line.number, line.custom_id, "server_error", f"line {line.number}: {exc}")
+        return failure_record(
+            line.number, line.custom_id, "server_error", f"line {line.number}: {exc}"
+        )

@@ -11,7 +11,9 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
-_background: contextvars.ContextVar[bool] = contextvars.ContextVar("ortserve_background", default=False)
+_background: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ortserve_background", default=False
+)
 
 
 @contextlib.contextmanager
