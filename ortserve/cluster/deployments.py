@@ -34,6 +34,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from ortserve.cluster.errors import error_response, stream_error
+from ortserve.cluster.gather import GATHERED, Answer
 from ortserve.cluster.routing import Prompt, Route, model_key, model_name, route
 from ortserve.config import Settings
 from ortserve.errors import OrtServeError, ServerBusy
@@ -48,6 +49,21 @@ _ENV_PREFIXES = ("ORTSERVE_", "OLLAMA_")
 # Hop-by-hop headers are the proxy's own, never forwarded.
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade"}
 _LOST = "the replica serving this request stopped; try again"
+# How long the Router waits for every replica's part of /api/ps or /metrics (a replica at
+# max_ongoing_requests takes the request when one of its own ends).
+GATHER_TIMEOUT_S = 10.0
+# Ray Serve's own switches for a request path with fewer hops (its "throughput optimized"
+# mode, without the direct ingress that would bypass our router): user code and the router
+# on the replica's event loop instead of a loop thread each, request logs buffered. A
+# stream's every token crosses Ray twice, and each hop cost CPU the forward pass needed:
+# single-stream decode went from 0.90-0.94x `ortserve serve` to 1.0x (docs/cluster.md).
+# Read when Ray's processes start: given to our actors here, and to the nodes Ray starts
+# for `serve --ray` (nodes started otherwise take them from their own environment).
+SERVE_TUNING = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+}
 
 
 class Replica:
@@ -156,6 +172,17 @@ class Replica:
         """Which replica this is (tests and operators)."""
         return self.name
 
+    async def answer(self, scope: dict[str, Any], body: bytes) -> Answer:
+        """The app's whole answer to one request: what the Router gathers from every replica
+        for /api/ps and /metrics (DeploymentHandle.broadcast calls this)."""
+        status, headers, chunks = 500, [], []
+        async for message in self.handle(scope, body, None):
+            if message["type"] == "http.response.start":
+                status, headers = message["status"], message["headers"]
+            else:
+                chunks.append(message.get("body", b""))
+        return Answer(self.name.decode(), status, headers, b"".join(chunks))
+
     def __del__(self):
         state = getattr(self, "state", None)
         if state is not None:
@@ -206,6 +233,8 @@ class Router:
 
         path = request.url.path
         body, scope = await self._read(request)
+        if request.method == "GET" and path in GATHERED:
+            return await self._gather(scope, body, path)
         try:
             stream, start = await self._start(scope, body, route(request.method, path, body))
         except OrtServeError as exc:
@@ -247,6 +276,34 @@ class Router:
                 log.warning("no answer from a replica (attempt %d)", attempt + 1, exc_info=True)
         raise ServerBusy("no replica could take the request; try again")
 
+    async def _gather(self, scope: dict, body: bytes, path: str):
+        """/api/ps and /metrics for the whole cluster: every running replica's app answers
+        the request (its keys and guards too) and the answers are merged (cluster/gather.py).
+        An answer that is not a 200 (a missing key) is sent as it is; a replica that died
+        meanwhile is left out."""
+        from starlette.responses import Response
+
+        try:
+            results = await self.replica.broadcast("answer", scope, body).results_async(
+                timeout_s=GATHER_TIMEOUT_S, return_exceptions=True)  # fmt: skip
+        except Exception:  # no replica running, or one did not answer in time
+            log.warning("no answer from every replica for %s", path, exc_info=True)
+            results = []
+        answers = sorted((r for r in results if isinstance(r, Answer)), key=lambda a: a.replica)
+        if not answers:
+            return error_response(path, ServerBusy("no replica could take the request; "
+                                                   "try again"))  # fmt: skip
+        refused = next((a for a in answers if a.status != 200), None)
+        merged = refused.body if refused else GATHERED[path](answers)
+        first = refused or answers[0]
+        skip = {*_HOP_BY_HOP, b"content-length", REPLICA_HEADER}
+        headers = [(k, v) for k, v in first.headers if k not in skip]
+        names = [first.replica] if refused else [a.replica for a in answers]
+        headers.append((REPLICA_HEADER, ",".join(names).encode()))
+        response = Response(merged, status_code=first.status)
+        response.raw_headers = [*headers, (b"content-length", str(len(merged)).encode())]
+        return response
+
     async def _body(self, stream, path: str, start: dict) -> AsyncIterator[bytes]:
         """The replica's body as it comes; a replica lost mid-stream ends it with the
         protocol's error event (the status was sent already)."""
@@ -287,11 +344,14 @@ def build(args: Mapping[str, Any] | None = None):
     args = dict(args or {})
     extra = args.pop("autoscaling", None) or {}
     env = {**replica_env(), **{k: str(v) for k, v in args.items() if k.startswith(_ENV_PREFIXES)}}
+    # stored Responses answers in the shared library: a next turn may reach another replica
+    env.setdefault("ORTSERVE_RESPONSES_STORE", "library")
     settings = Settings.from_env(env)
+    tuning = serve_tuning()
     replica = serve.deployment(
         Replica,
         name="Replica",
-        ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": env}},
+        ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": {**tuning, **env}}},
         # each replica uses every core of its node for its forward passes (ORTSERVE_COMPUTE_
         # THREADS): two on one node would only contend; more replicas need more nodes
         max_replicas_per_node=1,
@@ -302,9 +362,16 @@ def build(args: Mapping[str, Any] | None = None):
         request_router_config=request_router_config(settings),
         graceful_shutdown_timeout_s=settings.grace_period,
     )
-    router = serve.deployment(Router, name="Router", ray_actor_options={"num_cpus": 0},
-                              max_ongoing_requests=settings.threads * 4)  # fmt: skip
+    router = serve.deployment(Router, name="Router", max_ongoing_requests=settings.threads * 4,
+                              ray_actor_options={"num_cpus": 0,
+                                                 "runtime_env": {"env_vars": tuning}})  # fmt: skip
     return router.bind(replica.bind())
+
+
+def serve_tuning(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """SERVE_TUNING, each switch as the environment sets it if it does (an operator's word)."""
+    env = os.environ if env is None else env
+    return {name: env.get(name, value) for name, value in SERVE_TUNING.items()}
 
 
 # Ray Serve LLM's prefix-aware router, kept to the model's replicas (prefix.py says why).
@@ -344,6 +411,8 @@ def run(address: str | None, settings: Settings) -> None:
 
     from ortserve.api.security import is_loopback
 
+    if address is None:  # Ray starts here: its processes (the proxy's too) inherit these
+        os.environ.update(serve_tuning())
     ray.init(address=address, namespace="ortserve", log_to_driver=False)
     # A loopback listener is reachable only on its own node: one proxy, on the head. A wider
     # one gets a proxy on every node, for a load balancer to spread clients over.

@@ -32,7 +32,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from ray.serve.config import HTTPOptions  # noqa: E402
 from ray.util.state import list_actors  # noqa: E402
 
-from ortserve.cluster.deployments import APP_NAME, build  # noqa: E402
+from ortserve.cluster.deployments import APP_NAME, build, serve_tuning  # noqa: E402
 from tests.integration.conftest import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -52,6 +52,7 @@ class Endpoint:
 
 @pytest.fixture(scope="module")
 def endpoint(served_library):
+    os.environ.update(serve_tuning())  # the nodes run as `ortserve serve --ray` starts them
     dashboard = {"include_dashboard": True, "dashboard_port": free_port()}  # not 8265: taken?
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, **dashboard})
     cluster.add_node(num_cpus=1)

@@ -621,3 +621,14 @@ def test_the_build_context_holds_what_the_wheel_needs():
     needed |= set(re.findall(r"file: (\S+)", setup))  # README.md: the long description
     assert needed <= kept
     assert ignore[ignore.index("**")] == "**"  # everything else stays out (.venv, .cache)
+
+
+def test_rayservice_nodes_run_serve_with_fewer_hops():
+    """Ray reads SERVE_TUNING when its processes start: both pod kinds carry it, as `ortserve
+    serve --ray` gives it to the Ray it starts (the proxy's hops are the nodes' to set)."""
+    from ortserve.cluster.deployments import SERVE_TUNING
+
+    docs = render("rayservice")
+    for pod in ray_pods().values():
+        env = plain_env(docs, pod["spec"]["containers"][0])
+        assert {name: env.get(name) for name in SERVE_TUNING} == SERVE_TUNING
