@@ -125,6 +125,9 @@ class Settings:
     # Ray Serve replicas (ortserve serve --ray): autoscaled between these (docs/cluster.md)
     min_replicas: int = 1
     max_replicas: int = 1
+    # Where stored Responses API answers live: "memory" (this process), or "library" (files
+    # under the library root, seen by every process that shares it: the cluster's replicas)
+    responses_store: str = "memory"
     # Lines for the server's log: the OLLAMA_* variables read in place of unset ORTSERVE_* ones
     env_notes: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
@@ -354,6 +357,13 @@ def parse_size(value: str) -> int:
     return int(float(match[1]) * 1024 ** " kmgt".index(unit or " "))
 
 
+def _responses_store(value: str) -> str:
+    value = value.strip().lower()
+    if value not in ("memory", "library"):
+        raise ValueError("must be memory or library")
+    return value
+
+
 def _batching(value: str) -> str:
     value = value.strip().lower()
     if value not in ("auto", "static"):
@@ -454,6 +464,9 @@ VARIABLES: tuple[Variable, ...] = (
              "min_replicas", _positive_int),
     Variable("ORTSERVE_MAX_REPLICAS", "1", "Ray Serve replicas at most, added while requests "
              "queue (serve --ray)", "max_replicas", _positive_int),
+    Variable("ORTSERVE_RESPONSES_STORE", "memory", "Where stored Responses API answers live: "
+             "memory (this process) or library (files under ORTSERVE_MODELS, shared by "
+             "processes; serve --ray's default)", "responses_store", _responses_store),
 )  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """OpenAI's Responses API (/v1/responses) over the serving core: items in, items and events out.
 
-Responses are stored in memory (serving/store.py) for GET, DELETE and previous_response_id;
-errors take OpenAI's shape in api/app.py.
+Responses are stored (in memory, serving/store.py, or under the library,
+serving/response_files.py: ServerState.responses picks) for GET, DELETE and
+previous_response_id; errors take OpenAI's shape in api/app.py.
 """
 
 from __future__ import annotations

@@ -92,12 +92,19 @@ class ServerState:
 
     @property
     def responses(self):
-        """Stored Responses API answers (memory, bounded), created on first use."""
+        """Stored Responses API answers, created on first use: in memory (bounded), or with
+        ORTSERVE_RESPONSES_STORE=library as files under the library root, which every process
+        sharing the library sees (the cluster's replicas)."""
         with self._lock:
             if self._responses is None:
-                from ortserve.serving.store import ResponseStore
+                if self.settings.responses_store == "library":
+                    from ortserve.serving.response_files import LibraryResponseStore
 
-                self._responses = ResponseStore()
+                    self._responses = LibraryResponseStore(self.settings.models)
+                else:
+                    from ortserve.serving.store import ResponseStore
+
+                    self._responses = ResponseStore()
             return self._responses
 
     def watch(self, exchange) -> None:

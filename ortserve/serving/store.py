@@ -2,8 +2,9 @@
 core's template-ready messages, its tools in chat's shape, and the output items and response
 object built from the core's Choice.
 
-Stored responses live in memory only: the most recent MAX_STORED, least recently used
-dropped first, lost when the server stops. A stored response keeps its response object (for
+ResponseStore keeps stored responses in memory: the most recent MAX_STORED, least recently
+used dropped first, lost when the server stops (response_files.py keeps them under the
+library instead, for processes that share it: ORTSERVE_RESPONSES_STORE=library). A stored response keeps its response object (for
 GET) and its conversation (for previous_response_id): every message before it, its own
 input, then its output, without its instructions (OpenAI does not carry them over).
 """
