@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,12 +16,7 @@ import pytest
 
 from converters import convert
 from ortserve.library import Library
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support.http import free_port  # also imported from here by test modules
 
 
 @pytest.fixture(scope="session")

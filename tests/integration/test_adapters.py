@@ -8,36 +8,19 @@ weights (hard links) instead of copying them.
 from __future__ import annotations
 
 import os
-import shutil
 
 import ollama
 import pytest
 
 from ortserve.errors import InvalidRequest
 from ortserve.library import Library
-from ortserve.library.store import INDEX_FILE
 from ortserve.models.adapters import attach_adapters
 from tests.integration.conftest import Server
-from tests.unit.test_adapter_convert import merged_reference, write_peft_adapter
+from tests.support.lora import merged_reference, with_external_data, write_peft_adapter
 
 pytestmark = pytest.mark.slow
 GREEDY = {"temperature": 0, "num_predict": 16, "repeat_penalty": 1.0}
 MESSAGES = [{"role": "user", "content": "Tell me about the library."}]
-
-
-def with_external_data(library: Library, name: str, source) -> object:
-    """`source` re-saved with its weights in model.onnx.data, as every real-size model has
-    (optimum keeps a tiny model's weights inside model.onnx)."""
-    import onnx
-
-    with library.staging("external") as staged:
-        bundle = staged / "bundle"
-        shutil.copytree(source.path, bundle)
-        (bundle / INDEX_FILE).unlink()
-        model = onnx.load(str(bundle / "model.onnx"))
-        onnx.save_model(model, str(bundle / "model.onnx"), save_as_external_data=True,
-                        location="model.onnx.data", size_threshold=0)  # fmt: skip
-        return library.add(name, bundle, source.manifest)
 
 
 @pytest.fixture(scope="module")

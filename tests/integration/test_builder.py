@@ -174,7 +174,7 @@ def _peft_adapter(checkpoint, out, modules: dict[str, tuple[str, int, int]], ran
 def test_lora_on_packed_phi3_modules_matches_the_merged_reference(tiny_checkpoint, library,
                                                                    tmp_path):  # fmt: skip
     from converters import adapter as lora
-    from tests.unit import test_adapter_convert as helpers
+    from tests.support import lora as helpers
 
     checkpoint = tiny_checkpoint("phi3")
     base = convert(checkpoint, "phi", precision="fp32", library=library, progress=False).path
@@ -204,7 +204,7 @@ def test_lora_on_packed_phi3_modules_matches_the_merged_reference(tiny_checkpoin
 
 
 def test_the_cli_chooses_the_backend_and_show_names_the_graph(tiny_checkpoint, library):
-    from tests.integration.test_cli import assert_one_line_error, ortserve
+    from tests.support.cli import assert_one_line_error, ortserve
 
     checkpoint = str(tiny_checkpoint("llama"))
     ortserve("convert", checkpoint, "--name", "opt", "--precision", "fp32", "--backend",

@@ -1,31 +1,12 @@
 """The CLI as a user runs it: the real console script, a real library, one-line errors."""
 
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.support.cli import ORTSERVE, assert_one_line_error, ortserve
+
 pytestmark = pytest.mark.slow
-
-
-# The console script installed beside this interpreter (the venv's), not whatever is on PATH.
-ORTSERVE = shutil.which("ortserve", path=str(Path(sys.executable).parent)) or "ortserve"
-
-
-def ortserve(*args, check=True):
-    result = subprocess.run([ORTSERVE, *args], capture_output=True, text=True, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"ortserve {' '.join(args)} failed:\n{result.stderr}")
-    return result
-
-
-def assert_one_line_error(result, fragment):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("Error: ") and fragment in lines[-1], result.stderr
 
 
 def test_convert_list_show_cp_rm(tiny_checkpoint, library):
@@ -102,7 +83,8 @@ def test_a_machine_set_up_for_ollama_serves_and_connects_the_same(served_library
     import urllib.error
     import urllib.request
 
-    from tests.integration.conftest import free_port
+    from tests.support.http import free_port
+    from tests.support.wait import wait_until_up
 
     address = f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ORTSERVE_", "OLLAMA_"))}
@@ -112,7 +94,7 @@ def test_a_machine_set_up_for_ollama_serves_and_connects_the_same(served_library
     with log.open("w") as out:
         server = subprocess.Popen([ORTSERVE, "serve"], env=env, stdout=out, stderr=out)
     try:
-        _wait_for(f"http://{address}/", server)
+        wait_until_up(f"http://{address}/", server, timeout=60, interval=0.2)
         assert "ortserve listening on http://" + address in log.read_text()
         assert "ORTSERVE_CONTEXT_LENGTH is unset: using OLLAMA_CONTEXT_LENGTH='32'" in (
             log.read_text()
@@ -143,18 +125,3 @@ def test_a_machine_set_up_for_ollama_serves_and_connects_the_same(served_library
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 1
     assert bad.stderr == "Error: OLLAMA_NUM_PARALLEL must be a whole number, got 'zero'\n"
-
-
-def _wait_for(url, process, timeout=60.0):
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the server exited"
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer in {timeout} s")

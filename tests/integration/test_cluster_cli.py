@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.integration.conftest import free_port
+from tests.support.http import free_port
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("ray.serve")

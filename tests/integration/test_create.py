@@ -11,12 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
-import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import ollama
 import pytest
@@ -25,10 +22,10 @@ from tokenizers import Tokenizer
 from ortserve.engine.prompts import ChatTemplate, build_chat_prompt
 from ortserve.library import Library
 from ortserve.library.store import INDEX_FILE
+from tests.support.cli import ortserve as run_ortserve
 
 pytestmark = pytest.mark.slow
 
-ORTSERVE = shutil.which("ortserve", path=str(Path(sys.executable).parent)) or "ortserve"
 SYSTEM = "You are a pirate captain who answers every question in rhyme."
 EXAMPLES = [
     {"role": "user", "content": "Who are you?"},
@@ -43,11 +40,7 @@ def client(server):
 
 def ortserve(library: Library, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "ORTSERVE_MODELS": str(library.root)}
-    result = subprocess.run([ORTSERVE, *args], capture_output=True, text=True, env=env,
-                            timeout=300)  # fmt: skip
-    if check and result.returncode != 0:
-        raise AssertionError(f"ortserve {' '.join(args)} failed:\n{result.stderr}")
-    return result
+    return run_ortserve(*args, check=check, env=env)
 
 
 def expected_prompt_tokens(library: Library, base: str, system, examples, question) -> int:

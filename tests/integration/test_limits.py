@@ -29,7 +29,7 @@ class WaitressServer(Server):
     """`ortserve serve --waitress` (conftest's Server runs gunicorn)."""
 
     def __init__(self, library: Library, **env: str):
-        from tests.integration.conftest import free_port
+        from tests.support.http import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -13,8 +13,7 @@ from ortserve.engine.runtime import Runtime
 from ortserve.engine.types import Finished, GenerationOptions, TextChunk
 from ortserve.library import Library
 from ortserve.models.adapters import attach_adapters
-from tests.integration.test_adapters import with_external_data
-from tests.unit.test_adapter_convert import merged_reference, write_peft_adapter
+from tests.support.lora import merged_reference, with_external_data, write_peft_adapter
 
 pytestmark = pytest.mark.slow
 PROMPT = [5, 17, 33, 100, 7, 250, 31, 64]

@@ -18,7 +18,7 @@ import pytest
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 
-from tests.integration.conftest import free_port
+from tests.support.http import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("ortserve", "converters")

@@ -20,7 +20,7 @@ from ortserve.config import Settings, SettingsError
 from ortserve.engine import install, providers
 from ortserve.engine.runtime import Runtime
 from ortserve.errors import ProviderUnavailable
-from tests.integration.conftest import free_port
+from tests.support.http import free_port
 
 
 def _probe(name: str) -> providers.Probe:

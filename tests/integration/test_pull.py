@@ -17,7 +17,9 @@ import pytest
 from converters import convert
 from ortserve.library import Library
 from tests.hub import LocalHub
-from tests.integration.conftest import Server, free_port
+from tests.integration.conftest import Server
+from tests.support.http import free_port
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -314,7 +316,8 @@ def test_a_pull_killed_half_way_leaves_nothing_and_the_next_resumes(hub, env, li
     try:
         assert stalled.wait(120), "the download never reached the stall"
         blobs = Path(env["HF_HOME"]) / "hub" / "models--test--padded-chat" / "blobs"
-        _wait_for(lambda: any(p.stat().st_size >= _HF_READ for p in blobs.glob("*.incomplete")))
+        wait_for(lambda: any(p.stat().st_size >= _HF_READ for p in blobs.glob("*.incomplete")),
+                 timeout=60)  # fmt: skip
         process.send_signal(signal.SIGKILL)
         process.wait(30)
     finally:
@@ -378,10 +381,3 @@ def _until_waiting(process):
         yield line
         if line.startswith("waiting for another pull"):
             return
-
-
-def _wait_for(condition, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)

@@ -19,7 +19,8 @@ import requests
 
 from ortserve.library import Library
 from tests.hub import LocalHub
-from tests.integration.conftest import Server, free_port
+from tests.integration.conftest import Server
+from tests.support.http import free_port
 
 pytestmark = pytest.mark.slow
 TOKEN = "hf_test_write_token"
@@ -34,7 +35,7 @@ def source(tmp_path_factory, tiny_checkpoint) -> Library:
     from converters import convert
     from converters.adapter import convert_peft_adapter
     from ortserve.models.adapters import attach_adapters
-    from tests.unit.test_adapter_convert import write_peft_adapter
+    from tests.support.lora import write_peft_adapter
 
     root = tmp_path_factory.mktemp("push-source")
     library = Library(root / "models")

@@ -13,22 +13,13 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from tests.support.tools import WEATHER as CHAT_WEATHER
+from tests.support.tools import responses_tool
+
 pytestmark = pytest.mark.slow
 
 MODEL = "tiny-chat"
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "The weather in a city.",
-    "parameters": {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 16},
-            "days": {"type": "integer", "minimum": 1, "maximum": 7},
-        },
-        "required": ["city"],
-    },
-}
+WEATHER = responses_tool(CHAT_WEATHER)
 ASK = {"role": "user", "content": "Weather in Paris?"}
 
 

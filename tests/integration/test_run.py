@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pexpect
 import pytest
 
-from tests.integration.conftest import free_port
+from tests.support.http import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -100,7 +100,7 @@ def test_a_page_on_localhost_gets_cors_headers(server):
 
 
 def test_an_exposed_server_without_keys_warns_at_start(served_library):
-    from tests.integration.conftest import free_port
+    from tests.support.http import free_port
 
     env = {**os.environ, "ORTSERVE_MODELS": str(served_library.root),
            "ORTSERVE_HOST": f"0.0.0.0:{free_port()}"}  # fmt: skip

@@ -18,41 +18,16 @@ import pytest
 from ortserve.library import Library
 from tests.integration.conftest import Server
 from tests.integration.family_templates import TEMPLATES
+from tests.support.tools import TIME, parameters_by_name, weather_tool
 
 pytestmark = pytest.mark.slow
 
 FAMILIES = sorted(TEMPLATES)
 SEEDS = range(20)
 RETRIES = 5  # attempts with a cap of 4 tokens: 4, 8, 16, 32, 64, 128
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 12},
-                "days": {"type": "integer", "minimum": 1, "maximum": 7},
-            },
-            "required": ["city"],
-        },
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "description": "The time in a timezone.",
-        "parameters": {
-            "type": "object",
-            "properties": {"tz": {"type": "string", "enum": ["UTC", "CET"]}},
-            "required": ["tz"],
-        },
-    },
-}
+WEATHER = weather_tool(city_max_length=12)
 TOOLS = [WEATHER, TIME]
-PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+PARAMS = parameters_by_name(TOOLS)
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 NAMED = {"type": "function", "function": {"name": "get_time"}}
 

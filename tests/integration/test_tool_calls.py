@@ -8,37 +8,12 @@ import httpx
 import jsonschema
 import pytest
 
+from tests.support.tools import TIME, WEATHER, parameters_by_name
+
 pytestmark = pytest.mark.slow
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 16},
-                "days": {"type": "integer", "minimum": 1, "maximum": 7},
-            },
-            "required": ["city"],
-        },
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "description": "The time in a timezone.",
-        "parameters": {
-            "type": "object",
-            "properties": {"tz": {"type": "string", "enum": ["UTC", "CET"]}},
-            "required": ["tz"],
-        },
-    },
-}
 TOOLS = [WEATHER, TIME]
-PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+PARAMS = parameters_by_name(TOOLS)
 SEEDS = range(20)
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 

@@ -19,7 +19,7 @@ from ortserve.engine.scheduler import Scheduler
 from ortserve.engine.types import GenerationOptions
 from ortserve.library import Library
 from ortserve.models.adapters import attach_adapters
-from tests.unit.test_adapter_convert import write_peft_adapter
+from tests.support.lora import write_peft_adapter
 
 pytestmark = pytest.mark.slow
 GREEDY = GenerationOptions(temperature=0.0, repeat_penalty=1.0, num_ctx=512, num_predict=40)

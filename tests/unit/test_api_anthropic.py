@@ -14,7 +14,9 @@ import pytest
 from ortserve.api import create_app
 from ortserve.config import Settings
 from ortserve.errors import OrtServeError
-from tests.unit.test_api_tools import CALL, SCRIPT, ToolRuntime, add_model
+from tests.support.fakes import ToolRuntime, add_model
+from tests.support.http import anthropic_error
+from tests.support.tools import CALL, SCRIPT
 
 ASK = {"model": "tiny", "max_tokens": 20, "messages": [{"role": "user", "content": "Hi"}]}
 TOOL = {
@@ -61,14 +63,6 @@ def events(response) -> list[tuple[str, dict]]:
 
 def prompt_of(runtime, turn: int = 0) -> str:
     return "".join(chr(t) for t in runtime.generated[turn][0])  # the fake encodes characters
-
-
-def error_of(response, status: int, kind: str) -> str:
-    assert response.status_code == status, response.get_data(as_text=True)
-    body = response.get_json()
-    assert body["type"] == "error" and set(body["error"]) == {"type", "message"}
-    assert body["error"]["type"] == kind
-    return body["error"]["message"]
 
 
 # ---- messages ------------------------------------------------------------------------------
@@ -166,10 +160,10 @@ def test_thinking_disabled_and_refusals(client, runtime):
     assert client.post("/v1/messages", json=off).status_code == 200
     assert "<think>\n\n</think>" in prompt_of(runtime)  # Qwen3's way of not thinking
     on = {**ASK, "thinking": {"type": "enabled", "budget_tokens": 1024}}
-    assert "thinking" in error_of(client.post("/v1/messages", json=on), 400,
+    assert "thinking" in anthropic_error(client.post("/v1/messages", json=on), 400,
                                   "invalid_request_error")  # fmt: skip
     both = {**on, "model": "thinker", "tools": [TOOL]}
-    message = error_of(client.post("/v1/messages", json=both), 400, "invalid_request_error")
+    message = anthropic_error(client.post("/v1/messages", json=both), 400, "invalid_request_error")
     assert message.startswith("thinking cannot be combined with tools")
     runtime.script = [(["<think>hm</think>", "Hi"],)]  # tool_choice none: a plain turn thinks
     none = client.post("/v1/messages", json={**both, "tool_choice": {"type": "none"}})
@@ -266,7 +260,7 @@ def test_a_retry_after_streamed_text_ends_with_an_error_event(client, runtime):
 )  # fmt: skip
 def test_schema_errors_name_the_field(client, change, param):
     body = {k: v for k, v in {**ASK, **change}.items() if v is not None}
-    message = error_of(client.post("/v1/messages", json=body), 400, "invalid_request_error")
+    message = anthropic_error(client.post("/v1/messages", json=body), 400, "invalid_request_error")
     assert message.startswith(param), message
 
 
@@ -281,43 +275,43 @@ def test_schema_errors_name_the_field(client, change, param):
 )  # fmt: skip
 def test_unsupported_blocks_are_400(client, runtime, content, message):
     body = {**ASK, "messages": [{"role": "user", "content": content}]}
-    got = error_of(client.post("/v1/messages", json=body), 400, "invalid_request_error")
+    got = anthropic_error(client.post("/v1/messages", json=body), 400, "invalid_request_error")
     assert got.startswith(message), got
     assert runtime.generated == []
 
 
 def test_other_refusals(client, runtime):
     prefill = {**ASK, "messages": [*ASK["messages"], {"role": "assistant", "content": "Sure"}]}
-    assert "prefill" in error_of(client.post("/v1/messages", json=prefill), 400,
+    assert "prefill" in anthropic_error(client.post("/v1/messages", json=prefill), 400,
                                  "invalid_request_error")  # fmt: skip
     structured = {**ASK, "output_config": {"format": {"type": "json_schema", "schema": {}}}}
-    assert "output_config.format" in error_of(client.post("/v1/messages", json=structured), 400,
+    assert "output_config.format" in anthropic_error(client.post("/v1/messages", json=structured), 400,
                                               "invalid_request_error")  # fmt: skip
     effort = {**ASK, "output_config": {"effort": "low"}, "cache_control": {"type": "ephemeral"}}
     assert client.post("/v1/messages", json=effort).status_code == 200  # ignored, as unknown
     runtime.generated.clear()
     any_ = {**ASK, "tool_choice": {"type": "any"}}
-    assert "needs tools" in error_of(client.post("/v1/messages", json=any_), 400,
+    assert "needs tools" in anthropic_error(client.post("/v1/messages", json=any_), 400,
                                      "invalid_request_error")  # fmt: skip
     unknown = {**ASK, "tools": [TOOL], "tool_choice": {"type": "tool", "name": "nope"}}
-    assert "nope" in error_of(client.post("/v1/messages", json=unknown), 400,
+    assert "nope" in anthropic_error(client.post("/v1/messages", json=unknown), 400,
                               "invalid_request_error")  # fmt: skip
     embed = {**ASK, "model": "minilm"}
-    error_of(client.post("/v1/messages", json=embed), 400, "invalid_request_error")
+    anthropic_error(client.post("/v1/messages", json=embed), 400, "invalid_request_error")
     assert runtime.generated == []
 
 
 def test_status_errors_take_anthropics_types(client, runtime):
-    missing = error_of(client.post("/v1/messages", json={**ASK, "model": "nope"}), 404,
+    missing = anthropic_error(client.post("/v1/messages", json={**ASK, "model": "nope"}), 404,
                        "not_found_error")  # fmt: skip
     assert missing == 'model "nope:latest" not found, try pulling it first'
-    error_of(client.get("/v1/messages"), 405, "invalid_request_error")
-    error_of(client.post("/v1/messages/nope", json=ASK), 404, "not_found_error")
-    error_of(client.post("/v1/messages", data="{", content_type="application/json"), 400,
+    anthropic_error(client.get("/v1/messages"), 405, "invalid_request_error")
+    anthropic_error(client.post("/v1/messages/nope", json=ASK), 404, "not_found_error")
+    anthropic_error(client.post("/v1/messages", data="{", content_type="application/json"), 400,
              "invalid_request_error")  # fmt: skip
     runtime.busy = True
     r = client.post("/v1/messages", json=ASK)
-    error_of(r, 503, "overloaded_error")
+    anthropic_error(r, 503, "overloaded_error")
     assert r.headers["Retry-After"] == "1"
     openai = client.post("/v1/chat/completions", json={"model": "nope", "messages": []})
     assert set(openai.get_json()["error"]) == {"message", "type", "param", "code"}
@@ -326,7 +320,7 @@ def test_status_errors_take_anthropics_types(client, runtime):
 def test_oversized_body_is_request_too_large(client):
     body = b'{"model": "tiny", "max_tokens": 1, "system": "' + b"x" * (32 * 1024 * 1024) + b'"}'
     r = client.post("/v1/messages", data=body, content_type="application/json")
-    assert "too large" in error_of(r, 413, "request_too_large")
+    assert "too large" in anthropic_error(r, 413, "request_too_large")
 
 
 def test_mid_stream_error_is_an_error_event(client, runtime):
@@ -341,14 +335,14 @@ def test_keys_are_taken_from_x_api_key_and_refusals_are_anthropics(library, runt
     app = create_app(Settings(models=library.root, api_keys=(("ci", "sk-test"),)),
                      runtime=runtime)  # fmt: skip
     client = app.test_client()
-    error_of(client.post("/v1/messages", json=ASK), 401, "authentication_error")
-    error_of(client.post("/v1/messages", json=ASK, headers={"x-api-key": "wrong"}), 401,
+    anthropic_error(client.post("/v1/messages", json=ASK), 401, "authentication_error")
+    anthropic_error(client.post("/v1/messages", json=ASK, headers={"x-api-key": "wrong"}), 401,
              "authentication_error")  # fmt: skip
     key = {"x-api-key": "sk-test", "anthropic-version": "2023-06-01"}
     assert client.post("/v1/messages", json=ASK, headers=key).status_code == 200
     foreign = client.post("/v1/messages", json=ASK,
                           headers={**key, "Origin": "https://evil.example"})  # fmt: skip
-    error_of(foreign, 403, "permission_error")
+    anthropic_error(foreign, 403, "permission_error")
 
 
 # ---- count_tokens --------------------------------------------------------------------------
@@ -369,10 +363,10 @@ def test_count_tokens_renders_the_real_prompt_and_releases(client, runtime):
 
 
 def test_count_tokens_errors(client, runtime):
-    error_of(client.post("/v1/messages/count_tokens", json={"model": "nope", "messages":
+    anthropic_error(client.post("/v1/messages/count_tokens", json={"model": "nope", "messages":
                                                             ASK["messages"]}), 404,
              "not_found_error")  # fmt: skip
-    message = error_of(client.post("/v1/messages/count_tokens", json={"model": "tiny"}), 400,
+    message = anthropic_error(client.post("/v1/messages/count_tokens", json={"model": "tiny"}), 400,
                        "invalid_request_error")  # fmt: skip
     assert message == "messages is required"
     assert runtime.acquired == []
@@ -394,7 +388,7 @@ def test_tool_schema_errors_name_input_schema(client, input_schema, said):
     """Anthropic's tools have input_schema: errors named tools[0].function.parameters."""
     body = {**ASK, "tools": [{**TOOL, "input_schema": input_schema}],
             "tool_choice": {"type": "tool", "name": "get_time"}}  # fmt: skip
-    message = error_of(client.post("/v1/messages", json=body), 400, "invalid_request_error")
+    message = anthropic_error(client.post("/v1/messages", json=body), 400, "invalid_request_error")
     assert message.startswith(f"tools[0].input_schema {said}")
 
 
@@ -403,7 +397,7 @@ def test_many_tools_too_large_together_are_refused(client):
     tools = [{**TOOL, "name": f"t{i}", "input_schema": {"type": "object", **_branches(300)}}
              for i in range(5)]  # fmt: skip
     body = {**ASK, "tools": tools, "tool_choice": {"type": "any"}}
-    message = error_of(client.post("/v1/messages", json=body), 400, "invalid_request_error")
+    message = anthropic_error(client.post("/v1/messages", json=body), 400, "invalid_request_error")
     assert message.startswith("tools is too large to enforce")
     body["tool_choice"] = {"type": "tool", "name": "t0"}  # one tool forced: it fits
     assert client.post("/v1/messages", json=body).status_code != 400

@@ -17,14 +17,10 @@ from werkzeug.test import EnvironBuilder
 from ortserve import __version__
 from ortserve.api import create_app, init_app
 from ortserve.config import Settings
-from ortserve.engine.prompts import ChatTemplate
-from ortserve.engine.types import Finished, TextChunk, Usage
-from ortserve.errors import InvalidRequest, ModelNotFound, OrtServeError, ServerBusy
+from ortserve.errors import InvalidRequest, ModelNotFound, OrtServeError
+from tests.support.fakes import TEMPLATE, FakeRuntime, FakeTurn, add_model
+from tests.support.http import lines
 
-TEMPLATE = ChatTemplate(
-    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")
 FINAL_FIELDS = (
     "total_duration",
@@ -36,136 +32,11 @@ FINAL_FIELDS = (
 )
 
 
-# ---- a fake engine with the runtime's interface --------------------------------------------------
-
-
-class FakeTurn:
-    """TextChunks of `pieces`, then Finished; or `error` raised after `error_after` chunks."""
-
-    def __init__(self, pieces, reason="stop", error=None, error_after=0):
-        self.pieces = pieces
-        self.reason = reason
-        self.error = error
-        self.error_after = error_after
-        self.prompt_tokens = 0
-        self.cancelled = 0
-
-    def __iter__(self):
-        for i, piece in enumerate(self.pieces):
-            if self.error is not None and i == self.error_after:
-                raise self.error
-            yield TextChunk(piece)
-        if self.error is not None:
-            raise self.error
-        usage = Usage(prompt_tokens=self.prompt_tokens, generated_tokens=len(self.pieces))
-        yield Finished(self.reason, usage, prompt_eval_duration_ns=1500, eval_duration_ns=2500)
-
-    def cancel(self):
-        self.cancelled += 1
-
-
-class FakeLoaded:
-    def __init__(self, runtime, info):
-        self.runtime = runtime
-        self.info = info
-        self.name = info.name
-        self.capabilities = info.capabilities
-        self.context_length = 64
-        self.template = TEMPLATE
-        self.load_duration_ns = 777
-        self.provider = "webgpu"
-
-    def exceeds_context(self, text):
-        return len(text) > self.context_length * 8
-
-    def min_tokens(self, text):
-        return len(text) // 8 + 1
-
-    def encode(self, text):
-        return [ord(c) for c in text]  # one token per character
-
-    def generate(self, tokens, options):
-        self.runtime.generated.append((tokens, options))
-        if self.runtime.script:
-            self.runtime.next_turn = FakeTurn(*self.runtime.script.pop(0))
-        if self.runtime.busy:
-            raise ServerBusy()
-        turn = self.runtime.next_turn
-        turn.prompt_tokens = len(tokens)
-        self.runtime.turns.append(turn)
-        return turn
-
-
-class FakeRuntime:
-    def __init__(self, library):
-        self.library = library
-        self.next_turn = FakeTurn(["Hel", "lo", " world"])
-        self.script: list[tuple] = []  # FakeTurn arguments, one per generate call
-        self.busy = False
-        self.acquired, self.released, self.unloaded, self.generated, self.turns = [], [], [], [], []
-        self.shutdowns = []
-        self.resident: set[str] = set()  # names loaded() reports as loaded
-
-    def acquire(self, name, keep_alive=None):
-        info = self.library.get(name)
-        self.acquired.append((info.name, keep_alive))
-        return FakeLoaded(self, info)
-
-    def release(self, loaded, keep_alive=None, failed=False):
-        self.released.append((loaded.name, keep_alive))
-
-    def unload(self, name):
-        self.unloaded.append(self.library.get(name).name)
-        return True
-
-    def loaded_models(self):
-        loaded = FakeLoaded(self, self.library.get("tiny"))
-        loaded.active, loaded.expires_at, loaded.provider = 0, 1.5e9, "cpu"
-        loaded.pending = lambda: 2
-        return [loaded]
-
-    def loaded(self, name):
-        info = self.library.get(name)
-        return FakeLoaded(self, info) if info.name in self.resident else None
-
-    def shutdown(self, grace=0.0):
-        self.shutdowns.append(grace)
-
-
-def add_model(library, name, **manifest):
-    """A library entry with a one-file bundle and a realistic manifest."""
-    staged = library.tmp_dir / f"stage-{len(library.list())}"
-    staged.mkdir(parents=True)
-    (staged / "model.onnx").write_bytes(b"graph" * 10)
-    base = {
-        "details": {
-            "format": "onnx-genai",
-            "family": "qwen2",
-            "context_length": 64,
-            "embedding_length": 32,
-            "parameter_count": 1234,
-            "parameter_size": "1.23K",
-            "quantization": "int4",
-        },
-        "capabilities": ["completion"],
-        "template": TEMPLATE.source,
-        "parameters": {"temperature": 0.5, "stop": ["<end>", "<eot>"]},
-        "system": None,
-        "license": "MIT License\nCopyright",
-        "messages": [],
-    }
-    return library.add(name, staged, {**base, **manifest})
-
-
 @pytest.fixture
 def runtime(library):
     add_model(library, "tiny")
     add_model(library, "minilm", capabilities=["embedding"], template=None)
     return FakeRuntime(library)
-
-
-def lines(response):
-    return [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
 
 
 # ---- simple routes ----------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from werkzeug.test import EnvironBuilder
 
 from ortserve.api.openai import SYSTEM_FINGERPRINT
 from ortserve.errors import OrtServeError
-from tests.unit.test_api_native import FakeRuntime, FakeTurn, add_model
+from tests.support.fakes import FakeRuntime, FakeTurn, add_model
+from tests.support.http import openai_error
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}]}
 COMPLETION = {"model": "tiny", "prompt": "Once"}
@@ -58,14 +59,6 @@ def sse(response) -> list:
         data = block[len("data: ") :]
         events.append(data if data == "[DONE]" else json.loads(data))
     return events
-
-
-def error_of(response, status: int) -> dict:
-    assert response.status_code == status
-    body = response.get_json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    return body["error"]
 
 
 # ---- chat completions ----------------------------------------------------------------------
@@ -189,14 +182,14 @@ def test_n_streamed_gives_every_choice_its_role_deltas_and_finish(client, runtim
 
 
 def test_n_over_the_limit_is_400_naming_n(client, runtime):
-    error = error_of(client.post("/v1/chat/completions", json={**CHAT, "n": 9}), 400)
+    error = openai_error(client.post("/v1/chat/completions", json={**CHAT, "n": 9}), 400)
     assert error["param"] == "n" and error["type"] == "invalid_request_error"
     assert runtime.acquired == []
 
 
 def test_a_failing_choice_cancels_the_others(client, runtime):
     runtime.script = [(["slow"] * 3, "stop"), (["x"], "stop", OrtServeError("engine broke"))]
-    error = error_of(client.post("/v1/chat/completions", json={**CHAT, "n": 2}), 500)
+    error = openai_error(client.post("/v1/chat/completions", json={**CHAT, "n": 2}), 500)
     assert error["message"] == "engine broke"
     assert runtime.released == [("tiny:latest", None)]
 
@@ -218,7 +211,7 @@ def test_busy_on_a_later_choice_cancels_the_submitted_ones(client, runtime, monk
         return loaded
 
     monkeypatch.setattr(runtime, "acquire", acquire)
-    error = error_of(client.post("/v1/chat/completions", json={**CHAT, "n": 2}), 503)
+    error = openai_error(client.post("/v1/chat/completions", json={**CHAT, "n": 2}), 503)
     assert error["type"] == "server_busy"
     assert runtime.turns[0].cancelled == 1
     assert runtime.released == [("tiny:latest", None)]
@@ -228,7 +221,7 @@ def test_busy_on_a_later_choice_cancels_the_submitted_ones(client, runtime, monk
 
 
 def test_top_logprobs_without_logprobs_is_400(client, runtime):
-    error = error_of(client.post("/v1/chat/completions", json={**CHAT, "top_logprobs": 2}), 400)
+    error = openai_error(client.post("/v1/chat/completions", json={**CHAT, "top_logprobs": 2}), 400)
     assert error["param"] == "top_logprobs" and "requires logprobs" in error["message"]
     assert runtime.acquired == []
 
@@ -256,7 +249,7 @@ def test_logprobs_reach_the_engine(client, runtime, route, extra, asked):
     ],
 )
 def test_legacy_function_fields_are_not_supported_yet(client, runtime, extra, param):
-    error = error_of(client.post("/v1/chat/completions", json={**CHAT, **extra}), 400)
+    error = openai_error(client.post("/v1/chat/completions", json={**CHAT, **extra}), 400)
     assert error["param"] == param and "not supported yet" in error["message"]
     assert runtime.acquired == []
 
@@ -286,7 +279,7 @@ def test_harmless_defaults_of_refused_fields_are_fine(client):
     ],
 )  # fmt: skip
 def test_schema_errors_name_the_param(client, body, param):
-    error = error_of(client.post("/v1/chat/completions", json=body), 400)
+    error = openai_error(client.post("/v1/chat/completions", json=body), 400)
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
 
@@ -295,7 +288,7 @@ def test_image_parts_are_refused(client):
     content = [{"type": "text", "text": "what is this?"},
                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]  # fmt: skip
     body = {"model": "tiny", "messages": [{"role": "user", "content": content}]}
-    error = error_of(client.post("/v1/chat/completions", json=body), 400)
+    error = openai_error(client.post("/v1/chat/completions", json=body), 400)
     assert error["param"] == "messages[0].content[1]"
     assert "images" in error["message"]
 
@@ -303,36 +296,36 @@ def test_image_parts_are_refused(client):
 def test_malformed_assistant_tool_calls_are_400(client):
     messages = [{"role": "assistant", "tool_calls": [{"id": "1", "type": "function"}]}]
     body = {"model": "tiny", "messages": messages}
-    error = error_of(client.post("/v1/chat/completions", json=body), 400)
+    error = openai_error(client.post("/v1/chat/completions", json=body), 400)
     assert error["param"].startswith("messages[0].tool_calls")
 
 
 def test_malformed_json_is_400_in_openais_shape(client):
     for data in (b"{not json", b"", b"[1, 2]"):
         response = client.post("/v1/chat/completions", data=data, content_type="application/json")
-        assert error_of(response, 400)["type"] == "invalid_request_error"
+        assert openai_error(response, 400)["type"] == "invalid_request_error"
 
 
 def test_unknown_model_is_404_model_not_found(client):
-    error = error_of(client.post("/v1/chat/completions", json={**CHAT, "model": "nope"}), 404)
+    error = openai_error(client.post("/v1/chat/completions", json={**CHAT, "model": "nope"}), 404)
     assert error["type"] == "not_found_error" and error["code"] == "model_not_found"
     assert "nope" in error["message"]
 
 
 def test_invalid_model_name_is_400(client):
-    error = error_of(client.post("/v1/chat/completions", json={**CHAT, "model": "../x"}), 400)
+    error = openai_error(client.post("/v1/chat/completions", json={**CHAT, "model": "../x"}), 400)
     assert error["param"] == "model"
 
 
 def test_embedding_model_cannot_chat(client, runtime):
-    error = error_of(client.post("/v1/chat/completions", json={**CHAT, "model": "minilm"}), 400)
+    error = openai_error(client.post("/v1/chat/completions", json={**CHAT, "model": "minilm"}), 400)
     assert "does not support chat" in error["message"] and error["param"] == "model"
     assert runtime.acquired == []
 
 
 def test_prompt_over_the_context_is_context_length_exceeded(client, runtime):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 200}]}
-    error = error_of(client.post("/v1/chat/completions", json=body), 400)
+    error = openai_error(client.post("/v1/chat/completions", json=body), 400)
     assert error["code"] == "context_length_exceeded"
     assert runtime.generated == []  # refused, not truncated
     assert runtime.released == [("tiny:latest", None)]
@@ -340,7 +333,7 @@ def test_prompt_over_the_context_is_context_length_exceeded(client, runtime):
 
 def test_busy_server_is_503(client, runtime):
     runtime.busy = True
-    error = error_of(client.post("/v1/chat/completions", json=CHAT), 503)
+    error = openai_error(client.post("/v1/chat/completions", json=CHAT), 503)
     assert error["type"] == "server_busy"
     assert runtime.released == [("tiny:latest", None)]
 
@@ -348,7 +341,7 @@ def test_busy_server_is_503(client, runtime):
 def test_error_before_any_output_keeps_its_status_when_streaming(client, runtime):
     runtime.script = [([], "stop", OrtServeError("engine broke"))]
     response = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
-    assert error_of(response, 500)["message"] == "engine broke"
+    assert openai_error(response, 500)["message"] == "engine broke"
     assert runtime.released == [("tiny:latest", None)]
 
 
@@ -454,17 +447,21 @@ def test_completion_stream_with_echo_and_usage(client):
     ],
 )
 def test_completion_errors_name_the_param(client, body, param):
-    error = error_of(client.post("/v1/completions", json=body), 400)
+    error = openai_error(client.post("/v1/completions", json=body), 400)
     assert error["param"] == param
 
 
 def test_completion_prompt_over_the_context(client):
-    error = error_of(client.post("/v1/completions", json={**COMPLETION, "prompt": "x" * 100}), 400)
+    error = openai_error(
+        client.post("/v1/completions", json={**COMPLETION, "prompt": "x" * 100}), 400
+    )
     assert error["code"] == "context_length_exceeded"
 
 
 def test_embedding_model_cannot_complete(client):
-    error = error_of(client.post("/v1/completions", json={**COMPLETION, "model": "minilm"}), 400)
+    error = openai_error(
+        client.post("/v1/completions", json={**COMPLETION, "model": "minilm"}), 400
+    )
     assert "does not support completions" in error["message"]
 
 
@@ -486,13 +483,13 @@ def test_models_list_and_retrieve(client, library):
 
 
 def test_unknown_model_retrieve_is_404(client):
-    error = error_of(client.get("/v1/models/nope"), 404)
+    error = openai_error(client.get("/v1/models/nope"), 404)
     assert error["code"] == "model_not_found" and error["type"] == "not_found_error"
 
 
 def test_wrong_method_is_405_in_openais_shape(client):
     response = client.get("/v1/chat/completions")
-    assert error_of(response, 405)["message"].startswith("405 method not allowed")
+    assert openai_error(response, 405)["message"].startswith("405 method not allowed")
 
 
 # ---- structured output (response_format) ---------------------------------------------------
@@ -534,7 +531,7 @@ def test_response_format_json_object(client, runtime):
     ],
 )
 def test_bad_response_format_is_400(client, runtime, fmt, param):
-    error = error_of(client.post("/v1/chat/completions", json={**CHAT, "response_format": fmt}),
+    error = openai_error(client.post("/v1/chat/completions", json={**CHAT, "response_format": fmt}),
                      400)  # fmt: skip
     assert error["param"] == param
     assert runtime.acquired == []
@@ -556,7 +553,7 @@ def test_retry_is_a_stream_chunk_and_final_chunk_counts_attempts(client, runtime
 def test_every_attempt_failing_is_422_invalid_output(client, runtime):
     runtime.script = [(["nope"],)] * 3
     response = client.post("/v1/chat/completions", json={**CHAT, "response_format": JSON_SCHEMA})
-    error = error_of(response, 422)
+    error = openai_error(response, 422)
     assert error["type"] == "invalid_output"
 
 

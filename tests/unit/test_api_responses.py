@@ -26,7 +26,8 @@ from ortserve.serving.store import (
     StoredResponse,
     item_messages,
 )
-from tests.unit.test_api_native import FakeLoaded, FakeRuntime, FakeTurn, add_model
+from tests.support.fakes import FakeLoaded, FakeRuntime, FakeTurn, add_model
+from tests.support.http import openai_error
 
 # Renders everything the conversion produces, so a prompt shows what reached the template.
 TEMPLATE = (
@@ -96,13 +97,6 @@ def post(client, **body):
 
 def prompt_text(runtime, n: int = -1) -> str:
     return "".join(chr(t) for t in runtime.generated[n][0])
-
-
-def error_of(response, status: int) -> dict:
-    assert response.status_code == status, response.get_json()
-    body = response.get_json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    return body["error"]
 
 
 def events_of(response) -> list[dict]:
@@ -207,7 +201,7 @@ def test_function_calls_and_their_outputs_become_tool_turns(client, runtime):
     ],
 )
 def test_bad_input_items_are_400_naming_the_field(client, runtime, items, param):
-    assert error_of(post(client, input=items), 400)["param"] == param
+    assert openai_error(post(client, input=items), 400)["param"] == param
     assert runtime.generated == []
 
 
@@ -239,7 +233,7 @@ def test_bad_fields_are_400_naming_the_field(client, runtime, extra, param):
     body = {"model": "tiny", "input": "Hi", **extra}
     if body["input"] is None:
         del body["input"]
-    assert error_of(client.post("/v1/responses", json=body), 400)["param"] == param
+    assert openai_error(client.post("/v1/responses", json=body), 400)["param"] == param
     assert runtime.generated == []
 
 
@@ -256,8 +250,8 @@ def test_unknown_fields_are_ignored_and_known_ones_echoed(client, runtime):
 
 
 def test_unknown_model_and_embedding_model(client, runtime):
-    assert error_of(post(client, model="nope", input="x"), 404)["code"] == "model_not_found"
-    assert error_of(post(client, model="minilm", input="x"), 400)["param"] == "model"
+    assert openai_error(post(client, model="nope", input="x"), 404)["code"] == "model_not_found"
+    assert openai_error(post(client, model="minilm", input="x"), 400)["param"] == "model"
 
 
 def test_max_output_tokens_reached_is_incomplete(client, runtime, sdk):
@@ -298,7 +292,7 @@ def test_json_schema_format_is_guided_and_parsed_by_the_sdk(sdk, runtime):
 
 def test_every_attempt_failing_is_422(client, runtime):
     runtime.script = [(["nope"],)] * 3
-    error = error_of(post(client, input="Hi", text={"format": NAME_FORMAT}), 422)
+    error = openai_error(post(client, input="Hi", text={"format": NAME_FORMAT}), 422)
     assert error["type"] == "invalid_output"
 
 
@@ -321,7 +315,7 @@ def test_reasoning_effort_switches_thinking(client, runtime):
     assert prompt_text(runtime).endswith("<assistant><think></think>")
     post(client, input="Hi", reasoning={"effort": "high"})
     assert prompt_text(runtime).endswith("<assistant>")
-    error = error_of(post(client, model="plain", input="Hi", reasoning={"effort": "low"}), 400)
+    error = openai_error(post(client, model="plain", input="Hi", reasoning={"effort": "low"}), 400)
     assert error["param"] == "reasoning.effort" and "thinking" in error["message"]
     assert (
         post(client, model="plain", input="Hi", reasoning={"effort": "minimal"}).status_code == 200
@@ -353,7 +347,7 @@ def test_a_stored_call_can_be_answered_by_id(client, runtime):
 
 
 def test_unknown_previous_response_id_is_404(client, runtime):
-    error = error_of(post(client, input="Hi", previous_response_id="resp_nope"), 404)
+    error = openai_error(post(client, input="Hi", previous_response_id="resp_nope"), 404)
     assert error["param"] == "previous_response_id"
     assert error["message"] == "Previous response with id 'resp_nope' not found."
     assert runtime.acquired == []
@@ -366,14 +360,16 @@ def test_retrieve_and_delete(client, runtime):
     assert deleted.get_json() == {"id": body["id"], "object": "response.deleted", "deleted": True}
     for response in (client.get(f"/v1/responses/{body['id']}"),
                      client.delete(f"/v1/responses/{body['id']}")):  # fmt: skip
-        assert error_of(response, 404)["message"] == f"Response with id '{body['id']}' not found."
+        assert (
+            openai_error(response, 404)["message"] == f"Response with id '{body['id']}' not found."
+        )
 
 
 def test_store_false_keeps_nothing(client, runtime):
     body = post(client, input="Hi", store=False).get_json()
     assert body["store"] is False
-    error_of(client.get(f"/v1/responses/{body['id']}"), 404)
-    error_of(post(client, input="x", previous_response_id=body["id"]), 404)
+    openai_error(client.get(f"/v1/responses/{body['id']}"), 404)
+    openai_error(post(client, input="x", previous_response_id=body["id"]), 404)
 
 
 def test_the_store_keeps_the_most_recently_used():
@@ -408,7 +404,7 @@ def test_the_store_is_bounded_in_the_app(app, client, runtime):
     app.extensions["ortserve"]._responses = ResponseStore(capacity=1)
     first = post(client, input="Hi").get_json()
     post(client, input="Hi")
-    error_of(client.get(f"/v1/responses/{first['id']}"), 404)
+    openai_error(client.get(f"/v1/responses/{first['id']}"), 404)
 
 
 def test_ids_are_unique_and_unguessable(client, runtime):
@@ -549,4 +545,4 @@ def test_an_error_mid_stream_is_an_error_event(client, runtime):
 
 def test_an_error_before_any_output_keeps_its_status(client, runtime):
     runtime.script = [([], "stop", OrtServeError("the engine failed"), 0)]
-    error_of(post(client, input="Hi", stream=True), 500)
+    openai_error(post(client, input="Hi", stream=True), 500)

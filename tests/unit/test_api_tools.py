@@ -10,7 +10,9 @@ import json
 
 import pytest
 
-from tests.unit.test_api_native import FakeLoaded, FakeRuntime, FakeTurn, add_model, lines
+from tests.support.fakes import FakeTurn, ToolRuntime, add_model
+from tests.support.http import lines
+from tests.support.tools import CALL, SCRIPT
 
 TOOL = {
     "type": "function",
@@ -23,22 +25,7 @@ TOOL = {
         },  # fmt: skip
     },
 }
-CALL = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>'
-# A truncated attempt (cut by the cap), then a valid one.
-SCRIPT = [(["<tool_call>\n", '{"name": "get_'], "length"), ([CALL[:30], CALL[30:]], "stop")]
 ASK = [{"role": "user", "content": "Time?"}]
-
-
-class ToolLoaded(FakeLoaded):
-    def generate(self, tokens, options, skip_special_tokens=True):
-        return super().generate(tokens, options)
-
-
-class ToolRuntime(FakeRuntime):
-    def acquire(self, name, keep_alive=None):
-        info = self.library.get(name)
-        self.acquired.append((info.name, keep_alive))
-        return ToolLoaded(self, info)
 
 
 @pytest.fixture

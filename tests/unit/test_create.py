@@ -8,47 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import sys
 import types
-from pathlib import Path
 
 import pytest
 
 from ortserve.errors import InvalidName, InvalidRequest, ModelNotFound
 from ortserve.library.modelfile import ModelfileError, ModelSpec, parse_modelfile, render_modelfile
-from ortserve.models.create import create_model, described
-
-TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
-
-
-def write_bundle(folder: Path, weights: bytes = b"graph") -> Path:
-    folder.mkdir(parents=True)
-    config = {"model": {"type": "qwen2", "context_length": 128,
-                        "decoder": {"hidden_size": 8, "filename": "model.onnx"}}}  # fmt: skip
-    (folder / "genai_config.json").write_text(json.dumps(config))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
-    (folder / "model.onnx").write_bytes(weights)
-    (folder / "LICENSE").write_text("Apache 2.0")
-    return folder
-
-
-@pytest.fixture
-def base(library, tmp_path):
-    """`base:latest`: an int4 bundle with its own parameters, system prompt and messages."""
-    folder = write_bundle(tmp_path / "src")
-    manifest = {
-        **described(folder, "src"),
-        "parameters": {"temperature": 0.7, "top_k": 20},
-        "system": "Base system.",
-        "messages": [{"role": "user", "content": "old example"}],
-    }
-    manifest["details"]["quantization"] = "int4"
-    with library.staging() as staged:
-        (staged / "b").mkdir()
-        for f in folder.iterdir():
-            (staged / "b" / f.name).write_bytes(f.read_bytes())
-        return library.add("base", staged / "b", manifest)
+from ortserve.models.create import create_model
+from tests.support.bundles import TEMPLATE, write_bundle
 
 
 def bundle_dirs(library):

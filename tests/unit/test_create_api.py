@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 
 import pytest
 
-from tests.unit.test_create import base, write_bundle  # noqa: F401  (the `base` fixture)
+from tests.support.bundles import write_bundle
+from tests.support.http import lines
 
 
 class RecordingRuntime:
@@ -27,11 +27,7 @@ def runtime(library):
     return RecordingRuntime(library)
 
 
-def lines(response):
-    return [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
-
-
-def test_create_streams_statuses(client, library, base, runtime):  # noqa: F811
+def test_create_streams_statuses(client, library, base, runtime):
     body = {
         "model": "pirate",
         "from": "base",
@@ -57,7 +53,7 @@ def test_create_streams_statuses(client, library, base, runtime):  # noqa: F811
     assert runtime.unloaded == ["pirate:latest"]  # a loaded old version must not linger
 
 
-def test_create_without_streaming_and_the_older_name_field(client, library, base):  # noqa: F811
+def test_create_without_streaming_and_the_older_name_field(client, library, base):
     response = client.post("/api/create", json={"name": "n", "from": "base", "stream": False})
     assert response.status_code == 200 and response.get_json() == {"status": "success"}
     assert library.get("n").digest == base.digest
@@ -106,7 +102,7 @@ def test_create_from_uploaded_files(client, library, tmp_path):
         ({"model": "x", "from": "/etc"}, 400, "from: invalid model name '/etc'"),
     ],
 )  # fmt: skip
-def test_errors_before_streaming_name_the_field(client, library, base, body, status, message):  # noqa: F811
+def test_errors_before_streaming_name_the_field(client, library, base, body, status, message):
     response = client.post("/api/create", json=body)
     assert response.status_code == status, response.get_data(as_text=True)
     assert message in response.get_json()["error"]
@@ -118,7 +114,7 @@ def test_malformed_json(client):
     assert response.status_code == 400 and response.get_json() == {"error": "invalid JSON body"}
 
 
-def test_an_error_after_streaming_started_is_the_last_line(client, library, base, monkeypatch):  # noqa: F811
+def test_an_error_after_streaming_started_is_the_last_line(client, library, base, monkeypatch):
     from ortserve.errors import LibraryCorrupt
 
     def broken_save(*args, **kwargs):

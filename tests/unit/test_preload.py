@@ -15,7 +15,8 @@ from ortserve.engine.preload import Preload
 from ortserve.engine.resident import Resident
 from ortserve.engine.runtime import Runtime
 from ortserve.errors import ModelLoadError, ModelNotFound
-from tests.unit.test_api_native import FakeRuntime, add_model
+from tests.support.fakes import FakeRuntime, add_model
+from tests.support.wait import wait_for
 
 
 def test_the_setting_is_a_list_of_names():
@@ -44,13 +45,6 @@ class GatedLoads:
 
     def finish(self, name: str) -> None:
         self.gates.setdefault(name, threading.Event()).set()
-
-
-def wait_for(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_loading_until_every_model_is_loaded_in_order():

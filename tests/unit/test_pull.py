@@ -31,6 +31,8 @@ from ortserve.models.pull import (
     variant_provider,
 )
 from tests.hub import LocalHub
+from tests.support.bundles import hand_made_bundle
+from tests.support.wait import wait_for
 
 PROVIDER_OPTIONS = {"cuda-fp16": [{"cuda": {}}], "directml-int4": [{"dml": {}}]}
 
@@ -307,7 +309,7 @@ def variant_repo(hub, tmp_path):
     """org/multi: cpu-int4, cuda-fp16 and directml-int4 bundles, a LICENSE at the root."""
     root = tmp_path / "repos" / "multi"
     for variant in ("cpu-int4-rtn-block-32", "cuda-fp16", "directml-int4"):
-        _hand_made_bundle(root / variant, PROVIDER_OPTIONS.get(variant, []))
+        hand_made_bundle(root / variant, PROVIDER_OPTIONS.get(variant, []))
     (root / "LICENSE").write_text("MIT License\n")
     (root / "README.md").write_text("# multi\n")
     return hub.add_repo("org/multi", root)
@@ -385,7 +387,7 @@ def test_concurrent_pulls_share_one_download(hub, variant_repo, library):
         target=lambda: results.append(pull("org/multi", library=library, progress=waiting.append))
     )
     second.start()
-    _wait_for(lambda: any(e.status.startswith("waiting for another pull") for e in waiting))
+    wait_for(lambda: any(e.status.startswith("waiting for another pull") for e in waiting))
     hub.release()  # the stalled connection closes; huggingface-hub resumes it with a Range
     first.join(60)
     second.join(60)
@@ -448,7 +450,7 @@ def test_a_checkpoint_without_the_convert_extra_says_how_to_install_it(
 
 
 def test_a_bundle_missing_a_named_file_is_refused(hub, tmp_path, library):
-    _hand_made_bundle(tmp_path / "broken", [])
+    hand_made_bundle(tmp_path / "broken", [])
     (tmp_path / "broken" / "model.onnx").unlink()
     hub.add_repo("org/broken", tmp_path / "broken")
     with pytest.raises(SourceUnavailable, match="model.onnx, named by genai_config.json"):
@@ -457,8 +459,8 @@ def test_a_bundle_missing_a_named_file_is_refused(hub, tmp_path, library):
 
 
 def test_a_local_directory_pulls_without_a_hub(tmp_path, library):
-    _hand_made_bundle(tmp_path / "bundles" / "cpu-int4", [])
-    _hand_made_bundle(tmp_path / "bundles" / "cuda-fp16", [{"cuda": {}}])
+    hand_made_bundle(tmp_path / "bundles" / "cpu-int4", [])
+    hand_made_bundle(tmp_path / "bundles" / "cuda-fp16", [{"cuda": {}}])
     info = pull(str(tmp_path / "bundles"), library=library)
     assert info.name == "bundles:latest"
     assert info.manifest["source"]["variant"] == "cpu-int4"
@@ -613,7 +615,7 @@ def test_api_pull_client_gone_adds_nothing(client, hub, variant_repo, library):
     assert stalled.wait(30)
     response.close()  # the client goes away mid-download
     hub.release()
-    _wait_for(lambda: not any(t.name == "ortserve-pull" for t in threading.enumerate()))
+    wait_for(lambda: not any(t.name == "ortserve-pull" for t in threading.enumerate()))
     assert library.list() == []
     assert not library.bundles_dir.exists() or not any(library.bundles_dir.iterdir())
 
@@ -632,33 +634,3 @@ def test_api_pull_never_looks_at_server_paths(client, tmp_path):
 # ---- helpers -----------------------------------------------------------------------------------
 
 _BUNDLE_FILES = ["genai_config.json", "model.onnx", "tokenizer.json", "tokenizer_config.json"]
-
-
-def _hand_made_bundle(folder, provider_options) -> None:
-    """The files of a bundle: a genai_config.json, a stand-in graph, a real tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    folder.mkdir(parents=True)
-    decoder = {"filename": "model.onnx", "hidden_size": 8, "num_attention_heads": 2,
-               "num_hidden_layers": 1, "num_key_value_heads": 2, "head_size": 4,
-               "session_options": {"provider_options": provider_options}}  # fmt: skip
-    config = {"model": {"type": "qwen2", "context_length": 64, "vocab_size": 4,
-                        "eos_token_id": 1, "bos_token_id": 0, "pad_token_id": 1,
-                        "decoder": decoder},
-              "search": {"do_sample": True, "temperature": 0.6, "top_k": 20, "max_length": 64}}  # fmt: skip
-    (folder / "genai_config.json").write_text(json.dumps(config))
-    (folder / "model.onnx").write_bytes(bytes(range(256)) * 16 + folder.name.encode())
-    tokenizer = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "hi": 2, "<unk>": 3}, "<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    template = "{% for m in messages %}{{ m.content }}{% endfor %}"
-    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
-
-
-def _wait_for(condition, timeout: float = 30) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)

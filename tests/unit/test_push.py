@@ -16,7 +16,7 @@ from ortserve.models import pushed
 from ortserve.models.pull import pull
 from ortserve.models.push import PushTarget, parse_target, push
 from tests.hub import LocalHub
-from tests.unit.test_pull import _hand_made_bundle
+from tests.support.bundles import hand_made_bundle
 
 TEMPLATE = "{{ range .Messages }}{{ .Content }}{{ end }}"
 ADAPTER = b"TORT" + bytes(range(200))  # the blob's bytes: push and pull never parse it
@@ -35,7 +35,7 @@ def _add_model(library: Library, name: str) -> None:
 
     with library.staging("test") as staged:
         bundle = staged / "bundle"
-        _hand_made_bundle(bundle, [])
+        hand_made_bundle(bundle, [])
         (bundle / "model.onnx.data").write_bytes(bytes(range(256)) * 64)  # a second LFS file
         digest = "sha256:" + hashlib.sha256(ADAPTER).hexdigest()
         library.add_blob(BytesIO(ADAPTER), digest)
@@ -171,7 +171,7 @@ def test_a_second_push_replaces_the_variant_and_an_identical_one_commits_nothing
 
     with source.staging("other") as staged:  # another bundle under the same destination
         bundle = staged / "bundle"
-        _hand_made_bundle(bundle, [{"cuda": {}}])
+        hand_made_bundle(bundle, [{"cuda": {}}])
         source.add("other", bundle, {"parameters": {}, "license": None})
     push("other", "org/pushed:v1", library=source)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,28 +20,11 @@ from ortserve import __version__
 from ortserve.config import Settings
 from ortserve.engine.types import Finished, TextChunk
 from ortserve.serve import gunicorn_options, serve
-from tests.unit.test_api_native import FakeRuntime, FakeTurn, add_model
+from tests.support.fakes import FakeRuntime, FakeTurn, add_model
+from tests.support.http import free_port
+from tests.support.wait import wait_until_up
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(url: str, process: subprocess.Popen | None = None, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"server exited early: {process.stdout.read()}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                return response.read()
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"{url} did not answer within {timeout}s")
 
 
 def post(url: str, body: dict):
