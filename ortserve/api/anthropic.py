@@ -14,17 +14,17 @@ from typing import Any
 
 from flask import Blueprint
 
+from ortserve.api.protocol import GENERATION, MODEL, Protocol, Route, json_body, sse_or_json
 from ortserve.api.state import current_state
 from ortserve.api.streaming import SSE, exchange_stream, json_response, sse_event
 from ortserve.api.validation import parsed_body
-from ortserve.engine.guided import Retry
-from ortserve.engine.types import TextChunk
 from ortserve.errors import InvalidRequest, NotSupportedYet, OrtServeError
 from ortserve.options import api_sampling
 from ortserve.serving import core
-from ortserve.serving.core import Choice, Exchange, ThinkingChunk
+from ortserve.serving.core import Choice, Exchange
+from ortserve.serving.events import Retry, TextChunk, ThinkingChunk, ToolCallEvent
 from ortserve.serving.requests import ChatPrompt, GenerationRequest
-from ortserve.serving.tools import ToolCallEvent, ToolSpec, tool_spec
+from ortserve.serving.tools import ToolSpec, tool_spec
 
 anthropic_bp = Blueprint("anthropic", __name__)
 
@@ -54,8 +54,7 @@ def messages():
     message = _Message(body["model"])
     if body.get("stream"):
         return exchange_stream(exchange, lambda events: message.stream(exchange, events),
-                               lambda exc: _sse("error", error_body(exc.status, exc.message)),
-                               SSE)  # fmt: skip
+                               stream_error, SSE)  # fmt: skip
     return json_response(message.whole(exchange.finish()[0], exchange))
 
 
@@ -275,3 +274,24 @@ def _usage(exchange: Exchange) -> dict[str, int]:
 
 def _sse(name: str, data: dict[str, Any]) -> str:
     return sse_event({"type": name, **data}, event=name)
+
+
+def stream_error(exc: OrtServeError) -> str:
+    """Anthropic's error event, which ends a failed stream."""
+    return _sse("error", error_body(exc.status, exc.message))
+
+
+PROTOCOL = Protocol(
+    "anthropic", anthropic_bp, rank=30, owns=("/v1/messages",),
+    error_body=lambda status, message, *_: error_body(status, message),
+    error_schema="AnthropicError", stream_error=stream_error,
+    generation_paths=("/v1/messages",), cors_headers=("Anthropic-Version", "Anthropic-Beta"),
+    note="Anthropic's Messages API (/v1/messages): errors are Anthropic's "
+    '{"type": "error", "error": {type, message}}.',
+    routes=(
+        Route("POST", "/v1/messages", "A message (Anthropic's Messages API)", "messages",
+              sse_or_json("Message"), GENERATION),
+        Route("POST", "/v1/messages/count_tokens", "The tokens of a Messages request's prompt",
+              "count_tokens", json_body("TokenCount"), MODEL),
+    ),
+)  # fmt: skip

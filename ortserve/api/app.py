@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException
 
 from ortserve import metrics
 from ortserve.api.observe import install as install_observe
+from ortserve.api.protocol import error_body, owner, protocols
 from ortserve.api.security import install as install_security
 from ortserve.api.state import EXTENSION, ServerState
 from ortserve.api.streaming import json_response
@@ -19,9 +20,6 @@ from ortserve.config import Settings
 from ortserve.errors import OrtServeError
 
 log = logging.getLogger("ortserve.api")
-
-# Paths whose errors are ortserve's to shape when it is mounted in another app.
-_API_PATHS = ("/api/", "/v1/")
 
 
 def create_app(settings: Settings | None = None, *, runtime: Any = None) -> Flask:
@@ -37,24 +35,14 @@ def init_app(
     app: Flask, settings: Settings | None = None, runtime: Any = None, *, url_prefix: str = ""
 ) -> ServerState:
     """Mount ortserve's blueprints and error handlers into `app` (yours or create_app's)."""
-    from ortserve.api.anthropic import anthropic_bp
-    from ortserve.api.batch import batch_bp, start_runner
-    from ortserve.api.create import create_bp
-    from ortserve.api.embeddings import embeddings_bp
-    from ortserve.api.native import native_bp
-    from ortserve.api.openai import openai_bp
-    from ortserve.api.ops import ops_bp
-    from ortserve.api.pull import pull_bp
-    from ortserve.api.push import push_bp
-    from ortserve.api.responses import responses_bp
+    from ortserve.api.batch import start_runner
     from ortserve.engine.install import check_flavours
 
     check_flavours()  # two onnxruntime-genai flavours: stop now, naming the fix
     state = ServerState(settings or Settings.from_env(), runtime, url_prefix=url_prefix)
     app.extensions[EXTENSION] = state
-    for blueprint in (native_bp, ops_bp, embeddings_bp, openai_bp, responses_bp, anthropic_bp,
-                      create_bp, pull_bp, push_bp, batch_bp):  # fmt: skip
-        app.register_blueprint(blueprint, url_prefix=url_prefix or None)
+    for protocol in protocols():  # each protocol module's PROTOCOL (api/protocol.py)
+        app.register_blueprint(protocol.blueprint, url_prefix=url_prefix or None)
     register_error_handlers(app)
     install_security(app, _is_ours)
     install_observe(app, _is_ours)
@@ -101,40 +89,27 @@ def _handle_error(error: Exception, previous=None):
 
 
 def error_response(status: int, message: str, type_: str, param=None, code=None):
-    """`{"error": msg}` on Ollama's paths, `{"error": {message, type, param, code}}` on /v1,
-    `{"type": "error", "error": {type, message}}` on Anthropic's /v1/messages."""
-    if _is_under("/v1/messages"):
-        from ortserve.api.anthropic import error_body
-
-        return json_response(error_body(status, message), status)
-    if _is_openai():
-        body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    else:
-        body = {"error": message}
-    return json_response(body, status)
+    """The error in the shape of the protocol that owns the path (api/protocol.py): Ollama's
+    `{"error": msg}` where none does."""
+    return json_response(error_body(_route_path(), status, message, type_, param, code), status)
 
 
 def _is_ours() -> bool:
     state = current_app.extensions.get(EXTENSION)
     if not isinstance(state, ServerState) or state.owns_app:
         return True
-    ours = ("native", "ops", "openai", "responses", "anthropic", "create", "pull", "push",
-            "batch")  # fmt: skip
-    if request.blueprint in ours:
+    if request.blueprint in {protocol.blueprint.name for protocol in protocols()}:
         return True
-    return request.path.startswith(tuple(state.url_prefix + p for p in _API_PATHS))
+    path = request.path
+    return path.startswith(state.url_prefix) and owner(_route_path()) is not None
 
 
-def _is_openai() -> bool:
-    return _is_under("/v1")
-
-
-def _is_under(root: str) -> bool:
-    """Whether the request's path is `root` or below it (after the mount prefix)."""
+def _route_path() -> str:
+    """The request's path after the mount prefix."""
     state = current_app.extensions.get(EXTENSION)
     prefix = state.url_prefix if isinstance(state, ServerState) else ""
     path = request.path
-    return path == f"{prefix}{root}" or path.startswith(f"{prefix}{root}/")
+    return path[len(prefix) :] if prefix and path.startswith(prefix) else path
 
 
 def _http_message(error: HTTPException) -> str:

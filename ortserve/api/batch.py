@@ -15,6 +15,16 @@ from flask import Blueprint, Flask, current_app, g, request, send_file
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ortserve.api.batchexec import LineExecutor
+from ortserve.api.protocol import (
+    GUARDED,
+    JSON_BODY,
+    Protocol,
+    Route,
+    json_body,
+    path_parameter,
+    query,
+    text,
+)
 from ortserve.api.state import current_state
 from ortserve.api.streaming import json_response
 from ortserve.api.validation import parsed_body
@@ -136,3 +146,35 @@ def _int_arg(name: str, default: int, most: int) -> int:
     if not value.isdigit() or not 1 <= int(value) <= most:
         raise InvalidRequest(f"{name} must be an integer from 1 to {most}", param=name)
     return int(value)
+
+
+_FILE_ID = path_parameter("file_id", "a file's id (file-...)")
+_BATCH_ID = path_parameter("batch_id", "a batch's id (batch_...)")
+_AFTER = query("after", "the id the page starts after", type="string")
+
+# Errors in OpenAI's shape: its paths are under /v1, which openai.PROTOCOL owns.
+PROTOCOL = Protocol("batch", batch_bp, rank=40, routes=(
+    Route("POST", "/v1/files", "Upload a batch input file (JSONL, multipart/form-data)", None,
+          json_body("OpenAIFile"), (*GUARDED, 400, 413)),
+    Route("GET", "/v1/files", "This key's files, newest first", None, json_body("OpenAIFileList"),
+          (*GUARDED, 400), (query("purpose", "only files of this purpose", type="string"),
+                            query("limit", "files per page", type="integer", minimum=1,
+                                  maximum=10000),
+                            query("order", "by creation time", enum=["asc", "desc"]), _AFTER)),
+    Route("GET", "/v1/files/{file_id}", "One file", None, json_body("OpenAIFile"),
+          (*GUARDED, 404), (_FILE_ID,)),
+    Route("DELETE", "/v1/files/{file_id}", "Delete a file", None, json_body("FileDeleted"),
+          (*GUARDED, 404), (_FILE_ID,)),
+    Route("GET", "/v1/files/{file_id}/content", "A file's content", None,
+          text("application/octet-stream", "the file's bytes (JSONL)"), (*GUARDED, 404),
+          (_FILE_ID,)),
+    Route("POST", "/v1/batches", "Run an uploaded file's lines as a batch", "batch_create",
+          json_body("Batch"), (*JSON_BODY, 404)),
+    Route("GET", "/v1/batches", "This key's batches, newest first", None, json_body("BatchList"),
+          (*GUARDED, 400), (query("limit", "batches per page", type="integer", minimum=1,
+                                  maximum=100), _AFTER)),
+    Route("GET", "/v1/batches/{batch_id}", "One batch", None, json_body("Batch"),
+          (*GUARDED, 404), (_BATCH_ID,)),
+    Route("POST", "/v1/batches/{batch_id}/cancel", "Cancel a batch: no more lines start",
+          None, json_body("Batch"), (*GUARDED, 404, 409), (_BATCH_ID,)),
+))  # fmt: skip

@@ -10,6 +10,15 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
+from ortserve.api.protocol import (
+    GUARDED,
+    MODEL,
+    Protocol,
+    Route,
+    empty,
+    ndjson_or_json,
+    path_parameter,
+)
 from ortserve.api.state import current_state
 from ortserve.api.streaming import json_response, ndjson_line, stream_response
 from ortserve.api.validation import MAX_BLOB_BYTES, read_json, validate
@@ -128,3 +137,15 @@ def _status_lines(plan: CreatePlan, state) -> Iterator[str]:
             yield ndjson_line({"error": event.message})
         else:
             yield ndjson_line({"status": event})
+
+
+_DIGEST = path_parameter("digest", "the file's sha256", pattern="^sha256[:-][0-9a-fA-F]{64}$")
+
+PROTOCOL = Protocol("create", create_bp, rank=14, routes=(
+    Route("POST", "/api/create", "Make a model from a base and Ollama's create fields", "create",
+          ndjson_or_json("Status"), (*MODEL, 501)),
+    Route("HEAD", "/api/blobs/{digest}", "Whether the server has an uploaded file", None,
+          empty(s200="present", s404="absent"), (*GUARDED, 400), (_DIGEST,)),
+    Route("POST", "/api/blobs/{digest}", "Upload a file for /api/create", None,
+          empty(s200="already present", s201="stored"), (*GUARDED, 400, 413), (_DIGEST,)),
+))  # fmt: skip

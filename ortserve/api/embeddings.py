@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from flask import Blueprint
 
+from ortserve.api.protocol import GENERATION, Protocol, Route, json_body
 from ortserve.api.state import current_state
 from ortserve.api.streaming import json_response
 from ortserve.api.validation import keep_alive_seconds, read_json, validate
@@ -109,3 +110,17 @@ def _floats(row: np.ndarray) -> list[float]:
 def _base64(row: np.ndarray) -> str:
     """Little-endian float32 bytes, base64: what the openai SDK decodes with numpy."""
     return base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
+
+
+PROTOCOL = Protocol(
+    "embeddings", embeddings_bp, rank=11,  # errors: in the shape of the path's owner
+    generation_paths=("/api/embed", "/api/embeddings", "/v1/embeddings"),
+    routes=(
+        Route("POST", "/api/embed", "One vector per input text", "embed", json_body("Embed"),
+              GENERATION),
+        Route("POST", "/api/embeddings", "One vector (Ollama's older endpoint)", "embeddings",
+              json_body("EmbeddingLegacy"), GENERATION),
+        Route("POST", "/v1/embeddings", "Embeddings", "openai_embeddings",
+              json_body("OpenAIEmbeddings"), GENERATION),
+    ),
+)  # fmt: skip

@@ -11,6 +11,17 @@ from flask import Blueprint, Response
 import ortserve.api.logprobs as shape_logprobs
 from ortserve import __version__
 from ortserve.api.entries import ps_entry, show_entry, tag_entry
+from ortserve.api.protocol import (
+    GENERATION,
+    MODEL,
+    Protocol,
+    Route,
+    empty,
+    json_body,
+    ndjson_or_json,
+    ollama_error,
+    text,
+)
 from ortserve.api.state import current_state
 from ortserve.api.streaming import (
     exchange_stream,
@@ -19,16 +30,15 @@ from ortserve.api.streaming import (
     rfc3339,
 )
 from ortserve.api.validation import keep_alive_seconds, parsed_body, read_json, validate
-from ortserve.engine.guided import Retry
-from ortserve.engine.types import Finished, TextChunk
+from ortserve.engine.guided import JSON_OBJECT_SCHEMA, check_schema
 from ortserve.errors import InvalidRequest, NotSupportedYet
 from ortserve.library import ModelInfo
 from ortserve.options import parse_options
 from ortserve.serving import core
-from ortserve.serving.core import Choice, Exchange, ThinkingChunk
+from ortserve.serving.core import Choice, Exchange
+from ortserve.serving.events import Finished, Retry, TextChunk, ThinkingChunk, ToolCallEvent
 from ortserve.serving.requests import ChatPrompt, GenerationRequest, TextPrompt
-from ortserve.serving.structured import format_schema
-from ortserve.serving.tools import ToolCallEvent, template_calls, tool_spec
+from ortserve.serving.tools import template_calls, tool_spec
 
 native_bp = Blueprint("native", __name__)
 
@@ -295,3 +305,36 @@ def _lines(exchange: Exchange, reply: _Reply, events: Iterator) -> Iterator[str]
 def native_call(call) -> dict[str, Any]:
     """A call in Ollama's shape: arguments as an object."""
     return {"id": call.id, "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def format_schema(fmt: Any, param: str = "format") -> dict | None:
+    """The schema of Ollama's `format`: "json", a JSON Schema object, or none."""
+    if fmt is None or fmt == "":
+        return None
+    if fmt == "json":
+        return JSON_OBJECT_SCHEMA
+    if isinstance(fmt, dict):
+        return check_schema(fmt, param)
+    raise InvalidRequest('invalid format: expected "json" or a JSON Schema object', param=param)
+
+
+PROTOCOL = Protocol(
+    "native", native_bp, rank=10, owns=("/api",), error_body=ollama_error, error_schema="Error",
+    generation_paths=("/api/generate", "/api/chat"),
+    note='Ollama\'s API (/api/*): errors are {"error": message}.',
+    routes=(
+        Route("GET", "/", "Says the server is running", None, text("text/plain", "a sentence")),
+        Route("GET", "/api/version", "The server's version", None, json_body("Version")),
+        Route("GET", "/api/tags", "The models in the library", None, json_body("ModelList")),
+        Route("GET", "/api/ps", "The models loaded now", None, json_body("RunningList")),
+        Route("POST", "/api/show", "One model's details, template and parameters", "show",
+              json_body("Show"), MODEL),
+        Route("DELETE", "/api/delete", "Remove a model", "delete", empty(s200="deleted"), MODEL),
+        Route("POST", "/api/copy", "Give a model another name", "copy", empty(s200="copied"),
+              MODEL),
+        Route("POST", "/api/generate", "A completion of a prompt (an empty prompt loads the "
+              "model)", "generate", ndjson_or_json("GenerateResponse"), GENERATION),
+        Route("POST", "/api/chat", "The next message of a chat (no messages loads the model)",
+              "chat", ndjson_or_json("ChatResponse"), GENERATION),
+    ),
+)  # fmt: skip

@@ -16,20 +16,28 @@ from flask import Blueprint, Response
 
 import ortserve.api.logprobs as shape_logprobs
 from ortserve import __version__
+from ortserve.api.protocol import (
+    GENERATION,
+    GUARDED,
+    MODEL_PARAMETER,
+    Protocol,
+    Route,
+    json_body,
+    sse_or_json,
+)
 from ortserve.api.state import current_state
 from ortserve.api.streaming import SSE, exchange_stream, json_response, sse_event
 from ortserve.api.validation import parsed_body
-from ortserve.engine.guided import Retry
-from ortserve.engine.types import Finished, TextChunk
+from ortserve.engine.guided import JSON_OBJECT_SCHEMA, check_schema
 from ortserve.errors import InvalidRequest, NotSupportedYet, OrtServeError
 from ortserve.library import ModelInfo
 from ortserve.library.names import ModelName
 from ortserve.options import api_sampling
 from ortserve.serving import core
-from ortserve.serving.core import Choice, Exchange, ThinkingChunk
+from ortserve.serving.core import Choice, Exchange
+from ortserve.serving.events import Finished, Retry, TextChunk, ThinkingChunk, ToolCallEvent
 from ortserve.serving.requests import ChatPrompt, GenerationRequest, TextPrompt
-from ortserve.serving.structured import response_format_schema
-from ortserve.serving.tools import ToolCallEvent, openai_call, template_calls, tool_spec
+from ortserve.serving.tools import openai_call, template_calls, tool_spec
 
 openai_bp = Blueprint("openai", __name__)
 
@@ -197,7 +205,7 @@ def _answer(body: dict[str, Any], shape: _Shape, request: GenerationRequest) -> 
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return exchange_stream(exchange, lambda events: _sse(exchange, shape, events,
                                                               include_usage),
-                               lambda exc: sse_event(error_object(exc)) + _DONE, SSE)  # fmt: skip
+                               stream_error, SSE)  # fmt: skip
     choices = exchange.finish()
     whole = [shape.choice(i, c) for i, c in enumerate(choices)]
     response = json_response({**shape.envelope(whole), "usage": usage(exchange)})
@@ -400,3 +408,52 @@ class _CompletionShape(_Shape):
 
     def _echo(self, index: int) -> str:
         return self.echoed[index // self.n] if self.echoed else ""
+
+
+def response_format_schema(kind: str, schema: Any, *, param: str, schema_param: str
+                           ) -> dict | None:  # fmt: skip
+    """OpenAI's response formats: text (None), json_object, or json_schema with its schema.
+
+    `param` names the format object ("response_format" on chat, "text.format" on responses),
+    `schema_param` its schema ("response_format.json_schema.schema", "text.format.schema").
+    """
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind == "json_schema":
+        if not isinstance(schema, dict):
+            raise InvalidRequest(f"{schema_param} is required", param=schema_param)
+        return check_schema(schema, schema_param)
+    raise InvalidRequest(f"{param}.type must be text, json_object or json_schema, not {kind!r}",
+                         param=f"{param}.type")  # fmt: skip
+
+
+def error_body(status: int, message: str, type_: str, param=None, code=None) -> dict[str, Any]:
+    """OpenAI's error object: {"error": {message, type, param, code}}."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def stream_error(exc: OrtServeError) -> str:
+    """How OpenAI's streams end in an error: the error as an event, then [DONE]."""
+    return sse_event(error_object(exc)) + _DONE
+
+
+PROTOCOL = Protocol(
+    "openai", openai_bp, rank=20, owns=("/v1",), error_body=error_body,
+    error_schema="OpenAIError", stream_error=stream_error,
+    generation_paths=("/v1/chat/completions", "/v1/completions"),
+    cors_headers=("OpenAI-Organization", "OpenAI-Project", "X-Stainless-*"),
+    note="An OpenAI-compatible API (/v1/*, the Responses and Batch APIs included): errors are "
+    'OpenAI\'s {"error": {message, type, param, code}}.',
+    routes=(
+        Route("POST", "/v1/chat/completions", "Chat completions", "chat_completions",
+              sse_or_json("ChatCompletion"), GENERATION),
+        Route("POST", "/v1/completions", "Completions of raw prompts", "completions",
+              sse_or_json("Completion"), GENERATION),
+        Route("GET", "/v1/models", "The models in the library", None,
+              json_body("OpenAIModelList")),
+        Route("GET", "/v1/models/{model}", "One model", None, json_body("OpenAIModel"),
+              (*GUARDED, 400, 404), (MODEL_PARAMETER,)),
+    ),
+)  # fmt: skip

@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 document of ortserve's HTTP API, built from the request JSON Schemas.
 
-ROUTES is the one table of operations: a new route is a new row (a test fails while a route
-of the app has none). Request bodies are schemas/<name>.json, the schemas the routes
+routes() is the one table of operations, each protocol's rows (api/protocol.py): a new route
+is a new row in its protocol's descriptor (a test fails while a route of the app has none). Request bodies are schemas/<name>.json, the schemas the routes
 validate with, so the document cannot drift from what is enforced; responses are described
 here. `GET /openapi.json` serves the document and `python -m ortserve.api.openapi >
 docs/openapi.json` writes the published copy (a test keeps the two equal).
@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from ortserve import __version__
+from ortserve.api.protocol import REF as _REF
+from ortserve.api.protocol import Protocol, Route, owner, protocols
+from ortserve.api.protocol import ref as _ref
 from ortserve.api.validation import SCHEMA_DIR
-
-NDJSON = "application/x-ndjson"
-SSE = "text/event-stream"
-_REF = "#/components/schemas/"
 
 # ---- responses ---------------------------------------------------------------------------------
 
@@ -279,202 +276,59 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": _REF + name}
-
-
-def json_body(schema: str, description: str = "OK", status: int = 200) -> dict[str, Any]:
-    return {str(status): {"description": description,
-                          "content": {"application/json": {"schema": _ref(schema)}}}}  # fmt: skip
-
-
-def ndjson_or_json(schema: str) -> dict[str, Any]:
-    """Ollama's streams: NDJSON lines unless `stream` is false, then one JSON body."""
-    content = {"application/json": {"schema": _ref(schema)}, NDJSON: {"schema": _ref("StreamLine")}}
-    return {"200": {"description": "NDJSON lines as they come, or one body with stream false",
-                    "content": content}}  # fmt: skip
-
-
-def sse_or_json(schema: str) -> dict[str, Any]:
-    """OpenAI's streams: server-sent events with `stream` true, else one JSON body."""
-    content = {
-        "application/json": {"schema": _ref(schema)},
-        SSE: {"schema": _ref("ServerSentEvent")},
-    }
-    return {"200": {"description": "One body, or server-sent events with stream true",
-                    "content": content}}  # fmt: skip
-
-
-def empty(**statuses: str) -> dict[str, Any]:
-    """Bodyless answers: empty(s200="deleted") -> {"200": {"description": "deleted"}}."""
-    return {key.removeprefix("s"): {"description": text} for key, text in statuses.items()}
-
-
-def text(media_type: str, description: str) -> dict[str, Any]:
-    return {"200": {"description": description,
-                    "content": {media_type: {"schema": {"type": "string"}}}}}  # fmt: skip
-
-
-# ---- the route table ---------------------------------------------------------------------------
-
-# Errors any route can answer: Host or Origin refused, key missing, the unexpected.
-GUARDED = (401, 403, 500)
-JSON_BODY = (*GUARDED, 400, 413, 415)
-MODEL = (*JSON_BODY, 404)
-GENERATION = (*MODEL, 422, 503)  # 422: structured output or tool calls that did not validate
-
-
-@dataclass(frozen=True)
-class Route:
-    """One operation: where, what it does, the request schema it validates, what it answers."""
-
-    method: str
-    path: str  # OpenAPI's form: /v1/models/{model}
-    summary: str
-    request: str | None  # schemas/<request>.json: the JSON body; None: no JSON body
-    responses: Mapping[str, Any]  # success responses
-    errors: tuple[int, ...] = GUARDED
-    parameters: tuple[dict[str, Any], ...] = field(default=())
-
-
-def _path_parameter(name: str, description: str, **schema: Any) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "description": description,
-            "schema": {"type": "string", **schema}}  # fmt: skip
-
-
-_DIGEST = _path_parameter("digest", "the file's sha256", pattern="^sha256[:-][0-9a-fA-F]{64}$")
-_MODEL = {**_path_parameter("model", "a model name, [namespace/]model[:tag]"),
-          "schema": {"$ref": _REF + "common/$defs/model_name"}}  # fmt: skip
-_RESPONSE_ID = _path_parameter("response_id", "a stored response's id (resp_...)")
-_FILE_ID = _path_parameter("file_id", "a file's id (file-...)")
-_BATCH_ID = _path_parameter("batch_id", "a batch's id (batch_...)")
-
-
-def _query(name: str, description: str, **schema: Any) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": schema}  # fmt: skip
-
-
-_AFTER = _query("after", "the id the page starts after", type="string")
-
-ROUTES: tuple[Route, ...] = (
-    # ops
-    Route("GET", "/healthz", "Liveness: the process answers HTTP", None, json_body("Status")),
-    Route("GET", "/readyz", "Readiness: the model library can be read and the models "
-          "ORTSERVE_PRELOAD names are loaded", None,
-          {**json_body("Status"), **json_body("Status", "not ready", 503)}),
-    Route("GET", "/metrics", "Prometheus metrics", None, text("text/plain", "Prometheus text")),
-    Route("GET", "/openapi.json", "This document", None, json_body("OpenAPI")),
-    # Ollama's native API
-    Route("GET", "/", "Says the server is running", None, text("text/plain", "a sentence")),
-    Route("GET", "/api/version", "The server's version", None, json_body("Version")),
-    Route("GET", "/api/tags", "The models in the library", None, json_body("ModelList")),
-    Route("GET", "/api/ps", "The models loaded now", None, json_body("RunningList")),
-    Route("POST", "/api/show", "One model's details, template and parameters", "show",
-          json_body("Show"), MODEL),
-    Route("DELETE", "/api/delete", "Remove a model", "delete", empty(s200="deleted"), MODEL),
-    Route("POST", "/api/copy", "Give a model another name", "copy", empty(s200="copied"), MODEL),
-    Route("POST", "/api/generate", "A completion of a prompt (an empty prompt loads the model)",
-          "generate", ndjson_or_json("GenerateResponse"), GENERATION),
-    Route("POST", "/api/chat", "The next message of a chat (no messages loads the model)",
-          "chat", ndjson_or_json("ChatResponse"), GENERATION),
-    Route("POST", "/api/embed", "One vector per input text", "embed", json_body("Embed"),
-          GENERATION),
-    Route("POST", "/api/embeddings", "One vector (Ollama's older endpoint)", "embeddings",
-          json_body("EmbeddingLegacy"), GENERATION),
-    Route("POST", "/api/pull", "Pull a model from the Hugging Face Hub", "pull",
-          ndjson_or_json("Status"), (*MODEL, 501, 502)),
-    Route("POST", "/api/push", "Push a model to a Hugging Face Hub repository", "push",
-          ndjson_or_json("Status"), (*MODEL, 502)),
-    Route("POST", "/api/create", "Make a model from a base and Ollama's create fields", "create",
-          ndjson_or_json("Status"), (*MODEL, 501)),
-    Route("HEAD", "/api/blobs/{digest}", "Whether the server has an uploaded file", None,
-          empty(s200="present", s404="absent"), (*GUARDED, 400), (_DIGEST,)),
-    Route("POST", "/api/blobs/{digest}", "Upload a file for /api/create", None,
-          empty(s200="already present", s201="stored"), (*GUARDED, 400, 413), (_DIGEST,)),
-    # OpenAI's API
-    Route("POST", "/v1/chat/completions", "Chat completions", "chat_completions",
-          sse_or_json("ChatCompletion"), GENERATION),
-    Route("POST", "/v1/completions", "Completions of raw prompts", "completions",
-          sse_or_json("Completion"), GENERATION),
-    Route("POST", "/v1/embeddings", "Embeddings", "openai_embeddings",
-          json_body("OpenAIEmbeddings"), GENERATION),
-    Route("GET", "/v1/models", "The models in the library", None, json_body("OpenAIModelList")),
-    Route("GET", "/v1/models/{model}", "One model", None, json_body("OpenAIModel"),
-          (*GUARDED, 400, 404), (_MODEL,)),
-    # OpenAI's Responses API
-    Route("POST", "/v1/responses", "A model response (Responses API)", "responses",
-          sse_or_json("Response"), GENERATION),
-    Route("GET", "/v1/responses/{response_id}", "A stored response", None, json_body("Response"),
-          (*GUARDED, 404), (_RESPONSE_ID,)),
-    Route("DELETE", "/v1/responses/{response_id}", "Delete a stored response", None,
-          json_body("ResponseDeleted"), (*GUARDED, 404), (_RESPONSE_ID,)),
-    # Anthropic's Messages API
-    Route("POST", "/v1/messages", "A message (Anthropic's Messages API)", "messages",
-          sse_or_json("Message"), GENERATION),
-    Route("POST", "/v1/messages/count_tokens", "The tokens of a Messages request's prompt",
-          "count_tokens", json_body("TokenCount"), MODEL),
-    # OpenAI's Batch API: files, and batches of their lines
-    Route("POST", "/v1/files", "Upload a batch input file (JSONL, multipart/form-data)", None,
-          json_body("OpenAIFile"), (*GUARDED, 400, 413)),
-    Route("GET", "/v1/files", "This key's files, newest first", None, json_body("OpenAIFileList"),
-          (*GUARDED, 400), (_query("purpose", "only files of this purpose", type="string"),
-                            _query("limit", "files per page", type="integer", minimum=1,
-                                   maximum=10000),
-                            _query("order", "by creation time", enum=["asc", "desc"]), _AFTER)),
-    Route("GET", "/v1/files/{file_id}", "One file", None, json_body("OpenAIFile"),
-          (*GUARDED, 404), (_FILE_ID,)),
-    Route("DELETE", "/v1/files/{file_id}", "Delete a file", None, json_body("FileDeleted"),
-          (*GUARDED, 404), (_FILE_ID,)),
-    Route("GET", "/v1/files/{file_id}/content", "A file's content", None,
-          text("application/octet-stream", "the file's bytes (JSONL)"), (*GUARDED, 404),
-          (_FILE_ID,)),
-    Route("POST", "/v1/batches", "Run an uploaded file's lines as a batch", "batch_create",
-          json_body("Batch"), (*JSON_BODY, 404)),
-    Route("GET", "/v1/batches", "This key's batches, newest first", None, json_body("BatchList"),
-          (*GUARDED, 400), (_query("limit", "batches per page", type="integer", minimum=1,
-                                   maximum=100), _AFTER)),
-    Route("GET", "/v1/batches/{batch_id}", "One batch", None, json_body("Batch"),
-          (*GUARDED, 404), (_BATCH_ID,)),
-    Route("POST", "/v1/batches/{batch_id}/cancel", "Cancel a batch: no more lines start",
-          None, json_body("Batch"), (*GUARDED, 404, 409), (_BATCH_ID,)),
-)  # fmt: skip
-
-
 # ---- the document ------------------------------------------------------------------------------
+
+
+def routes() -> tuple[Route, ...]:
+    """Every protocol's rows, in the registry's order: the one table of operations."""
+    return tuple(route for protocol in protocols() for route in protocol.routes)
 
 
 @functools.cache
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document (built once; the schemas do not change while running)."""
     paths: dict[str, dict[str, Any]] = {}
-    for route in ROUTES:
+    for route in routes():
         paths.setdefault(route.path, {})[route.method.lower()] = operation(route)
+    registry = protocols()
+    notes = " ".join(p.note for p in registry if p.note)
+    schemes, security = _key_schemes(registry)
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "ortserve",
             "version": __version__,
-            "description": "Ollama's API (/api/*), an OpenAI-compatible API (/v1/*, the "
-            "Responses API included) and Anthropic's Messages API (/v1/messages) on ONNX "
-            'Runtime GenAI. Errors are {"error": message} on /api, OpenAI\'s {"error": '
-            '{message, type, param, code}} on /v1, and Anthropic\'s {"type": "error", '
-            '"error": {type, message}} on /v1/messages. Request bodies are checked against '
-            "the schemas below (x-checked-by-code marks rules the server's code enforces with "
-            "its own message); an integer field takes a JSON integer, 2 and not 2.0, as "
-            "Ollama's Go structs do.",
+            "description": f"Local models on ONNX Runtime GenAI, over several APIs. {notes} "
+            "Request bodies are checked against the schemas below (x-checked-by-code marks "
+            "rules the server's code enforces with its own message); an integer field takes a "
+            "JSON integer, 2 and not 2.0, as Ollama's Go structs do.",
         },
         "paths": paths,
         "components": {
-            "schemas": {**request_schemas(), **RESPONSE_SCHEMAS},
-            "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer"},
-                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
-            },
+            "schemas": {**request_schemas(), **RESPONSE_SCHEMAS, **_protocol_schemas(registry)},
+            "securitySchemes": schemes,
         },
         # Keys are asked only when ORTSERVE_API_KEYS is set: none ({}) is also allowed.
-        "security": [{}, {"bearer": []}, {"apiKey": []}],
+        "security": security,
     }
+
+
+def _protocol_schemas(registry: tuple[Protocol, ...]) -> dict[str, Any]:
+    return {name: schema for protocol in registry for name, schema in protocol.schemas.items()}
+
+
+def _key_schemes(registry: tuple[Protocol, ...]) -> tuple[dict[str, Any], list[dict]]:
+    """Bearer and x-api-key everywhere, plus each protocol's own key headers and parameters."""
+    schemes: dict[str, Any] = {
+        "bearer": {"type": "http", "scheme": "bearer"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+    }
+    for protocol in registry:
+        for where, names in (("header", protocol.key_headers), ("query", protocol.key_params)):
+            for name in names:
+                schemes[f"{protocol.name}_{where}_{name}".replace("-", "_")] = {
+                    "type": "apiKey", "in": where, "name": name}  # fmt: skip
+    return schemes, [{}, *({name: []} for name in schemes)]
 
 
 def operation(route: Route) -> dict[str, Any]:
@@ -502,9 +356,8 @@ def operation(route: Route) -> dict[str, Any]:
 
 def _errors(route: Route) -> dict[str, Any]:
     """Each error status in the protocol's shape (bodyless for HEAD)."""
-    shape = "OpenAIError" if route.path.startswith("/v1/") else "Error"
-    if route.path.startswith("/v1/messages"):
-        shape = "AnthropicError"
+    protocol = owner(route.path)
+    shape = (protocol.error_schema if protocol is not None else None) or "Error"
     errors = {}
     for status in sorted(route.errors):
         errors[str(status)] = {"description": _ERROR_TEXT.get(status, "error")}

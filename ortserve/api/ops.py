@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ortserve import metrics
 from ortserve.api.openapi import document
+from ortserve.api.protocol import Protocol, Route, json_body, text
 from ortserve.api.state import current_state
 from ortserve.api.streaming import json_response
 
@@ -62,3 +63,17 @@ def prometheus_metrics():
         metrics.RUNNING_TURNS.labels(name).set(running)
     metrics.PENDING_TURNS.set(sum(queued + running for queued, running in counts.values()))
     return Response(generate_latest(metrics.REGISTRY), mimetype=CONTENT_TYPE_LATEST)
+
+
+PROTOCOL = Protocol(
+    "ops", ops_bp, rank=0,
+    routes=(
+        Route("GET", "/healthz", "Liveness: the process answers HTTP", None, json_body("Status")),
+        Route("GET", "/readyz", "Readiness: the model library can be read and the models "
+              "ORTSERVE_PRELOAD names are loaded", None,
+              {**json_body("Status"), **json_body("Status", "not ready", 503)}),
+        Route("GET", "/metrics", "Prometheus metrics", None,
+              text("text/plain", "Prometheus text")),
+        Route("GET", "/openapi.json", "This document", None, json_body("OpenAPI")),
+    ),
+)  # fmt: skip

@@ -14,6 +14,7 @@ from typing import Any
 
 from flask import Blueprint
 
+from ortserve.api.protocol import MODEL, Protocol, Route, ndjson_or_json
 from ortserve.api.state import current_state
 from ortserve.api.streaming import json_response, ndjson_line, stream_response
 from ortserve.api.validation import read_json, validate
@@ -119,3 +120,9 @@ def progress_lines(head: list[Any], job: ProgressJob) -> Iterator[str]:
             return
         if isinstance(item, PullStatus):
             yield ndjson_line(item.as_dict())
+
+
+PROTOCOL = Protocol("pull", pull_bp, rank=12, routes=(
+    Route("POST", "/api/pull", "Pull a model from the Hugging Face Hub", "pull",
+          ndjson_or_json("Status"), (*MODEL, 501, 502)),
+))  # fmt: skip

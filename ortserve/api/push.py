@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from flask import Blueprint
 
+from ortserve.api.protocol import MODEL, Protocol, Route, ndjson_or_json
 from ortserve.api.pull import ProgressJob, progress_lines
 from ortserve.api.state import current_state
 from ortserve.api.streaming import json_response, stream_response
@@ -52,3 +53,9 @@ class _PushJob(ProgressJob):
     def run(self) -> PushResult:
         return push(self.label, self.target.text, library=self.library,
                     progress=self.events.put, cancel=self.cancel)  # fmt: skip
+
+
+PROTOCOL = Protocol("push", push_bp, rank=13, routes=(
+    Route("POST", "/api/push", "Push a model to a Hugging Face Hub repository", "push",
+          ndjson_or_json("Status"), (*MODEL, 502)),
+))  # fmt: skip

@@ -13,16 +13,26 @@ from typing import Any
 
 from flask import Blueprint
 
+from ortserve.api.openai import error_body as openai_error
+from ortserve.api.openai import response_format_schema
+from ortserve.api.protocol import (
+    GENERATION,
+    GUARDED,
+    Protocol,
+    Route,
+    json_body,
+    path_parameter,
+    sse_or_json,
+)
 from ortserve.api.state import current_state
 from ortserve.api.streaming import SSE, exchange_stream, json_response, sse_event
 from ortserve.api.validation import parsed_body
-from ortserve.engine.guided import Retry
 from ortserve.engine.toolcalls import ToolCall
-from ortserve.engine.types import Finished, TextChunk
 from ortserve.errors import InvalidRequest, NotSupportedYet, OrtServeError
 from ortserve.options import api_sampling
 from ortserve.serving import core
-from ortserve.serving.core import Exchange, ThinkingChunk
+from ortserve.serving.core import Exchange
+from ortserve.serving.events import Finished, Retry, TextChunk, ThinkingChunk, ToolCallEvent
 from ortserve.serving.requests import ChatPrompt, GenerationRequest
 from ortserve.serving.store import (
     ResponseStore,
@@ -40,8 +50,7 @@ from ortserve.serving.store import (
     text_part,
     usage_object,
 )
-from ortserve.serving.structured import response_format_schema
-from ortserve.serving.tools import ToolCallEvent, tool_spec
+from ortserve.serving.tools import tool_spec
 
 responses_bp = Blueprint("responses", __name__)
 
@@ -275,3 +284,25 @@ class _Events:
 
     def _where(self) -> dict[str, Any]:
         return {"item_id": self.open["id"], "output_index": self.added - 1, "content_index": 0}
+
+
+def stream_error(exc: OrtServeError) -> str:
+    """The Responses API's error event, which ends a failed stream."""
+    body = {"type": "error", "code": exc.type, "message": exc.message, "param": None}
+    return sse_event(body, event="error")
+
+
+_RESPONSE_ID = path_parameter("response_id", "a stored response's id (resp_...)")
+
+PROTOCOL = Protocol(
+    "responses", responses_bp, rank=21, owns=("/v1/responses",), error_body=openai_error,
+    error_schema="OpenAIError", stream_error=stream_error, generation_paths=("/v1/responses",),
+    routes=(
+        Route("POST", "/v1/responses", "A model response (Responses API)", "responses",
+              sse_or_json("Response"), GENERATION),
+        Route("GET", "/v1/responses/{response_id}", "A stored response", None,
+              json_body("Response"), (*GUARDED, 404), (_RESPONSE_ID,)),
+        Route("DELETE", "/v1/responses/{response_id}", "Delete a stored response", None,
+              json_body("ResponseDeleted"), (*GUARDED, 404), (_RESPONSE_ID,)),
+    ),
+)  # fmt: skip

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from flask import Flask, Response, g, request
 
+from ortserve.api.protocol import cors_headers, generates, key_headers, owner
 from ortserve.api.state import current_state
 from ortserve.config import Settings
 from ortserve.errors import OrtServeError, ServerBusy
@@ -32,21 +33,16 @@ DEFAULT_ORIGINS = tuple(
 ) + ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
 # Paths that answer without a key: load balancers and orchestrators probe them.
 OPEN_PATHS = ("/", "/healthz", "/readyz")
-# Requests that generate or embed: each holds a thread for as long as its turn runs.
-GENERATION_PATHS = (
-    "/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
-    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
-)  # fmt: skip
+# Requests that generate or embed hold a thread for as long as their turn runs: each protocol
+# names its own (Protocol.generation_paths), and admission counts them.
 # Names no public DNS answers for (Ollama's list): a DNS-rebinding page cannot use them.
 LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
 # Go's netip.Addr.IsPrivate: RFC 1918 and RFC 4193 (Python's is_private is wider).
 PRIVATE_NETWORKS = tuple(
     ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
 )
-_CORS_HEADERS = (
-    "Authorization, Content-Type, X-Api-Key, X-Request-Id, Anthropic-Version, "
-    "Anthropic-Beta, OpenAI-Organization, OpenAI-Project, X-Stainless-*"
-)
+# Request headers every client may send; each protocol adds its own (Protocol.cors_headers).
+_CORS_HEADERS = ("Authorization", "Content-Type", "X-Api-Key", "X-Request-Id")
 
 
 class Unauthorized(OrtServeError):
@@ -147,7 +143,7 @@ class Admission:
     def admit(self) -> None:
         """Take a slot for a generation request (nothing for others); raise ServerBusy."""
         state = current_state()
-        if request.method != "POST" or _route_path(state.url_prefix) not in GENERATION_PATHS:
+        if request.method != "POST" or not generates(_route_path(state.url_prefix)):
             return
         limit = state.settings.generation_slots
         with self._lock:
@@ -184,7 +180,9 @@ def _preflight() -> Response:
     response = Response(status=204)
     response.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, DELETE, HEAD, OPTIONS"
     asked = request.headers.get("Access-Control-Request-Headers")
-    response.headers["Access-Control-Allow-Headers"] = asked or _CORS_HEADERS
+    response.headers["Access-Control-Allow-Headers"] = asked or ", ".join(
+        (*_CORS_HEADERS, *cors_headers(), *key_headers())
+    )
     response.headers["Access-Control-Max-Age"] = "600"
     return response
 
@@ -193,7 +191,7 @@ def authenticate(settings: Settings) -> str | None:
     """The name of the key the request carries (None when no keys are configured)."""
     if not settings.api_keys or request.path in OPEN_PATHS or request.method == "OPTIONS":
         return None
-    given = request.headers.get("X-Api-Key") or _bearer(request.headers.get("Authorization"))
+    given = _given_key()
     if not given:
         raise Unauthorized(
             "an API key is required: send Authorization: Bearer <key> or x-api-key: <key>"
@@ -205,6 +203,19 @@ def authenticate(settings: Settings) -> str | None:
     if found is None:
         raise Unauthorized("invalid API key")
     return found
+
+
+def _given_key() -> str | None:
+    """The key in x-api-key, a protocol's key header, Bearer, or the owning protocol's query
+    parameter (Google's ?key=: only on its own paths, keys in URLs end up in logs)."""
+    for header in ("X-Api-Key", *key_headers()):
+        if request.headers.get(header):
+            return request.headers[header]
+    given = _bearer(request.headers.get("Authorization"))
+    protocol = owner(_route_path(current_state().url_prefix))
+    for param in protocol.key_params if protocol is not None and not given else ():
+        given = request.args.get(param) or None
+    return given
 
 
 def _bearer(header: str | None) -> str | None:

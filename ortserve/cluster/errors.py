@@ -10,23 +10,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ortserve.api.anthropic import error_body as anthropic_error
-from ortserve.api.openai import error_object
+from ortserve.api import protocol
 from ortserve.api.streaming import ndjson_line, sse_event
 from ortserve.errors import OrtServeError
 
 
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root + "/")
-
-
 def error_body(path: str, exc: OrtServeError) -> dict[str, Any]:
-    """The protocol's error body: Anthropic's, OpenAI's on /v1, Ollama's elsewhere."""
-    if _under(path, "/v1/messages"):
-        return anthropic_error(exc.status, exc.message)
-    if _under(path, "/v1"):
-        return error_object(exc)
-    return {"error": exc.message}
+    """The error body of the protocol that owns `path` (api/protocol.py), Ollama's elsewhere."""
+    return protocol.error_body(path, exc.status, exc.message, exc.type, exc.param, exc.code)
 
 
 def error_response(path: str, exc: OrtServeError):
@@ -46,9 +37,7 @@ def stream_error(path: str, content_type: str, exc: OrtServeError) -> str:
         return ndjson_line({"error": exc.message})
     if not content_type.startswith("text/event-stream"):
         return ""  # a whole JSON body cut short: the client sees it incomplete
-    if _under(path, "/v1/messages"):
-        return sse_event(anthropic_error(exc.status, exc.message), event="error")
-    if _under(path, "/v1/responses"):
-        body = {"type": "error", "code": exc.type, "message": exc.message, "param": None}
-        return sse_event(body, event="error")
-    return sse_event(error_object(exc)) + "data: [DONE]\n\n"
+    owner = protocol.owner(path)
+    if owner is not None and owner.stream_error is not None:
+        return owner.stream_error(exc)
+    return sse_event(error_body(path, exc), event="error")

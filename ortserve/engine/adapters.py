@@ -19,7 +19,6 @@ Everything here runs on the model's scheduler thread, like every other og call.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 
 from ortserve.engine.logprobs import StepLogprobs, step_logprobs
 from ortserve.errors import ModelLoadError
+from ortserve.library.bundle import genai_config
 
 
 def load_adapters(model, files: list[tuple[str, Path]]):
@@ -141,7 +141,7 @@ class GeneratorEngine:
         self.adapters = adapters
         self.names = list(names)
         self.pending: list[GeneratorRequest] = []
-        config = json.loads((Path(bundle) / "genai_config.json").read_text(encoding="utf-8"))
+        config = genai_config(bundle)
         eos = config["model"].get("eos_token_id", [])
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.context_length = int(config["model"]["context_length"])

@@ -32,7 +32,6 @@ model's scheduler thread.
 from __future__ import annotations
 
 import collections
-import json
 import mmap
 import os
 from collections.abc import Iterator
@@ -44,6 +43,7 @@ import numpy as np
 from ortserve.engine.adapters import GeneratorEvent, GeneratorTurn, GeneratorUsage
 from ortserve.engine.kvcache import KVStore
 from ortserve.engine.logprobs import step_logprobs
+from ortserve.library.bundle import genai_config
 
 # A prefill runs in chunks of this many tokens, one chunk per step, so that the decoding
 # rows wait ~0.1-0.5 s for it at most, however long the prompt. A graph whose LM head runs
@@ -68,7 +68,7 @@ def graph_form(bundle: Path) -> str:
     length comes from the attention mask).
     """
     try:
-        config = json.loads((Path(bundle) / "genai_config.json").read_text(encoding="utf-8"))
+        config = genai_config(bundle)
         decoder = config["model"]["decoder"]
         if "position_ids" in decoder.get("inputs", {}):
             return "optimum"
@@ -84,7 +84,7 @@ def supports(bundle: Path) -> bool:
     """True when ContinuousEngine can run the bundle: a plain builder text decoder."""
     if graph_form(bundle) != "builder":
         return False
-    config = json.loads((Path(bundle) / "genai_config.json").read_text(encoding="utf-8"))
+    config = genai_config(bundle)
     model = config["model"]
     decoder = model["decoder"]
     if any(key in model for key in ("vision", "speech", "embedding", "encoder")):
@@ -129,7 +129,7 @@ class DecoderGraph:
     def load(cls, bundle: Path, threads: int | None = None) -> DecoderGraph:
         import onnxruntime as ort
 
-        config = json.loads((Path(bundle) / "genai_config.json").read_text(encoding="utf-8"))
+        config = genai_config(bundle)
         model, decoder = config["model"], config["model"]["decoder"]
         inputs = decoder["inputs"]
         outputs = decoder["outputs"]

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ortserve.config import Settings
 from ortserve.engine.providers import ORT_NAMES, load_candidates, load_on_best, session_providers
 from ortserve.engine.resident import Resident
 from ortserve.errors import InvalidRequest, ModelLoadError, OrtServeError, ServerBusy
-from ortserve.library import ModelInfo
+from ortserve.library import Library, ModelInfo
 
 log = logging.getLogger("ortserve.engine")
 
@@ -176,6 +177,19 @@ class LoadedEmbedder(Resident):
     def stop(self) -> None:
         """Stop taking requests; the session is freed once in-flight runs drop it."""
         self.stopped = True
+
+
+class EmbeddingBackend:
+    """Loads embedding bundles ("onnx-embedding") as onnxruntime sessions."""
+
+    def load(self, info: ModelInfo, settings: Settings, library: Library) -> LoadedEmbedder:
+        return load_embedder(info, settings.provider)
+
+    def planned_provider(self, info: ModelInfo, requested: str) -> str | None:
+        try:
+            return load_candidates(requested, runtime="onnxruntime")[0]
+        except (OrtServeError, OSError, KeyError, ValueError):
+            return None
 
 
 def load_embedder(info: ModelInfo, requested_provider: str) -> LoadedEmbedder:

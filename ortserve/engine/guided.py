@@ -12,7 +12,7 @@ from typing import Any
 import jsonschema
 from jsonschema import Draft7Validator, Draft202012Validator
 
-from ortserve.engine.types import Finished, Usage
+from ortserve.engine.types import Finished, Guidance, Usage
 from ortserve.errors import InvalidRequest, OrtServeError
 
 
@@ -467,9 +467,9 @@ def bounded_schema(
     return bounded
 
 
-def guidance_for(schema: dict) -> tuple[str, str]:
-    """The (type, data) pair for TurnOptions.set_guidance that constrains output to schema."""
-    return "json_schema", json.dumps(bounded_schema(schema))
+def guidance_for(schema: dict) -> Guidance:
+    """The guidance that constrains a turn's output to `schema` (bounded for llguidance)."""
+    return Guidance("json_schema", json.dumps(bounded_schema(schema)))
 
 
 def _parse(text: str, finish_reason: str | None) -> Any:

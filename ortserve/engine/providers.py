@@ -26,6 +26,7 @@ from typing import TypeVar
 
 from ortserve.engine.install import installed_flavour
 from ortserve.errors import ModelLoadError, ProviderUnavailable
+from ortserve.library.bundle import target_provider
 
 log = logging.getLogger("ortserve.engine")
 
@@ -378,12 +379,7 @@ def _short_name(ep_name: str) -> str | None:
 
 def bundle_target(bundle: Path) -> str:
     """The provider a bundle was converted for (genai_config provider_options), else cpu."""
-    config = json.loads((bundle / "genai_config.json").read_text(encoding="utf-8"))
-    options = config["model"]["decoder"].get("session_options", {}).get("provider_options", [])
-    for entry in options:
-        for name in entry:
-            return name.lower()
-    return "cpu"
+    return target_provider(bundle)
 
 
 def load_candidates(requested: str, target: str = "cpu", runtime: str = "genai") -> list[str]:

@@ -1,10 +1,16 @@
-"""What the Runtime keeps for every loaded model, whatever its kind."""
+"""What the Runtime keeps for every loaded model, whatever its kind or backend.
+
+Every backend's loaded model (engine/backend.LoadedModel) extends Resident; what a model
+cannot do (generate on an embedder, embed on a decoder) is refused here with a 400.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
+from ortserve.errors import InvalidRequest
 from ortserve.library import ModelInfo
 
 
@@ -29,3 +35,20 @@ class Resident:
     @property
     def capabilities(self) -> list[str]:
         return self.info.capabilities
+
+    def memory(self) -> int:
+        """Bytes the model holds: its bundle's size (weights are mapped or read whole)."""
+        return self.info.size
+
+    def running(self) -> int:
+        """Turns generating now (a subset of pending())."""
+        return 0
+
+    def generate(self, tokens: list[int], options: Any, *, skip_special_tokens: bool = True):
+        raise InvalidRequest(f'"{self.name}" does not support generate', param="model")
+
+    def encode(self, text: str) -> list[int]:
+        raise InvalidRequest(f'"{self.name}" does not support generate', param="model")
+
+    def embed(self, texts: list[str], **kwargs: Any) -> Any:
+        raise InvalidRequest(f'"{self.name}" does not support embeddings', param="model")

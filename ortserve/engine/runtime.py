@@ -1,106 +1,30 @@
 """Loaded models: load on first use, keep-alive timers, a bound on how many stay loaded.
 
 In the spirit of Ollama's server/sched.go: one owner (the Runtime) decides what is loaded;
-each loaded generation model has its own Scheduler thread, each embedding model an
-onnxruntime session (engine/embeddings.py); an idle model is unloaded when its
-keep-alive expires, or evicted (least recently used first) to make room for another.
+models are loaded by the backend of their bundle's format (engine/backend.py: og_backend's
+Scheduler thread per generation model, an onnxruntime session per embedding model); an idle
+model is unloaded when its keep-alive expires, or evicted (least recently used first) to make
+room for another.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
-from ortserve import metrics
 from ortserve.config import Settings
-from ortserve.engine.embeddings import LoadedEmbedder, load_embedder
-from ortserve.engine.providers import bundle_target, load_candidates, load_on_best
-from ortserve.engine.resident import Resident
-from ortserve.engine.scheduler import Scheduler
-from ortserve.engine.turns import Turn
-from ortserve.engine.types import GenerationOptions
+from ortserve.engine.backend import LoadedModel, backend_for
 from ortserve.errors import InvalidRequest, ModelLoadError, OrtServeError
 from ortserve.library import Library, ModelInfo
 
 log = logging.getLogger("ortserve.engine")
 
 
-@dataclass(eq=False, kw_only=True)
-class LoadedModel(Resident):
-    """A generation model in memory: its scheduler, tokenizer and chat template."""
-
-    scheduler: Scheduler
-    tokenizer: object  # tokenizers.Tokenizer: thread-safe, unlike og.Tokenizer
-    template: object | None  # prompts.ChatTemplate
-
-    @property
-    def context_length(self) -> int:
-        return int(self.info.details.get("context_length") or 2048)
-
-    def pending(self) -> int:
-        """Turns queued or generating."""
-        return self.scheduler.pending()
-
-    def stop(self) -> None:
-        """Unload: cancel running turns and stop the scheduler thread."""
-        self.scheduler.stop()
-
-    @functools.cached_property
-    def max_prompt_chars(self) -> int:
-        """Characters beyond which a text cannot fit the context, whatever its tokens.
-
-        No token is longer than the vocabulary's longest entry, so a text longer than the
-        context times that length needs more tokens than the context holds: it is refused
-        without tokenizing it (a 30 MB prompt would take minutes and gigabytes).
-        """
-        longest = max((len(token) for token in self.tokenizer.get_vocab()), default=16)
-        return self.context_length * max(1, longest)
-
-    def exceeds_context(self, text: str) -> bool:
-        """Cheap and certain: True only when `text` cannot fit the context."""
-        return len(text) > self.max_prompt_chars
-
-    def min_tokens(self, text: str) -> int:
-        """A lower bound of `text`'s token count, without tokenizing it."""
-        return len(text) * self.context_length // self.max_prompt_chars + 1
-
-    def encode(self, text: str) -> list[int]:
-        """Prompt text -> ids; the chat template already wrote any special tokens."""
-        if self.exceeds_context(text):
-            raise InvalidRequest(
-                f"prompt is too long: {len(text)} characters cannot fit the context length of "
-                f"{self.context_length} tokens",
-                param="prompt",
-                code="context_length_exceeded",
-            )
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def generate(
-        self, tokens: list[int], options: GenerationOptions, *, skip_special_tokens: bool = True
-    ) -> Turn:
-        from ortserve.engine.text import TextDecoder
-
-        if len(tokens) >= options.num_ctx:
-            raise InvalidRequest(
-                f"prompt is too long: {len(tokens)} tokens exceed the context length of "
-                f"{options.num_ctx}",
-                param="prompt",
-                code="context_length_exceeded",
-            )
-        job = self.scheduler.submit(tokens, options)
-        return Turn(
-            self.scheduler, job, TextDecoder(self.tokenizer, options.stop, skip_special_tokens)
-        )
-
-
-# Either kind of loaded model: both have the same bookkeeping, stop() and pending().
-Loaded = TypeVar("Loaded", LoadedModel, LoadedEmbedder)
+# Either kind of loaded model (generation or embedding), from whichever backend loaded it.
+Loaded = TypeVar("Loaded", bound=LoadedModel)
 
 
 class Runtime:
@@ -126,12 +50,12 @@ class Runtime:
             raise InvalidRequest(f'"{info.name}" does not support generate', param="model")
         return self._acquire(info, self._load)
 
-    def acquire_embedder(self, name: str, keep_alive: float | None = None) -> LoadedEmbedder:
+    def acquire_embedder(self, name: str, keep_alive: float | None = None) -> LoadedModel:
         """The loaded embedding model for `name`, loading it first if needed; marks it in use."""
         info = self.library.get(name)
         if "embedding" not in info.capabilities:
             raise InvalidRequest(f'"{info.name}" does not support embeddings', param="model")
-        return self._acquire(info, self._load_embedder)
+        return self._acquire(info, self._load)
 
     def preload(self, name: str) -> str:
         """Load `name` now and keep it loaded (ORTSERVE_PRELOAD): no keep-alive expiry, never
@@ -151,7 +75,7 @@ class Runtime:
 
     def release(
         self,
-        loaded: LoadedModel | LoadedEmbedder,
+        loaded: LoadedModel,
         keep_alive: float | None = None,
         *,
         failed: bool = False,
@@ -193,7 +117,7 @@ class Runtime:
         log.info("unloaded %s", info.name)
         return True
 
-    def loaded_models(self) -> list[LoadedModel | LoadedEmbedder]:
+    def loaded_models(self) -> list[LoadedModel]:
         """Loaded models, most recently used first; ones deleted from the library are unloaded."""
         with self._lock:
             models = list(self._models.values())
@@ -209,11 +133,11 @@ class Runtime:
             models = list(self._models.values())
         counts = {}
         for loaded in models:
-            running = loaded.scheduler.running() if isinstance(loaded, LoadedModel) else 0
+            running = loaded.running()
             counts[loaded.name] = (max(0, loaded.pending() - running), running)
         return counts
 
-    def loaded(self, name: str) -> LoadedModel | LoadedEmbedder | None:
+    def loaded(self, name: str) -> LoadedModel | None:
         info = self.library.get(name)
         with self._lock:
             return self._models.get(info.name)
@@ -270,60 +194,16 @@ class Runtime:
             self._evict_over_limit(keep=info.name)
         return loaded
 
-    def _load_embedder(self, info: ModelInfo) -> LoadedEmbedder:
-        self.library.check(info)  # a damaged bundle must not serve wrong vectors
-        return load_embedder(info, self.settings.provider)
-
     def _load(self, info: ModelInfo) -> LoadedModel:
-        from tokenizers import Tokenizer
-
-        from ortserve.engine.prompts import ChatTemplate
-
-        started = time.perf_counter()
-        bundle = Path(info.path)
+        """Load through the backend of the bundle's format (engine/backend.py)."""
+        backend = backend_for(info)
         try:
             self.library.check(info)  # a damaged bundle must not serve wrong output
-            candidates = load_candidates(self.settings.provider, bundle_target(bundle))
-            tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
-            template = ChatTemplate.from_bundle(bundle)
-            adapters = self.library.adapter_files(info)
         except OrtServeError:
             raise
         except Exception as exc:
             raise ModelLoadError(f'failed to load model "{info.name}": {exc}') from exc
-        scheduler, provider = load_on_best(
-            info.name, candidates, lambda provider: self._start_scheduler(info, provider, adapters)
-        )
-        duration = int((time.perf_counter() - started) * 1e9)
-        log.info("loaded %s on %s in %.2fs", info.name, provider, duration / 1e9)
-        metrics.LOAD_SECONDS.labels(info.name).observe(duration / 1e9)
-        return LoadedModel(
-            info=info,
-            provider=provider,
-            scheduler=scheduler,
-            tokenizer=tokenizer,
-            template=template,
-            load_duration_ns=duration,
-        )
-
-    def _start_scheduler(self, info: ModelInfo, provider: str, adapters) -> Scheduler:
-        """The model's scheduler thread with the model loaded on `provider`."""
-        scheduler = Scheduler(
-            Path(info.path),
-            provider,
-            batch_size=self.settings.num_parallel,
-            lanes=self.settings.engine_lanes,
-            parallel=self.settings.num_parallel,
-            max_queue=self.settings.max_queue,
-            name=info.name,
-            adapters=adapters,
-            batching=self.settings.batching,
-            kv_cache_entries=self.settings.kv_cache_entries,
-            kv_cache_bytes=self.settings.kv_cache_size,
-            threads=self.settings.model_threads,
-        )
-        scheduler.start()
-        return scheduler
+        return backend.load(info, self.settings, self.library)
 
     def _evict_over_limit(self, keep: str) -> None:
         """Unload idle models, least recently used first, while over the limit (lock held)."""
@@ -338,7 +218,7 @@ class Runtime:
             log.info("evicted %s to stay within %d loaded models", victim.name,
                      self.settings.max_loaded_models)  # fmt: skip
 
-    def _unload_if_idle(self, loaded: LoadedModel | LoadedEmbedder) -> None:
+    def _unload_if_idle(self, loaded: LoadedModel) -> None:
         with self._lock:
             if loaded.active or self._models.get(loaded.name) is not loaded:
                 return
@@ -367,9 +247,7 @@ class Runtime:
 def planned_provider(info: ModelInfo, requested: str) -> str | None:
     """The provider a model would load on first (None: the requested one cannot run)."""
     try:
-        if "embedding" in info.capabilities:
-            return load_candidates(requested, runtime="onnxruntime")[0]
-        return load_candidates(requested, bundle_target(Path(info.path)))[0]
+        return backend_for(info).planned_provider(info, requested)
     except (OrtServeError, OSError, KeyError, ValueError):
         return None
 

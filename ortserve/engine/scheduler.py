@@ -49,6 +49,7 @@ from ortserve import metrics
 from ortserve.engine.kvcache import KVStore
 from ortserve.engine.types import GenerationOptions, Usage
 from ortserve.errors import InvalidRequest, ModelLoadError, OrtServeError, ServerBusy
+from ortserve.library.bundle import decoder_config, genai_config
 
 log = logging.getLogger("ortserve.engine")
 _EVENT_BUFFER = 256
@@ -397,6 +398,15 @@ class Scheduler:
             self._waiting.remove(job)
         return group
 
+    def _vocab_size(self) -> int | None:
+        """The model's vocabulary size (genai_config.json), read once."""
+        if not hasattr(self, "_vocab"):
+            try:
+                self._vocab = int(genai_config(self.bundle)["model"]["vocab_size"])
+            except (OSError, ValueError, KeyError, TypeError):
+                self._vocab = None
+        return self._vocab
+
     def _background_room(self) -> int:
         """Batch turns that may start now: one slot of ORTSERVE_NUM_PARALLEL stays free for an
         interactive turn, which then starts at the next step instead of after a batch turn."""
@@ -411,7 +421,8 @@ class Scheduler:
         request = lane.engine.create_request(options=options)
         turn = getattr(lane.engine, "turn_options", og.TurnOptions)(request)
         seeded = lane.kind == "continuous"  # og's static batching takes no per-turn seed
-        apply_turn_options(turn, job.options, len(job.tokens), seeded=seeded)
+        apply_turn_options(turn, job.options, len(job.tokens), seeded=seeded,
+                           vocab_size=self._vocab_size())  # fmt: skip
         if job.options.logprobs is not None:
             turn.set_logprobs(job.options.logprobs)  # not on an og.Engine lane's turn
         job.begun_at = time.perf_counter()
@@ -580,22 +591,32 @@ def _bounded_padding(jobs: list[Job], limit: int) -> list[Job]:
 
 
 def apply_turn_options(
-    turn, options: GenerationOptions, prompt_tokens: int, *, seeded: bool = False
+    turn,
+    options: GenerationOptions,
+    prompt_tokens: int,
+    *,
+    seeded: bool = False,
+    vocab_size: int | None = None,
 ) -> None:
     """GenerationOptions -> og.TurnOptions (or a lane's own turn options), within what the
-    lane honours: `seeded` lanes take a per-turn seed."""
+    lane honours: `seeded` lanes take a per-turn seed. A top_k of 0 or past the vocabulary
+    cuts nothing, as the continuous lane's sampler reads it; og refuses both, so it gets the
+    vocabulary's size."""
     room = max(1, options.num_ctx - prompt_tokens)
     limit = room if options.num_predict < 0 else min(options.num_predict, room)
     turn.set_max_generated_tokens(max(1, limit))
     turn.set_do_sample(not options.greedy)
     if not options.greedy:
         turn.set_temperature(options.temperature)
-        turn.set_top_k(options.top_k)
+        top_k = options.top_k
+        if vocab_size and not 0 < top_k <= vocab_size:
+            top_k = vocab_size
+        turn.set_top_k(top_k)
         turn.set_top_p(options.top_p)
     if options.repeat_penalty != 1.0:
         turn.set_repetition_penalty(options.repeat_penalty)
     if options.guidance is not None:
-        turn.set_guidance(*options.guidance)
+        turn.set_guidance(options.guidance.kind, options.guidance.data)  # og's own form
     if seeded:
         turn.set_seed(options.seed)
     elif options.seed is not None and "seed" not in _warned:
@@ -607,5 +628,4 @@ def apply_turn_options(
 
 def _decoder_session(bundle: Path) -> dict:
     """The decoder's session options as the bundle's genai_config.json sets them."""
-    config = json.loads((bundle / "genai_config.json").read_text(encoding="utf-8"))
-    return config["model"]["decoder"].get("session_options", {})
+    return decoder_config(bundle).get("session_options", {})

@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ortserve.config import DEFAULT_CONTEXT_LENGTH
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """A constraint on a turn's output, whatever backend enforces it.
+
+    kind: "json_schema" (data: a JSON Schema as text), "regex" (a regular expression) or
+    "lark_grammar" (a Lark grammar). Each backend maps it to its own form (og: the
+    `(kind, data)` arguments of TurnOptions.set_guidance).
+    """
+
+    kind: Literal["json_schema", "regex", "lark_grammar"]
+    data: str
 
 
 @dataclass(frozen=True)
@@ -19,7 +33,7 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     repeat_penalty: float = 1.1
     num_ctx: int = DEFAULT_CONTEXT_LENGTH  # the server's is ORTSERVE_CONTEXT_LENGTH
-    guidance: tuple[str, str] | None = None  # (kind, data) for TurnOptions.set_guidance
+    guidance: Guidance | None = None  # constrained decoding (structured output, tool calls)
     # None: no log probabilities; k >= 0: each generated token's, plus its top k alternatives
     # (OpenAI allows 0..20). Such a turn runs unbatched on an og.Generator (engine.md).
     logprobs: int | None = None

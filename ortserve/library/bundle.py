@@ -43,9 +43,41 @@ THINKING_TAGS = (
 THINKING_VARIABLES = ("enable_thinking", "reasoning_content")
 
 
+def is_genai(bundle: Path) -> bool:
+    """Whether `bundle` is an ORT GenAI bundle (it has a genai_config.json)."""
+    return (Path(bundle) / GENAI_CONFIG).is_file()
+
+
+def genai_config(bundle: Path) -> dict[str, Any]:
+    """The bundle's genai_config.json, parsed: the one place that reads it.
+
+    Raises OSError when it is missing and ValueError when it is not JSON.
+    """
+    return json.loads((Path(bundle) / GENAI_CONFIG).read_text(encoding="utf-8"))
+
+
+def decoder_config(bundle: Path) -> dict[str, Any]:
+    """genai_config.json's model.decoder section."""
+    return genai_config(bundle)["model"]["decoder"]
+
+
+def target_provider(bundle: Path) -> str:
+    """The provider a bundle was converted for (its decoder's provider_options), else cpu."""
+    options = decoder_config(bundle).get("session_options", {}).get("provider_options", [])
+    for entry in options:
+        for name in entry:
+            return name.lower()
+    return "cpu"
+
+
+def bundle_format(bundle: Path) -> str:
+    """'onnx-genai' or 'onnx-embedding': the key that picks an engine backend."""
+    return "onnx-genai" if bundle_kind(bundle) == "generate" else "onnx-embedding"
+
+
 def bundle_kind(bundle: Path) -> str:
     """'generate' for an ORT GenAI decoder bundle, 'embedding' for an encoder bundle."""
-    if (bundle / GENAI_CONFIG).is_file():
+    if is_genai(bundle):
         return "generate"
     if (bundle / "modules.json").is_file() and (bundle / "model.onnx").is_file():
         return "embedding"
@@ -102,7 +134,7 @@ def describe(bundle: Path) -> dict[str, Any]:
     """Shape details (family, context, embedding length, format) from the bundle's files."""
     config = _read_json(bundle / "config.json")
     if bundle_kind(bundle) == "generate":
-        model = _read_json(bundle / GENAI_CONFIG)["model"]
+        model = genai_config(bundle)["model"]
         return {
             "format": "onnx-genai",
             "family": model["type"],

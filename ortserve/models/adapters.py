@@ -11,7 +11,6 @@ depends only on the base, so every adapter attached to one base shares one adapt
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ortserve.errors import InvalidRequest
+from ortserve.library import bundle as bundles
 from ortserve.library.store import INDEX_FILE, Library, ModelInfo
 
 log = logging.getLogger("ortserve.library")
@@ -127,14 +127,13 @@ def _converter():
 
 
 def _require_decoder(base: ModelInfo) -> None:
-    if "completion" not in base.capabilities or not (base.path / "genai_config.json").is_file():
+    if "completion" not in base.capabilities or not bundles.is_genai(base.path):
         raise InvalidRequest(f"{base.name} is not a generation model: it cannot take an adapter",
                              param="adapters")  # fmt: skip
 
 
 def _graph_file(bundle: Path) -> str:
-    config = json.loads((bundle / "genai_config.json").read_text(encoding="utf-8"))
-    return config["model"]["decoder"]["filename"]
+    return bundles.decoder_config(bundle)["filename"]
 
 
 def _stage_adapted_bundle(tools, base: Path, bundle: Path, graph: str) -> list:

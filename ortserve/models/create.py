@@ -389,10 +389,7 @@ def _requantize(library: Library, info: ModelInfo, precision: str, report: Progr
 
 
 def _model_filename(bundle: Path) -> str:
-    import json
-
-    config = json.loads((bundle / bundles.GENAI_CONFIG).read_text(encoding="utf-8"))
-    return config["model"]["decoder"].get("filename", "model.onnx")
+    return bundles.decoder_config(bundle).get("filename", "model.onnx")
 
 
 def _attach(library: Library, base: ModelInfo, spec: ModelSpec, report: Progress) -> dict:

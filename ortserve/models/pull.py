@@ -470,11 +470,9 @@ class _Pull:
 
     def _target_from_config(self, snapshot: Snapshot, variant: str) -> str:
         """A variant whose name says nothing: read its genai_config.json's provider options."""
-        from ortserve.engine.providers import bundle_target
-
         config = snapshot.files[posixpath.join(variant, bundles.GENAI_CONFIG)]
         path = self._fetch(snapshot, [config], quiet=True)[config.path]
-        return bundle_target(path.parent)
+        return bundles.target_provider(path.parent)
 
     def _root_license(self, snapshot: Snapshot) -> str | None:
         for name in bundles.LICENSE_FILES:
@@ -746,7 +744,7 @@ def verify_bundle(bundle: Path, source: str) -> None:
     """A bundle that ORT GenAI can load: its config parses, the files it names exist, the
     tokenizer loads."""
     try:
-        config = json.loads((bundle / bundles.GENAI_CONFIG).read_text(encoding="utf-8"))
+        config = bundles.genai_config(bundle)
         bundles.describe(bundle)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SourceUnavailable(f"{source}: genai_config.json is not usable: {exc}") from exc
@@ -802,8 +800,7 @@ def bundle_manifest(
 
 def search_parameters(bundle: Path) -> dict[str, Any]:
     """The bundle's sampling defaults (genai_config.json's search), under Ollama's names."""
-    config = json.loads((bundle / bundles.GENAI_CONFIG).read_text(encoding="utf-8"))
-    search = config.get("search") or {}
+    search = bundles.genai_config(bundle).get("search") or {}
     if not search.get("do_sample"):
         return {}
     names = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",

@@ -5,8 +5,8 @@ a client disconnect included) -> render each prompt (template, tools, thinking) 
 the turns (plain, guided or tool turns) -> one stream of (choice index, event), each event
 also recorded in its Choice, so a protocol either streams the events or reads the choices.
 
-Events: engine TextChunk (with logprobs when asked), ThinkingChunk, ToolCallEvent, Retry
-(a failed structured attempt: discard that choice's output so far) and Finished.
+Events: serving/events.py's vocabulary (TextChunk, ThinkingChunk, ToolCallEvent, Retry,
+Finished), the one every protocol renders.
 
 A client that goes away is noticed by the HTTP layer (api/hangup.py), which calls
 Exchange.hang_up from its own thread: every turn is cancelled, whatever its kind.
@@ -24,19 +24,13 @@ from typing import Any
 from ortserve.engine.guided import Retry
 from ortserve.engine.types import Finished, GenerationOptions, TextChunk
 from ortserve.errors import InvalidRequest, OrtServeError, ServerBusy
+from ortserve.serving.events import ThinkingChunk
 from ortserve.serving.priority import is_background
 from ortserve.serving.prompting import Rendered, render
 from ortserve.serving.requests import GenerationRequest
 from ortserve.serving.structured import GuidedTurn, attempt_usages, start_turn
 from ortserve.serving.thinking import AnswerStops, ThinkingSplitter
 from ortserve.serving.tools import ToolCallEvent, model_format, start_tool_turn
-
-
-@dataclass(frozen=True)
-class ThinkingChunk:
-    """Text the model wrote in its thinking section, separated from the answer."""
-
-    text: str
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Structured output for every protocol: schemas from requests, and turns retried until valid."""
+"""Structured output for every protocol: turns retried until valid (each protocol module in
+api/ reads its own request field into a schema)."""
 
 from __future__ import annotations
 
@@ -7,51 +8,19 @@ from dataclasses import replace
 from typing import Any
 
 from ortserve.engine.guided import (
-    JSON_OBJECT_SCHEMA,
     GuidedResult,
     Retry,
     all_attempts,
-    check_schema,
     guidance_for,
     guided_steps,
     retries_from_env,
     validate_output,
 )
-from ortserve.engine.types import Finished, GenerationOptions, TextChunk, Usage
-from ortserve.errors import InvalidRequest, OrtServeError
+from ortserve.engine.types import Finished, GenerationOptions, Guidance, TextChunk, Usage
+from ortserve.errors import OrtServeError
 
 # The token cap of a structured answer when the request gives none.
 DEFAULT_MAX_TOKENS = 512
-
-
-def format_schema(fmt: Any, param: str = "format") -> dict | None:
-    """The schema of Ollama's `format`: "json", a JSON Schema object, or none."""
-    if fmt is None or fmt == "":
-        return None
-    if fmt == "json":
-        return JSON_OBJECT_SCHEMA
-    if isinstance(fmt, dict):
-        return check_schema(fmt, param)
-    raise InvalidRequest('invalid format: expected "json" or a JSON Schema object', param=param)
-
-
-def response_format_schema(kind: str, schema: Any, *, param: str, schema_param: str
-                           ) -> dict | None:  # fmt: skip
-    """OpenAI's response formats: text (None), json_object, or json_schema with its schema.
-
-    `param` names the format object ("response_format" on chat, "text.format" on responses),
-    `schema_param` its schema ("response_format.json_schema.schema", "text.format.schema").
-    """
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return JSON_OBJECT_SCHEMA
-    if kind == "json_schema":
-        if not isinstance(schema, dict):
-            raise InvalidRequest(f"{schema_param} is required", param=schema_param)
-        return check_schema(schema, schema_param)
-    raise InvalidRequest(f"{param}.type must be text, json_object or json_schema, not {kind!r}",
-                         param=f"{param}.type")  # fmt: skip
 
 
 def start_turn(loaded, tokens: list[int], options: GenerationOptions, schema: dict | None,
@@ -75,7 +44,7 @@ class GuidedTurn:
     default_max_tokens: int | None = DEFAULT_MAX_TOKENS  # None: the context left
 
     def __init__(self, loaded, tokens: list[int], options: GenerationOptions, schema: dict | None,
-                 retries: int, *, guidance: tuple[str, str] | None = None):  # fmt: skip
+                 retries: int, *, guidance: Guidance | None = None):  # fmt: skip
         room = max(1, options.num_ctx - len(tokens))
         cap = options.num_predict if options.num_predict > 0 else self.default_max_tokens or room
         self.loaded, self.tokens, self.schema = loaded, tokens, schema

@@ -25,7 +25,7 @@ from ortserve.engine.toolcalls import (
     parse,
     validate_arguments,
 )
-from ortserve.engine.types import GenerationOptions, TextChunk
+from ortserve.engine.types import GenerationOptions, Guidance, TextChunk
 from ortserve.errors import InvalidRequest
 from ortserve.serving.structured import GuidedTurn
 
@@ -223,7 +223,7 @@ class ToolTurn(GuidedTurn):
                  retries: int):  # fmt: skip
         grammar = tool_grammar(spec, getattr(loaded, "tokenizer", None))
         super().__init__(loaded, tokens, options, None, retries,
-                         guidance=("lark_grammar", grammar))  # fmt: skip
+                         guidance=Guidance("lark_grammar", grammar))  # fmt: skip
         self.spec = spec
         self._parser: StreamingToolCallParser | None = None
         self._broken = False  # this attempt's markup failed to parse: check() rejects it

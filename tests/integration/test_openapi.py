@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from ortserve.api import create_app
-from ortserve.api.openapi import ROUTES
+from ortserve.api.openapi import routes as table_rows
 from ortserve.config import Settings
 from tests.integration.conftest import Server
 
@@ -31,9 +31,13 @@ MODELS = ("tiny-chat", "tiny-llama", "all-minilm")  # not "broken": it is meant 
 GENERATORS, EMBEDDERS = ("tiny-chat", "tiny-llama"), ("all-minilm",)
 # Operations whose bodies name a model that must embed, or a model that must generate: a
 # schema cannot tell the two apart, so the positive cases name one that can.
-_EMBEDDING_PATHS = ("/api/embed", "/api/embeddings", "/v1/embeddings")
+_GEMINI = tuple(f"/{v}/models/{{model}}:" for v in ("v1beta", "v1"))
+_EMBEDDING_PATHS = ("/api/embed", "/api/embeddings", "/v1/embeddings",
+                    *(p + m for p in _GEMINI for m in ("embedContent", "batchEmbedContents")))  # fmt: skip
 _GENERATION_PATHS = ("/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions",
-                     "/v1/responses", "/v1/messages", "/v1/messages/count_tokens")  # fmt: skip
+                     "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
+                     *(p + m for p in _GEMINI
+                       for m in ("generateContent", "streamGenerateContent", "countTokens")))  # fmt: skip
 # A schema-valid request may still be refused for what no schema can say. Each entry: the
 # operation ("*": any), the status, a regular expression its message matches, and why. Every
 # other 4xx answer to a positive case is the document promising more than the server accepts
@@ -81,7 +85,7 @@ def test_every_route_of_the_app_is_in_the_table(tmp_path):
             continue
         implicit = {"OPTIONS"} | ({"HEAD"} if "GET" in rule.methods else set())
         routes |= {(method, path) for method in rule.methods - implicit}
-    table = [(route.method, route.path) for route in ROUTES]
+    table = [(route.method, route.path) for route in table_rows()]
     assert len(table) == len(set(table))
     assert routes == set(table)
 
@@ -102,7 +106,7 @@ def test_the_document_is_valid_openapi_and_its_requests_are_the_enforced_schemas
     document = json.loads(PUBLISHED.read_text())
     schema = schemathesis.openapi.from_dict(document)
     labels = [result.ok().label for result in schema.get_all_operations()]  # ok(): it resolved
-    assert len(labels) == len(ROUTES)
+    assert len(labels) == len(table_rows())
     chat = document["paths"]["/api/chat"]["post"]["requestBody"]["content"]["application/json"]
     assert chat["schema"] == {"$ref": "#/components/schemas/chat"}
     options = document["components"]["schemas"]["chat"]["properties"]["options"]
@@ -160,14 +164,14 @@ def test_schemathesis_finds_no_server_errors_and_answers_as_documented(fuzzed_se
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             fuzz.operation(result.ok(), mode)
     statuses = dict(sorted(fuzz.statuses.items()))
-    print(f"schemathesis: {fuzz.cases} cases over {len(ROUTES)} operations, statuses {statuses}, "
+    print(f"schemathesis: {fuzz.cases} cases over {len(table_rows())} operations, statuses {statuses}, "
           f"{fuzz.server_errors} 5xx, {len(fuzz.failures)} failures, "
           f"{len(fuzz.rejected)} schema-valid requests rejected")  # fmt: skip
     for label, counts in fuzz.by_operation.items():
         print(f"  {label}: {dict(sorted(counts.items()))}")
     for rejected in fuzz.rejected:
         print(f"schema-valid request rejected: {rejected}")
-    assert fuzz.cases >= len(ROUTES) * 10
+    assert fuzz.cases >= len(table_rows()) * 10
     log = fuzzed_server.output()[-20000:]
     assert not fuzz.failures, "\n\n".join(fuzz.failures[:10]) + f"\n\nserver log:\n{log}"
     assert fuzz.server_errors == 0

@@ -6,7 +6,13 @@ builder and option resolver. tests/integration/ runs real models behind real ser
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ortserve.engine.backend import register_backend, unregister_backend
 from ortserve.engine.prompts import ChatTemplate
+from ortserve.engine.resident import Resident
 from ortserve.engine.types import Finished, TextChunk, Usage
 from ortserve.errors import ServerBusy
 
@@ -148,3 +154,79 @@ class ToolRuntime(FakeRuntime):
         info = self.library.get(name)
         self.acquired.append((info.name, keep_alive))
         return ToolLoaded(self, info)
+
+
+class RoomyToolRuntime(ToolRuntime):
+    """ToolRuntime with a 1024-token context: room for longer templates (Qwen3's) and tools."""
+
+    def acquire(self, name, keep_alive=None):
+        loaded = super().acquire(name, keep_alive)
+        loaded.context_length = 1024
+        return loaded
+
+
+# ---- a fake engine backend, registered for bundles of format FAKE_FORMAT -------------------
+
+FAKE_FORMAT = "fake"
+
+
+@dataclass(eq=False, kw_only=True)
+class FakeModel(Resident):
+    """A loaded model of the fake backend: one token per character, canned pieces out."""
+
+    pieces: list[str] = field(default_factory=lambda: ["Hel", "lo", " world"])
+    template: ChatTemplate = TEMPLATE
+    context_length: int = 64
+    stopped: bool = False
+    turns: list[tuple[list[int], object]] = field(default_factory=list)
+
+    def exceeds_context(self, text):
+        return len(text) > self.context_length
+
+    def min_tokens(self, text):
+        return len(text)
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def generate(self, tokens, options, *, skip_special_tokens=True):
+        self.turns.append((tokens, options))
+        return FakeTurn(list(self.pieces))
+
+    def pending(self):
+        return 0
+
+    def stop(self):
+        self.stopped = True
+
+
+class FakeBackend:
+    """engine/backend.Backend for FAKE_FORMAT bundles: FakeModels, no onnxruntime at all."""
+
+    def __init__(self):
+        self.loaded: list[FakeModel] = []
+
+    def load(self, info, settings, library):
+        model = FakeModel(info=info, provider="fake", load_duration_ns=1)
+        self.loaded.append(model)
+        return model
+
+    def planned_provider(self, info, requested):
+        return "fake"
+
+
+@contextlib.contextmanager
+def fake_backend() -> Iterator[FakeBackend]:
+    """A FakeBackend registered for FAKE_FORMAT while the block runs."""
+    backend = FakeBackend()
+    register_backend(FAKE_FORMAT, lambda: backend)
+    try:
+        yield backend
+    finally:
+        unregister_backend(FAKE_FORMAT)
+
+
+def add_fake_model(library, name):
+    """A library entry whose bundle the fake backend loads."""
+    details = {"format": FAKE_FORMAT, "family": "fake", "context_length": 64}
+    return add_model(library, name, details=details)

@@ -14,7 +14,7 @@ import pytest
 from ortserve.api import create_app
 from ortserve.config import Settings
 from ortserve.errors import OrtServeError
-from tests.support.fakes import ToolRuntime, add_model
+from tests.support.fakes import RoomyToolRuntime, add_model
 from tests.support.http import anthropic_error
 from tests.support.tools import CALL, SCRIPT
 
@@ -31,22 +31,13 @@ TOOL = {
 QWEN3 = (Path(__file__).parents[1] / "data" / "qwen3_chat_template.jinja").read_text()
 
 
-class Runtime(ToolRuntime):
-    """The fake engine of the tool tests, with room for Qwen3's longer template."""
-
-    def acquire(self, name, keep_alive=None):
-        loaded = super().acquire(name, keep_alive)
-        loaded.context_length = 1024
-        return loaded
-
-
 @pytest.fixture
 def runtime(library):
     add_model(library, "tiny", capabilities=["completion", "tools"])
     add_model(library, "thinker", capabilities=["completion", "tools", "thinking"],
               template=QWEN3)  # fmt: skip
     add_model(library, "minilm", capabilities=["embedding"], template=None)
-    return Runtime(library)
+    return RoomyToolRuntime(library)
 
 
 def events(response) -> list[tuple[str, dict]]:
@@ -183,7 +174,7 @@ def test_forced_tool_becomes_a_tool_use_block(client, runtime):
     assert block["type"] == "tool_use" and block["name"] == "get_time"
     assert block["input"] == {"tz": "UTC"} and block["id"]
     assert out["stop_reason"] == "tool_use"
-    assert "get_time" in runtime.generated[0][1].guidance[1]  # the grammar forces the tool
+    assert "get_time" in runtime.generated[0][1].guidance.data  # the grammar forces the tool
 
 
 @pytest.mark.parametrize(
@@ -195,7 +186,7 @@ def test_tool_choice_sets_the_grammar(client, runtime, choice, start):
     runtime.script = [([CALL], "stop")]
     r = client.post("/v1/messages", json={**ASK, "tools": [TOOL], "tool_choice": choice})
     assert r.status_code == 200, r.get_json()
-    grammar = runtime.generated[0][1].guidance[1]
+    grammar = runtime.generated[0][1].guidance.data
     assert grammar.splitlines()[0] == start
 
 

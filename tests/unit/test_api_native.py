@@ -612,7 +612,7 @@ def test_format_schema_sets_guidance_and_answers_valid_json(client, runtime):
     assert response.headers["X-Ortserve-Attempts"] == "1"
     assert response.get_json()["attempts"] == 1
     options = runtime.generated[0][1]
-    assert options.guidance[0] == "json_schema" and options.num_predict > 0
+    assert options.guidance.kind == "json_schema" and options.num_predict > 0
 
 
 def test_format_json_is_any_object(client, runtime):

@@ -506,7 +506,7 @@ def test_response_format_json_schema_answers_valid_json(client, runtime):
     content = response.get_json()["choices"][0]["message"]["content"]
     assert json.loads(content) == {"name": "x"}
     assert response.headers["X-Ortserve-Attempts"] == "1"
-    assert runtime.generated[0][1].guidance[0] == "json_schema"
+    assert runtime.generated[0][1].guidance.kind == "json_schema"
 
 
 def test_response_format_json_object(client, runtime):

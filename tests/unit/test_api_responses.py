@@ -287,7 +287,7 @@ def test_json_schema_format_is_guided_and_parsed_by_the_sdk(sdk, runtime):
     runtime.script = [(['{"name":', '"Ada"}'],)]
     parsed = sdk.responses.parse(model="tiny", input="Who?", text_format=Person)
     assert parsed.output_parsed == Person(name="Ada")
-    assert runtime.generated[0][1].guidance[0] == "json_schema"
+    assert runtime.generated[0][1].guidance.kind == "json_schema"
 
 
 def test_every_attempt_failing_is_422(client, runtime):

@@ -262,10 +262,10 @@ def test_bounded_json_object_schema_bounds_every_value_type():
     assert by_type["object"]["maxProperties"] == 32
 
 
-def test_guidance_for_gives_set_guidance_arguments():
-    kind, data = guidance_for(PERSON)
-    assert kind == "json_schema"
-    assert json.loads(data) == bounded_schema(PERSON)
+def test_guidance_for_gives_a_json_schema_guidance():
+    guidance = guidance_for(PERSON)
+    assert guidance.kind == "json_schema"
+    assert json.loads(guidance.data) == bounded_schema(PERSON)
 
 
 def test_json_object_schema_accepts_any_object_only():

@@ -12,14 +12,14 @@ import pytest
 from ortserve.engine.continuous import choose, graph_form, supports
 from ortserve.engine.kvcache import KVStore, shared_prefix
 from ortserve.engine.scheduler import Job, Lane, _bounded_padding
-from ortserve.engine.types import GenerationOptions
+from ortserve.engine.types import GenerationOptions, Guidance
 
 # ---- lanes and grouping ----------------------------------------------------------------------
 
 PLAIN = GenerationOptions()
-GUIDED = GenerationOptions(guidance=("regex", "a+"))
+GUIDED = GenerationOptions(guidance=Guidance("regex", "a+"))
 LOGPROBS = GenerationOptions(logprobs=2)
-BOTH = GenerationOptions(guidance=("regex", "a+"), logprobs=2)
+BOTH = GenerationOptions(guidance=Guidance("regex", "a+"), logprobs=2)
 
 
 @pytest.mark.parametrize(

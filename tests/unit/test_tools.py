@@ -231,7 +231,7 @@ def test_tool_turn_retries_a_truncated_call_then_sends_the_calls():
     assert finished.eval_duration_ns == 10 and turn.attempts == 2
     assert [o.num_predict for o in engine.options] == [6, 12]  # the cap grew
     assert engine.special == [False, False]  # markers must reach the parser
-    assert engine.options[0].guidance[0] == "lark_grammar"
+    assert engine.options[0].guidance.kind == "lark_grammar"
 
 
 def test_tool_turn_streams_text_and_retries_malformed_markup_with_the_same_cap():

@@ -1,0 +1,162 @@
+"""The onnxruntime-genai backend: ORT GenAI bundles ("onnx-genai") behind engine/backend.py.
+
+Its modules are the only ones that import onnxruntime_genai: this one, scheduler.py (one
+thread per model over og.Engine lanes), continuous.py, adapters.py and providers.py
+(tests/unit/test_layers.py holds the list). Prompts are tokenized with the `tokenizers`
+library (thread-safe, unlike og.Tokenizer) and rendered with the bundle's chat template.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ortserve import metrics
+from ortserve.config import Settings
+from ortserve.engine.providers import bundle_target, load_candidates, load_on_best
+from ortserve.engine.resident import Resident
+from ortserve.engine.scheduler import Scheduler
+from ortserve.engine.turns import Turn
+from ortserve.engine.types import GenerationOptions
+from ortserve.errors import InvalidRequest, ModelLoadError, OrtServeError
+from ortserve.library import Library, ModelInfo
+
+log = logging.getLogger("ortserve.engine")
+
+
+@dataclass(eq=False, kw_only=True)
+class OgModel(Resident):
+    """A generation model in memory: its scheduler, tokenizer and chat template."""
+
+    scheduler: Scheduler
+    tokenizer: Any  # tokenizers.Tokenizer: thread-safe, unlike og.Tokenizer
+    template: Any | None  # prompts.ChatTemplate
+    adapters: list = ()  # the LoRA adapter files the scheduler loaded
+
+    @property
+    def context_length(self) -> int:
+        return int(self.info.details.get("context_length") or 2048)
+
+    def pending(self) -> int:
+        """Turns queued or generating."""
+        return self.scheduler.pending()
+
+    def running(self) -> int:
+        return self.scheduler.running()
+
+    def stop(self) -> None:
+        """Unload: cancel running turns and stop the scheduler thread."""
+        self.scheduler.stop()
+
+    @functools.cached_property
+    def max_prompt_chars(self) -> int:
+        """Characters beyond which a text cannot fit the context, whatever its tokens.
+
+        No token is longer than the vocabulary's longest entry, so a text longer than the
+        context times that length needs more tokens than the context holds: it is refused
+        without tokenizing it (a 30 MB prompt would take minutes and gigabytes).
+        """
+        longest = max((len(token) for token in self.tokenizer.get_vocab()), default=16)
+        return self.context_length * max(1, longest)
+
+    def exceeds_context(self, text: str) -> bool:
+        """Cheap and certain: True only when `text` cannot fit the context."""
+        return len(text) > self.max_prompt_chars
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound of `text`'s token count, without tokenizing it."""
+        return len(text) * self.context_length // self.max_prompt_chars + 1
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt text -> ids; the chat template already wrote any special tokens."""
+        if self.exceeds_context(text):
+            raise InvalidRequest(
+                f"prompt is too long: {len(text)} characters cannot fit the context length of "
+                f"{self.context_length} tokens",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def generate(
+        self, tokens: list[int], options: GenerationOptions, *, skip_special_tokens: bool = True
+    ) -> Turn:
+        from ortserve.engine.text import TextDecoder
+
+        if len(tokens) >= options.num_ctx:
+            raise InvalidRequest(
+                f"prompt is too long: {len(tokens)} tokens exceed the context length of "
+                f"{options.num_ctx}",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        job = self.scheduler.submit(tokens, options)
+        return Turn(
+            self.scheduler, job, TextDecoder(self.tokenizer, options.stop, skip_special_tokens)
+        )
+
+
+class OgBackend:
+    """Loads ORT GenAI bundles: a Scheduler on the best usable execution provider."""
+
+    def load(self, info: ModelInfo, settings: Settings, library: Library) -> OgModel:
+        from tokenizers import Tokenizer
+
+        from ortserve.engine.prompts import ChatTemplate
+
+        started = time.perf_counter()
+        bundle = Path(info.path)
+        try:
+            candidates = load_candidates(settings.provider, bundle_target(bundle))
+            tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+            template = ChatTemplate.from_bundle(bundle)
+            adapters = library.adapter_files(info)
+        except OrtServeError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f'failed to load model "{info.name}": {exc}') from exc
+        scheduler, provider = load_on_best(
+            info.name, candidates, lambda provider: _start(info, provider, adapters, settings)
+        )
+        duration = int((time.perf_counter() - started) * 1e9)
+        log.info("loaded %s on %s in %.2fs", info.name, provider, duration / 1e9)
+        metrics.LOAD_SECONDS.labels(info.name).observe(duration / 1e9)
+        return OgModel(
+            info=info,
+            provider=provider,
+            scheduler=scheduler,
+            tokenizer=tokenizer,
+            template=template,
+            adapters=adapters,
+            load_duration_ns=duration,
+        )
+
+    def planned_provider(self, info: ModelInfo, requested: str) -> str | None:
+        try:
+            return load_candidates(requested, bundle_target(Path(info.path)))[0]
+        except (OrtServeError, OSError, KeyError, ValueError):
+            return None
+
+
+def _start(info: ModelInfo, provider: str, adapters, settings: Settings) -> Scheduler:
+    """The model's scheduler thread with the model loaded on `provider`."""
+    scheduler = Scheduler(
+        Path(info.path),
+        provider,
+        batch_size=settings.num_parallel,
+        lanes=settings.engine_lanes,
+        parallel=settings.num_parallel,
+        max_queue=settings.max_queue,
+        name=info.name,
+        adapters=adapters,
+        batching=settings.batching,
+        kv_cache_entries=settings.kv_cache_entries,
+        kv_cache_bytes=settings.kv_cache_size,
+        threads=settings.model_threads,
+    )
+    scheduler.start()
+    return scheduler
