@@ -12,6 +12,7 @@ from flask import request
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
 from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from ortserve.config import parse_keep_alive
@@ -37,7 +38,11 @@ def _registry() -> Registry:
     resources = []
     for path in sorted(SCHEMA_DIR.glob("*.json")):
         contents = json.loads(path.read_text(encoding="utf-8"))
-        resources.append((contents["$id"], Resource.from_contents(contents)))
+        # Without its $schema, a schema reached through a $ref is validated by the strict
+        # validator that followed the ref: with it, jsonschema switches to the stock class
+        # of that dialect, and a body's "options": {"num_predict": 90.0} passed as an integer.
+        contents.pop("$schema", None)
+        resources.append((contents["$id"], Resource(contents, specification=DRAFT202012)))
     return Registry().with_resources(resources)
 
 

@@ -69,3 +69,18 @@ def test_rules_the_code_enforces_are_in_the_document():
     assert needs_tools["then"]["required"] == ["tools"]
     keep_alive = schemas["embed"]["properties"]["keep_alive"]
     assert keep_alive == {"$ref": "#/components/schemas/common/$defs/keep_alive"}
+
+
+@pytest.mark.parametrize(("schema", "body"), [
+    ("chat", {"model": "m", "messages": [], "options": {"num_predict": 90.0}}),  # options.json
+    ("generate", {"model": "m", "options": {"top_k": 2.0}}),
+])  # fmt: skip
+def test_integers_stay_strict_behind_a_ref_to_another_schema(schema, body):
+    """Schemas reached through a $ref are checked by the same strict validator: 90.0 is not
+    an integer there either (jsonschema switched to its stock class on the other file's
+    $schema, which takes 90.0)."""
+    from ortserve.api.validation import validator
+
+    assert [
+        "is not of type 'integer'" in e.message for e in validator(schema).iter_errors(body)
+    ] == [True]
