@@ -34,6 +34,7 @@ takes both kinds.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import queue
@@ -398,14 +399,13 @@ class Scheduler:
             self._waiting.remove(job)
         return group
 
-    def _vocab_size(self) -> int | None:
+    @functools.cached_property
+    def vocab_size(self) -> int | None:
         """The model's vocabulary size (genai_config.json), read once."""
-        if not hasattr(self, "_vocab"):
-            try:
-                self._vocab = int(genai_config(self.bundle)["model"]["vocab_size"])
-            except (OSError, ValueError, KeyError, TypeError):
-                self._vocab = None
-        return self._vocab
+        try:
+            return int(genai_config(self.bundle)["model"]["vocab_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _background_room(self) -> int:
         """Batch turns that may start now: one slot of ORTSERVE_NUM_PARALLEL stays free for an
@@ -422,7 +422,7 @@ class Scheduler:
         turn = getattr(lane.engine, "turn_options", og.TurnOptions)(request)
         seeded = lane.kind == "continuous"  # og's static batching takes no per-turn seed
         apply_turn_options(turn, job.options, len(job.tokens), seeded=seeded,
-                           vocab_size=self._vocab_size())  # fmt: skip
+                           vocab_size=self.vocab_size)  # fmt: skip
         if job.options.logprobs is not None:
             turn.set_logprobs(job.options.logprobs)  # not on an og.Engine lane's turn
         job.begun_at = time.perf_counter()
