@@ -28,8 +28,6 @@ from ortserve.serving.tools import ToolSpec, tool_spec
 
 anthropic_bp = Blueprint("anthropic", __name__)
 
-_SAMPLING = {"max_tokens": "num_predict", "temperature": "temperature", "top_p": "top_p",
-             "top_k": "top_k", "stop_sequences": "stop"}  # fmt: skip
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
 _TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 _THINK = {"enabled": True, "disabled": False}  # adaptive, between_tools: the template's default
@@ -45,11 +43,7 @@ def messages():
     """The next assistant message, whole or as Anthropic's SSE events."""
     body = parsed_body("messages")
     request = _request(body)
-    # An empty stop_sequences asks for nothing: it must not replace the model's own stops.
-    given = {**body, "stop_sequences": body.get("stop_sequences") or None}
-    request.sampling = api_sampling([(name, option, given.get(name))
-                                     for name, option in _SAMPLING.items()],
-                                    max_temperature=1.0)  # fmt: skip
+    request.sampling = api_sampling("anthropic", body)
     exchange = core.start(current_state(), request)
     message = _Message(body["model"])
     if body.get("stream"):
@@ -82,11 +76,9 @@ def _request(body: dict[str, Any]) -> GenerationRequest:
         turns += _turns(i, message, names)
     tools = _tools(body.get("tools"), body.get("tool_choice") or {"type": "auto"})
     think = _THINK.get((body.get("thinking") or {}).get("type"))
-    if think and tools is not None and tools.choice != "none":
-        raise InvalidRequest("thinking cannot be combined with tools: the grammar that writes "
-                             "the calls leaves no room for thinking", param="thinking")  # fmt: skip
     return GenerationRequest(model=body["model"], prompts=[ChatPrompt(turns, truncate=False)],
-                             kind="chat", tools=tools, think=think)  # fmt: skip
+                             kind="chat", tools=tools, think=think,
+                             fields={"think": "thinking"})  # fmt: skip
 
 
 def _refuse_later(body: dict[str, Any]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import time
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,8 @@ from ortserve.api.state import current_state
 from ortserve.api.streaming import json_response
 from ortserve.api.validation import keep_alive_seconds, read_json, validate
 from ortserve.errors import InvalidRequest
+from ortserve.serving import embedding
+from ortserve.serving.embedding import EmbeddingRequest, Embeddings
 from ortserve.serving.requests import EMBED_MAX_INPUTS
 
 embeddings_bp = Blueprint("embeddings", __name__)
@@ -22,15 +23,14 @@ embeddings_bp = Blueprint("embeddings", __name__)
 @embeddings_bp.post("/api/embed")
 def embed():
     """Ollama: one vector per input text, with timings and the tokens read."""
-    started = time.perf_counter_ns()
     body = validate("embed", _texts_only(read_json()))
-    result, load_ns = _run(body, _texts(body["input"]), keep_alive=keep_alive_seconds(body))
+    result = _run(body, _texts(body["input"]), keep_alive_seconds(body))
     return json_response(
         {
             "model": body["model"],
             "embeddings": result.vectors.tolist(),
-            "total_duration": time.perf_counter_ns() - started,
-            "load_duration": load_ns,
+            "total_duration": result.total_duration_ns,
+            "load_duration": result.load_duration_ns,
             "prompt_eval_count": result.prompt_tokens,
         }
     )
@@ -41,20 +41,15 @@ def embeddings_legacy():
     """Ollama's older endpoint: `prompt` -> `embedding`; an empty prompt just loads the model."""
     body = validate("embeddings", read_json())
     prompt = body.get("prompt", "")
-    texts = [prompt] if prompt else []
-    result, _ = _run(body, texts, keep_alive=keep_alive_seconds(body))
-    vector = result.vectors[0].tolist() if texts else []
-    return json_response({"embedding": vector})
+    result = _run(body, [prompt] if prompt else [], keep_alive_seconds(body), param="prompt")
+    return json_response({"embedding": result.vectors[0].tolist() if prompt else []})
 
 
 @embeddings_bp.post("/v1/embeddings")
 def openai_embeddings():
     """OpenAI: `data[i].embedding` as floats or base64 float32, and token usage."""
     body = validate("openai_embeddings", _texts_only(read_json()))
-    info = current_state().library.get(body["model"])  # 404 model_not_found first
-    if "embedding" not in info.capabilities:
-        raise InvalidRequest("model does not support embeddings", param="model")
-    result, _ = _run(body, _texts(body["input"]), keep_alive=None)
+    result = _run(body, _texts(body["input"]), None)
     encode = _base64 if body.get("encoding_format") == "base64" else _floats
     data = [
         {"object": "embedding", "index": i, "embedding": encode(row)}
@@ -67,18 +62,13 @@ def openai_embeddings():
 # ---- helpers -------------------------------------------------------------------------------
 
 
-def _run(body: dict[str, Any], texts: list[str], *, keep_alive: float | None):
-    """Embed `texts` with the body's model: (EmbeddingResult, load duration in ns)."""
-    runtime = current_state().runtime
-    loaded = runtime.acquire_embedder(body["model"], keep_alive)
-    try:
-        load_ns = loaded.load_duration_ns  # read now: the next request resets it
-        result = loaded.embed(
-            texts, truncate=body.get("truncate", True), dimensions=body.get("dimensions")
-        )
-    finally:
-        runtime.release(loaded, keep_alive)
-    return result, load_ns
+def _run(body: dict[str, Any], texts: list[str], keep_alive: float | None, param: str = "input"
+         ) -> Embeddings:  # fmt: skip
+    """The serving core's embeddings of `texts` with the body's model."""
+    request = EmbeddingRequest(body["model"], texts, truncate=body.get("truncate", True),
+                               dimensions=body.get("dimensions"), keep_alive=keep_alive,
+                               param=param)  # fmt: skip
+    return embedding.embed(current_state(), request)
 
 
 def _texts_only(body: dict[str, Any]) -> dict[str, Any]:

@@ -34,8 +34,9 @@ from ortserve.engine.guided import JSON_OBJECT_SCHEMA, check_schema
 from ortserve.errors import InvalidRequest, OrtServeError
 from ortserve.library import ModelInfo
 from ortserve.options import api_sampling
-from ortserve.serving import core
+from ortserve.serving import core, embedding
 from ortserve.serving.core import Choice, Exchange
+from ortserve.serving.embedding import EmbeddingRequest
 from ortserve.serving.events import Finished, Retry, TextChunk, ThinkingChunk, ToolCallEvent
 from ortserve.serving.requests import EMBED_MAX_INPUTS, ChatPrompt, GenerationRequest
 from ortserve.serving.tools import ToolSpec, tool_spec
@@ -45,8 +46,6 @@ gemini_bp = Blueprint("gemini", __name__)
 VERSIONS = ("v1beta", "v1")  # the SDK's default, and what it posts to with a custom base URL
 GENERATE, STREAM, COUNT = "generateContent", "streamGenerateContent", "countTokens"
 EMBED, BATCH_EMBED = "embedContent", "batchEmbedContents"
-_SAMPLING = {"temperature": "temperature", "topP": "top_p", "topK": "top_k",
-             "maxOutputTokens": "num_predict", "stopSequences": "stop", "seed": "seed"}  # fmt: skip
 _FINISH = {"stop": "STOP", "length": "MAX_TOKENS"}
 _MODES = {"AUTO": "auto", "VALIDATED": "auto", "MODE_UNSPECIFIED": "auto", "ANY": "required",
           "NONE": "none"}  # fmt: skip
@@ -169,18 +168,13 @@ def _request(model: str, body: dict[str, Any]) -> GenerationRequest:
     config = body.get("generationConfig") or {}
     tools = _tools(body.get("tools"), body.get("toolConfig") or {})
     schema = _schema(config)
-    if tools is not None and schema is not None:
-        raise InvalidRequest("tools and generationConfig.responseSchema cannot be combined",
-                             param="tools")  # fmt: skip
-    given = {**config, "stopSequences": config.get("stopSequences") or None}
-    if given.get("topK") is not None:  # the SDK sends a float
-        given["topK"] = int(given["topK"])
-    sampling = api_sampling([(f"generationConfig.{name}", option, given.get(name))
-                             for name, option in _SAMPLING.items()])  # fmt: skip
+    sampling = api_sampling("gemini", config)
     return GenerationRequest(model=_name(model), prompts=[ChatPrompt(turns, truncate=False)],
                              kind="chat", sampling=sampling, n=config.get("candidateCount", 1),
                              schema=schema, tools=tools,
-                             think=_think(config.get("thinkingConfig")))  # fmt: skip
+                             think=_think(config.get("thinkingConfig")),
+                             fields={"schema": "generationConfig.responseSchema",
+                                     "think": "generationConfig.thinkingConfig"})  # fmt: skip
 
 
 def _name(model: str) -> str:
@@ -314,25 +308,17 @@ def _embed(model: str, bodies: list[dict[str, Any]]) -> list[list[float]]:
     """The vector of each request's text parts, in order (one model; widths as each asks)."""
     if len(bodies) > EMBED_MAX_INPUTS:
         raise InvalidRequest(f"requests: more than {EMBED_MAX_INPUTS}", param="requests")
-    name = _name(model)
-    info = current_state().library.get(name)  # 404 first
-    if "embedding" not in info.capabilities:
-        raise InvalidRequest(f'"{info.name}" does not support embeddings', param="model")
     groups: dict[int | None, list[int]] = {}  # outputDimensionality -> the requests asking it
     for i, body in enumerate(bodies):
         width = body.get("outputDimensionality")  # 90.0 passes a cross-file $ref (validation.py)
         groups.setdefault(None if width is None else int(width), []).append(i)
     vectors: list[list[float]] = [[] for _ in bodies]
-    runtime = current_state().runtime
-    loaded = runtime.acquire_embedder(name, None)
-    try:
-        for dimensions, members in groups.items():
-            texts = ["\n".join(p["text"] for p in bodies[i]["content"]["parts"]) for i in members]
-            rows = loaded.embed(texts, truncate=True, dimensions=dimensions).vectors.tolist()
-            for i, row in zip(members, rows, strict=True):
-                vectors[i] = row
-    finally:
-        runtime.release(loaded, None)
+    for dimensions, members in groups.items():
+        texts = ["\n".join(p["text"] for p in bodies[i]["content"]["parts"]) for i in members]
+        request = EmbeddingRequest(_name(model), texts, dimensions=dimensions, param="requests")
+        rows = embedding.embed(current_state(), request).vectors.tolist()
+        for i, row in zip(members, rows, strict=True):
+            vectors[i] = row
     return vectors
 
 

@@ -24,6 +24,7 @@ from ortserve.api.protocol import (
 )
 from ortserve.api.state import current_state
 from ortserve.api.streaming import (
+    answer_response,
     exchange_stream,
     json_response,
     ndjson_line,
@@ -37,7 +38,7 @@ from ortserve.options import parse_options
 from ortserve.serving import core
 from ortserve.serving.core import Choice, Exchange
 from ortserve.serving.events import Finished, Retry, TextChunk, ThinkingChunk, ToolCallEvent
-from ortserve.serving.requests import ChatPrompt, GenerationRequest, TextPrompt
+from ortserve.serving.requests import ChatPrompt, GenerationRequest, TextPrompt, logprob_count
 from ortserve.serving.tools import template_calls, tool_spec
 
 native_bp = Blueprint("native", __name__)
@@ -45,7 +46,6 @@ native_bp = Blueprint("native", __name__)
 # Fields a later version implements, and when a value asks for them: refused, never ignored.
 _LATER = ("images", "suffix", "template", "context")
 _MESSAGE_LATER = ("images",)
-MAX_TOP_LOGPROBS = 20
 
 
 # ---- routes --------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def delete():
     body = validate("delete", _model_alias(read_json()))
     state = current_state()
     info = state.library.get(body["model"])
-    core.unload(state, info.name)  # a deleted model must stop answering
+    core.unload(state, info)  # a deleted model must stop answering
     state.library.delete(info.name)
     return Response(status=200)
 
@@ -133,8 +133,6 @@ def chat():
     request = _request(body, prompt, "chat")
     request.tools = tool_spec(body.get("tools"), body.get("tool_choice"),
                               body.get("parallel_tool_calls", True))  # fmt: skip
-    if request.tools is not None and request.schema is not None and request.tools.choice != "none":
-        raise InvalidRequest("tools and format cannot be combined", param="tools")
     return _answer(body, request, _Reply(body["model"], "chat"))
 
 
@@ -173,7 +171,7 @@ def _request(body: dict[str, Any], prompt, kind: str) -> GenerationRequest:
         keep_alive=keep_alive_seconds(body),
         schema=format_schema(body.get("format")),
         think=_think(body.get("think")),
-        logprobs=_logprobs(body),
+        logprobs=logprob_count(body.get("logprobs"), body.get("top_logprobs")),
     )
 
 
@@ -185,14 +183,6 @@ def _think(value: bool | str | None) -> bool | None:
                                  param="think")  # fmt: skip
         return True
     return value
-
-
-def _logprobs(body: dict[str, Any]) -> int | None:
-    """Ollama's logprobs (bool) and top_logprobs (0..20): None when not asked for."""
-    top = body.get("top_logprobs", 0)
-    if top and not body.get("logprobs"):
-        raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
-    return top if body.get("logprobs") else None
 
 
 def _chat_message(i: int, message: dict[str, Any]) -> dict[str, Any]:
@@ -278,10 +268,7 @@ def _answer(body: dict[str, Any], request: GenerationRequest, reply: _Reply) -> 
                                lambda exc: ndjson_line({"error": exc.message}),
                                "application/x-ndjson")  # fmt: skip
     choice = exchange.finish()[0]
-    response = json_response(reply.final(exchange, choice, whole=True))
-    if choice.attempts is not None:
-        response.headers["X-Ortserve-Attempts"] = str(choice.attempts)
-    return response
+    return answer_response(reply.final(exchange, choice, whole=True), exchange)
 
 
 def _lines(exchange: Exchange, reply: _Reply, events: Iterator) -> Iterator[str]:

@@ -7,6 +7,7 @@ OpenAI's shape in api/app.py.
 from __future__ import annotations
 
 import abc
+import json
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -26,18 +27,30 @@ from ortserve.api.protocol import (
     sse_or_json,
 )
 from ortserve.api.state import current_state
-from ortserve.api.streaming import SSE, exchange_stream, json_response, sse_event
+from ortserve.api.streaming import (
+    SSE,
+    answer_response,
+    exchange_stream,
+    json_response,
+    sse_event,
+)
 from ortserve.api.validation import parsed_body
 from ortserve.engine.guided import JSON_OBJECT_SCHEMA, check_schema
 from ortserve.errors import InvalidRequest, NotSupportedYet, OrtServeError
 from ortserve.library import ModelInfo
 from ortserve.library.names import ModelName
-from ortserve.options import api_sampling
+from ortserve.options import Sampling, api_sampling
 from ortserve.serving import core
 from ortserve.serving.core import Choice, Exchange
 from ortserve.serving.events import Finished, Retry, TextChunk, ThinkingChunk, ToolCallEvent
-from ortserve.serving.requests import ChatPrompt, GenerationRequest, TextPrompt
-from ortserve.serving.tools import openai_call, template_calls, tool_spec
+from ortserve.serving.requests import (
+    ChatPrompt,
+    GenerationRequest,
+    TextPrompt,
+    logprob_count,
+    think_from_effort,
+)
+from ortserve.serving.tools import template_calls, tool_spec
 
 openai_bp = Blueprint("openai", __name__)
 
@@ -54,7 +67,6 @@ _CHAT_LATER: dict[str, Callable[[Any], bool]] = {
 }
 _MESSAGE_LATER = ("function_call",)
 # reasoning_effort values that mean no thinking section (the rest turn it on)
-_NO_REASONING = ("none", "minimal")
 _DONE = "data: [DONE]\n\n"  # how OpenAI's streams end, an error included
 
 
@@ -76,11 +88,7 @@ def chat_completions():
         param="response_format", schema_param="response_format.json_schema.schema")  # fmt: skip
     request.tools = tool_spec(body.get("tools"), body.get("tool_choice"),
                               body.get("parallel_tool_calls", True))  # fmt: skip
-    if request.tools is not None and request.schema is not None and request.tools.choice != "none":
-        raise InvalidRequest("tools and response_format cannot be combined", param="tools")
-    if body.get("top_logprobs") and not body.get("logprobs"):
-        raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
-    request.logprobs = body.get("top_logprobs", 0) if body.get("logprobs") else None
+    request.logprobs = logprob_count(body.get("logprobs"), body.get("top_logprobs"))
     return _answer(body, _ChatShape(body["model"]), request)
 
 
@@ -124,22 +132,27 @@ def model_entry(info: ModelInfo) -> dict[str, Any]:
     }
 
 
+def openai_call(call, index: int | None = None) -> dict[str, Any]:
+    """A call (toolcalls.ToolCall) in OpenAI's shape: arguments as a JSON string; index in a
+    stream delta."""
+    at = {} if index is None else {"index": index}
+    function = {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}
+    return {**at, "id": call.id, "type": "function", "function": function}
+
+
 # ---- requests in ---------------------------------------------------------------------------
 
 
-def sampling(body: dict[str, Any]) -> dict[str, Any]:
+def sampling(body: dict[str, Any]) -> Sampling:
     """OpenAI's sampling fields under Ollama's names (max_completion_tokens wins)."""
-    limit = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    return api_sampling([(name, name, body.get(name)) for name in ("temperature", "top_p", "seed",
-                        "stop", "presence_penalty", "frequency_penalty")]
-                        + [(limit, "num_predict", body.get(limit))])  # fmt: skip
+    return api_sampling("openai", body)
 
 
 def _request(body: dict[str, Any], prompts: list, kind: str) -> GenerationRequest:
-    effort = body.get("reasoning_effort")
     return GenerationRequest(model=body["model"], prompts=prompts, kind=kind,
                              sampling=sampling(body), n=body.get("n", 1),
-                             think=None if effort is None else effort not in _NO_REASONING)  # fmt: skip
+                             think=think_from_effort(body.get("reasoning_effort")),
+                             fields={"schema": "response_format", "think": "reasoning_effort"})  # fmt: skip
 
 
 def _prompt_list(prompt: str | list[str], n: int) -> list[TextPrompt]:
@@ -208,10 +221,7 @@ def _answer(body: dict[str, Any], shape: _Shape, request: GenerationRequest) -> 
                                stream_error, SSE)  # fmt: skip
     choices = exchange.finish()
     whole = [shape.choice(i, c) for i, c in enumerate(choices)]
-    response = json_response({**shape.envelope(whole), "usage": usage(exchange)})
-    if exchange.attempts is not None:
-        response.headers["X-Ortserve-Attempts"] = str(exchange.attempts)
-    return response
+    return answer_response({**shape.envelope(whole), "usage": usage(exchange)}, exchange)
 
 
 def _sse(exchange: Exchange, shape: _Shape, events: Iterator, include_usage: bool

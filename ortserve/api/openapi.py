@@ -14,10 +14,10 @@ import json
 from typing import Any
 
 from ortserve import __version__
+from ortserve.api import validation
 from ortserve.api.protocol import REF as _REF
 from ortserve.api.protocol import Protocol, Route, owner, protocols
 from ortserve.api.protocol import ref as _ref
-from ortserve.api.validation import SCHEMA_DIR
 
 # ---- responses ---------------------------------------------------------------------------------
 
@@ -389,11 +389,10 @@ def _operation_id(route: Route) -> str:
 
 
 def request_schemas() -> dict[str, dict[str, Any]]:
-    """schemas/*.json as components, their references rewritten to point into the document."""
+    """The request schemas as components, their references rewritten to point into the
+    document."""
     schemas = {}
-    for path in sorted(SCHEMA_DIR.glob("*.json")):
-        schema = json.loads(path.read_text(encoding="utf-8"))
-        name = path.stem
+    for name, schema in validation.request_schemas().items():
         schema = {k: v for k, v in schema.items() if k not in ("$schema", "$id")}
         schemas[name] = _rebase(schema, name)
     return schemas

@@ -25,7 +25,13 @@ from ortserve.api.protocol import (
     sse_or_json,
 )
 from ortserve.api.state import current_state
-from ortserve.api.streaming import SSE, exchange_stream, json_response, sse_event
+from ortserve.api.streaming import (
+    SSE,
+    answer_response,
+    exchange_stream,
+    json_response,
+    sse_event,
+)
 from ortserve.api.validation import parsed_body
 from ortserve.engine.toolcalls import ToolCall
 from ortserve.errors import InvalidRequest, NotSupportedYet, OrtServeError
@@ -33,7 +39,7 @@ from ortserve.options import api_sampling
 from ortserve.serving import core
 from ortserve.serving.core import Exchange
 from ortserve.serving.events import Finished, Retry, TextChunk, ThinkingChunk, ToolCallEvent
-from ortserve.serving.requests import ChatPrompt, GenerationRequest
+from ortserve.serving.requests import ChatPrompt, GenerationRequest, think_from_effort
 from ortserve.serving.store import (
     ResponseStore,
     StoredResponse,
@@ -59,7 +65,7 @@ _LATER = ("background", "conversation", "prompt", "top_logprobs")
 # The event name and extra fields of each streamed item's text.
 _TEXT = {"message": ("output_text", {"logprobs": []}), "reasoning": ("reasoning_text", {})}
 # Core errors name the core's fields; a client of this API knows them by these.
-_PARAMS = {"think": "reasoning.effort", "messages": "input"}
+_PARAMS = {"messages": "input"}
 
 
 def _store() -> ResponseStore:
@@ -88,10 +94,7 @@ def create():
         return exchange_stream(exchange, events.render, events.error, SSE)
     choice = exchange.finish()[0]
     status = "incomplete" if incomplete(choice) else "completed"
-    response = json_response(shape.final(output_items(choice), status, exchange))
-    if exchange.attempts is not None:
-        response.headers["X-Ortserve-Attempts"] = str(exchange.attempts)
-    return response
+    return answer_response(shape.final(output_items(choice), status, exchange), exchange)
 
 
 @responses_bp.get("/v1/responses/<response_id>")
@@ -117,22 +120,18 @@ def _request(body: dict[str, Any], conversation: list[dict]) -> GenerationReques
                                     param="text.format", schema_param="text.format.schema")  # fmt: skip
     tools = tool_spec(chat_tools(body.get("tools")), chat_tool_choice(body.get("tool_choice")),
                       body.get("parallel_tool_calls", True))  # fmt: skip
-    if tools is not None and schema is not None and tools.choice != "none":
-        raise InvalidRequest("tools and text.format cannot be combined", param="tools")
-    sampling = api_sampling([("temperature", "temperature", body.get("temperature")),
-                             ("top_p", "top_p", body.get("top_p")),
-                             ("max_output_tokens", "num_predict", body.get("max_output_tokens"))])  # fmt: skip
+    sampling = api_sampling("openai", body)
     # truncation "auto" drops the oldest turns to fit the context; "disabled" refuses (400).
     prompt = ChatPrompt([*system, *conversation], truncate=body.get("truncation") == "auto")
     return GenerationRequest(model=body["model"], prompts=[prompt], kind="chat",
                              sampling=sampling, schema=schema, tools=tools,
-                             think=_think(body))  # fmt: skip
+                             think=_think(body),
+                             fields={"schema": "text.format", "think": "reasoning.effort"})  # fmt: skip
 
 
 def _think(body: dict[str, Any]) -> bool | None:
     """reasoning.effort: none or minimal turn thinking off, any other level on."""
-    effort = (body.get("reasoning") or {}).get("effort")
-    return None if effort is None else effort not in ("none", "minimal")
+    return think_from_effort((body.get("reasoning") or {}).get("effort"))
 
 
 def _start(request: GenerationRequest) -> Exchange:

@@ -29,6 +29,15 @@ def json_response(obj: Any, status: int = 200) -> Response:
     return Response(dumps(obj) + "\n", status=status, mimetype="application/json")
 
 
+def answer_response(obj: Any, exchange) -> Response:
+    """A whole (stream: false) answer; with the attempts its structured output took, if any
+    (X-Ortserve-Attempts, on every protocol)."""
+    response = json_response(obj)
+    if exchange.attempts is not None:
+        response.headers["X-Ortserve-Attempts"] = str(exchange.attempts)
+    return response
+
+
 def ndjson_line(obj: Any) -> str:
     return dumps(obj) + "\n"
 

@@ -17,6 +17,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from ortserve.config import parse_keep_alive
 from ortserve.errors import InvalidRequest
+from ortserve.options import options_schema, sampling_schema
 
 
 class UnsupportedMediaType(InvalidRequest):
@@ -33,15 +34,25 @@ _READ_CHUNK = 1 << 20
 
 
 @functools.lru_cache(maxsize=1)
-def _registry() -> Registry:
-    """Every schema in schemas/, addressable by its $id (they refer to each other)."""
-    resources = []
+def request_schemas() -> dict[str, dict[str, Any]]:
+    """Every request schema by name: schemas/<name>.json, and the two generated from the
+    option tables (options.json, sampling.json: the limits are written once, in options.py).
+    """
+    schemas = {"options": options_schema(), "sampling": sampling_schema()}
     for path in sorted(SCHEMA_DIR.glob("*.json")):
-        contents = json.loads(path.read_text(encoding="utf-8"))
+        schemas[path.stem] = json.loads(path.read_text(encoding="utf-8"))
+    return schemas
+
+
+@functools.lru_cache(maxsize=1)
+def _registry() -> Registry:
+    """Every request schema, addressable by its $id (they refer to each other)."""
+    resources = []
+    for schema in request_schemas().values():
         # Without its $schema, a schema reached through a $ref is validated by the strict
         # validator that followed the ref: with it, jsonschema switches to the stock class
         # of that dialect, and a body's "options": {"num_predict": 90.0} passed as an integer.
-        contents.pop("$schema", None)
+        contents = {k: v for k, v in schema.items() if k != "$schema"}
         resources.append((contents["$id"], Resource(contents, specification=DRAFT202012)))
     return Registry().with_resources(resources)
 

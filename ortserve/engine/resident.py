@@ -10,8 +10,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ortserve.engine.sampling import model_sampling
 from ortserve.errors import InvalidRequest
 from ortserve.library import ModelInfo
+from ortserve.options import Sampling
 
 
 @dataclass(eq=False, kw_only=True)
@@ -27,6 +29,21 @@ class Resident:
     # failing requests cannot keep a model loaded
     idle_expiry: float | None = None
     last_used: float = field(default_factory=time.monotonic)
+    # The manifest's PARAMETERs, parsed when the model loads (and when a create replaces
+    # them: renew), not on every request.
+    parameters: Sampling = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.parameters = model_sampling(self.info.manifest.get("parameters"))
+
+    def renew(self, info: ModelInfo) -> None:
+        """The library's entry as a request found it: the newest system, template and
+        parameters apply to the weights already loaded (parameters re-parsed only if they
+        changed)."""
+        changed = info.manifest.get("parameters") != self.info.manifest.get("parameters")
+        self.info = info
+        if changed:
+            self.parameters = model_sampling(info.manifest.get("parameters"))
 
     @property
     def name(self) -> str:

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from ortserve.config import Settings
 from ortserve.engine.backend import LoadedModel, backend_for
-from ortserve.errors import InvalidRequest, ModelLoadError, OrtServeError
+from ortserve.errors import ModelLoadError, OrtServeError
 from ortserve.library import Library, ModelInfo
 
 log = logging.getLogger("ortserve.engine")
@@ -43,19 +43,13 @@ class Runtime:
 
     # ---- acquire / release ---------------------------------------------------------------
 
-    def acquire(self, name: str, keep_alive: float | None = None) -> LoadedModel:
-        """The loaded model for `name`, loading it first if needed; marks it in use."""
-        info = self.library.get(name)
-        if "completion" not in info.capabilities:
-            raise InvalidRequest(f'"{info.name}" does not support generate', param="model")
-        return self._acquire(info, self._load)
+    def acquire(self, model: str | ModelInfo, keep_alive: float | None = None) -> LoadedModel:
+        """The loaded model, loading it first if needed; marks it in use.
 
-    def acquire_embedder(self, name: str, keep_alive: float | None = None) -> LoadedModel:
-        """The loaded embedding model for `name`, loading it first if needed; marks it in use."""
-        info = self.library.get(name)
-        if "embedding" not in info.capabilities:
-            raise InvalidRequest(f'"{info.name}" does not support embeddings', param="model")
-        return self._acquire(info, self._load)
+        `model` is the library entry the serving core resolved (and checked the capability
+        of) for the request, so the name is not resolved again; a name is resolved here.
+        """
+        return self._acquire(self._entry(model), self._load)
 
     def preload(self, name: str) -> str:
         """Load `name` now and keep it loaded (ORTSERVE_PRELOAD): no keep-alive expiry, never
@@ -64,8 +58,7 @@ class Runtime:
         with self._lock:
             self._pinned.add(info.name)
         try:
-            embedder = "embedding" in info.capabilities and "completion" not in info.capabilities
-            loaded = self.acquire_embedder(name) if embedder else self.acquire(name)
+            loaded = self.acquire(info)  # whatever it does: generation, embedding, speech
         except BaseException:
             with self._lock:
                 self._pinned.discard(info.name)
@@ -106,9 +99,9 @@ class Runtime:
         if keep == 0:
             self._unload_if_idle(loaded)
 
-    def unload(self, name: str) -> bool:
+    def unload(self, model: str | ModelInfo) -> bool:
         """Unload now (running turns are cancelled). True if it was loaded."""
-        info = self.library.get(name)
+        info = self._entry(model)
         with self._lock:
             loaded = self._models.pop(info.name, None)
         if loaded is None:
@@ -160,6 +153,9 @@ class Runtime:
 
     # ---- internals -----------------------------------------------------------------------
 
+    def _entry(self, model: str | ModelInfo) -> ModelInfo:
+        return model if isinstance(model, ModelInfo) else self.library.get(model)
+
     def _acquire(self, info: ModelInfo, load: Callable[[ModelInfo], Loaded]) -> Loaded:
         """Share a loaded model, or load it once however many requests ask at the same time."""
         with self._lock:
@@ -168,7 +164,7 @@ class Runtime:
                 if loaded is not None and _same_model(loaded.info, info):
                     # system, parameters, template... may have changed on disk (a create
                     # from the CLI): the weights stay loaded, the newest manifest applies
-                    loaded.info = info
+                    loaded.renew(info)
                     if not loaded.active:
                         loaded.idle_expiry = loaded.expires_at
                     loaded.active += 1

@@ -1,4 +1,4 @@
-"""Checked option values -> GenerationOptions for one turn.
+"""Typed sampling values -> GenerationOptions for one turn.
 
 Precedence: the request, then the model's own parameters (its manifest, Ollama names), then
 Ollama's defaults (GenerationOptions' defaults). ortserve/options.py checks the values;
@@ -12,24 +12,23 @@ from typing import Any
 
 from ortserve.engine.types import GenerationOptions
 from ortserve.errors import InvalidRequest, LibraryCorrupt
-from ortserve.options import parse_options
+from ortserve.options import Sampling, parse_options
 
 
 def resolve(
-    given: dict[str, Any],
-    model_parameters: dict | None,
+    given: Sampling,
+    model: Sampling,
     *,
     context_length: int,
     max_tokens: int | None = None,
     default_context: int | None = None,
 ) -> GenerationOptions:
-    """Checked request values (options.parse_options, options.api_sampling) over the
-    model's parameters over Ollama's defaults.
+    """A request's values over the model's parameters (model_sampling, parsed when it
+    loaded) over Ollama's defaults.
 
     default_context: num_ctx when neither sets one (ORTSERVE_CONTEXT_LENGTH).
     """
-    merged = {**_model_options(model_parameters), **given}
-    return _build(merged, context_length, max_tokens, default_context)
+    return _build(given.over(model).given(), context_length, max_tokens, default_context)
 
 
 def resolve_options(
@@ -39,13 +38,13 @@ def resolve_options(
     context_length: int,
     max_tokens: int | None = None,
 ) -> GenerationOptions:
-    """Ollama `options` over the model's parameters over Ollama's defaults."""
-    given = parse_options(request)
-    return resolve(given, model_parameters, context_length=context_length, max_tokens=max_tokens)
+    """Ollama `options` over a manifest's parameters over Ollama's defaults."""
+    return resolve(parse_options(request), model_sampling(model_parameters),
+                   context_length=context_length, max_tokens=max_tokens)  # fmt: skip
 
 
-def _model_options(parameters: dict | None) -> dict[str, Any]:
-    """The manifest's parameters; a bad one is a broken manifest, not a bad request."""
+def model_sampling(parameters: dict | None) -> Sampling:
+    """A manifest's parameters; a bad one is a broken manifest, not a bad request."""
     try:
         return parse_options(parameters, "parameters", strict=True)
     except InvalidRequest as e:

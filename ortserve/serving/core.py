@@ -24,6 +24,7 @@ from typing import Any
 from ortserve.engine.guided import Retry
 from ortserve.engine.types import Finished, GenerationOptions, TextChunk
 from ortserve.errors import InvalidRequest, OrtServeError, ServerBusy
+from ortserve.library import ModelInfo
 from ortserve.serving.events import ThinkingChunk
 from ortserve.serving.priority import is_background
 from ortserve.serving.prompting import Rendered, render
@@ -284,13 +285,11 @@ def start(state, request: GenerationRequest) -> Exchange:
     with a `watch` method (the HTTP layer's) is handed the exchange, to hang it up if its
     client goes away.
     """
-    require(state.library, request.model, "completion", request.kind)
-    guided_tools = request.tools is not None and request.tools.choice != "none"
-    if request.think and (request.schema is not None or guided_tools):
-        _refuse_guided_thinking(request)  # tool_choice "none" is a plain turn: it may think
+    check_combinations(request)
+    info = require(state.library, request.model, "completion", request.kind)
     started_ns = time.perf_counter_ns()
     runtime = state.runtime
-    loaded = runtime.acquire(request.model, request.keep_alive)
+    loaded = runtime.acquire(info, request.keep_alive)
     exchange = Exchange(runtime, loaded, request, started_ns)
     try:
         options = _options(loaded, request, state.settings)
@@ -310,8 +309,8 @@ def count_tokens(state, request: GenerationRequest) -> int:
 
     A prompt of any length is counted: the context only limits generation.
     """
-    require(state.library, request.model, "completion", request.kind)
-    loaded = state.runtime.acquire(request.model, request.keep_alive)
+    info = require(state.library, request.model, "completion", request.kind)
+    loaded = state.runtime.acquire(info, request.keep_alive)
     try:
         unlimited = GenerationOptions(num_ctx=2**31 - 1)
         return sum(len(render(loaded, p, request, unlimited).tokens) for p in request.prompts)
@@ -319,8 +318,9 @@ def count_tokens(state, request: GenerationRequest) -> int:
         state.runtime.release(loaded, request.keep_alive, failed=True)  # no keep-alive change
 
 
-def require(library, name: str, capability: str, kind: str):
-    """The model's library entry, checked before loading: it must have `capability`."""
+def require(library, name: str, capability: str, kind: str) -> ModelInfo:
+    """The model's library entry, resolved once for the request and checked before loading:
+    it must have `capability`. What follows (the runtime, the backend) takes this entry."""
     info = library.get(name)
     if capability not in info.capabilities:
         raise InvalidRequest(f'"{info.name}" does not support {kind}', param="model")
@@ -329,28 +329,41 @@ def require(library, name: str, capability: str, kind: str):
 
 def load(state, name: str, keep_alive: float | None, kind: str) -> None:
     """Load a model (and start its keep-alive) without generating: Ollama's empty prompt."""
-    require(state.library, name, "completion", kind)
-    loaded = state.runtime.acquire(name, keep_alive)
+    info = require(state.library, name, "completion", kind)
+    loaded = state.runtime.acquire(info, keep_alive)
     state.runtime.release(loaded, keep_alive)
 
 
-def unload(state, name: str) -> None:
-    """Unload a model now if it is loaded (404 for a model that does not exist)."""
-    state.library.get(name)
+def unload(state, model: str | ModelInfo) -> None:
+    """Unload a model now if it is loaded (404 for a name that does not exist)."""
+    info = model if isinstance(model, ModelInfo) else state.library.get(model)
     if state.started_runtime is not None:
-        state.started_runtime.unload(name)
+        state.started_runtime.unload(info)
 
 
-def _refuse_guided_thinking(request: GenerationRequest) -> None:
-    field_ = "format" if request.schema is not None else "tools"
-    raise InvalidRequest(f"think cannot be combined with {field_}: the grammar that enforces "
-                         "the answer leaves no room for a thinking section", param="think")  # fmt: skip
+def check_combinations(request: GenerationRequest) -> None:
+    """The rules between a request's fields, for every protocol (errors in its field names).
+
+    A grammar forces either a schema's JSON or tool calls, never both; and it leaves no room
+    for a thinking section. tool_choice "none" is a plain turn: it may think, and take a
+    schema.
+    """
+    guided_tools = request.tools is not None and request.tools.choice != "none"
+    if guided_tools and request.schema is not None:
+        tools, schema = request.field("tools"), request.field("schema")
+        raise InvalidRequest(f"{tools} and {schema} cannot be combined", param=tools)
+    if request.think and (request.schema is not None or guided_tools):
+        think = request.field("think")
+        other = request.field("schema" if request.schema is not None else "tools")
+        raise InvalidRequest(f"{think} cannot be combined with {other}: the grammar that "
+                             "enforces the answer leaves no room for a thinking section",
+                             param=think)  # fmt: skip
 
 
 def _options(loaded, request: GenerationRequest, settings) -> GenerationOptions:
     from ortserve.engine.sampling import resolve
 
-    options = resolve(request.sampling, loaded.info.manifest.get("parameters"),
+    options = resolve(request.sampling, loaded.parameters,
                       context_length=loaded.context_length, max_tokens=settings.max_tokens,
                       default_context=settings.context_length)  # fmt: skip
     if request.logprobs is not None:

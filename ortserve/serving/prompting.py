@@ -44,7 +44,7 @@ def render(loaded, prompt: Prompt, request: GenerationRequest,
     if isinstance(prompt, TextPrompt) and (prompt.raw or template is None):
         text = _plain_text(prompt, loaded, encoder, options)
         if request.think:
-            raise _cannot_think(loaded, "raw prompts have no template")
+            raise _cannot_think(loaded, request, "raw prompts have no template")
         return Rendered(encoder.encode(text), text, None)
     think, split = _thinking_mode(template, loaded, request)
     hidden = request.think is False
@@ -101,7 +101,7 @@ def _thinking_mode(template, loaded, request: GenerationRequest) -> tuple[bool |
     thinks = bool(getattr(template, "thinking", False))
     if not thinks:
         if request.think:
-            raise _cannot_think(loaded, "its chat template has no thinking section")
+            raise _cannot_think(loaded, request, "its chat template has no thinking section")
         return None, False
     can_disable = bool(getattr(template, "can_disable_thinking", False))
     guided = request.schema is not None or (
@@ -120,8 +120,9 @@ def _thinking(source: str, text: str, hidden: bool) -> Thinking:
     return Thinking(open_tag, close_tag, opened, hidden)
 
 
-def _cannot_think(loaded, why: str) -> InvalidRequest:
-    return InvalidRequest(f'"{loaded.info.name}" does not support thinking: {why}', param="think")
+def _cannot_think(loaded, request: GenerationRequest, why: str) -> InvalidRequest:
+    return InvalidRequest(f'"{loaded.info.name}" does not support thinking: {why}',
+                          param=request.field("think"))  # fmt: skip
 
 
 class _Encoder:

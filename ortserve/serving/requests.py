@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ortserve.errors import InvalidRequest
+from ortserve.options import Sampling
 from ortserve.serving.tools import ToolSpec
 
 # One render of a chat template (engine/sandbox.py holds it to these): its loop steps, plus a
@@ -56,10 +58,36 @@ class GenerationRequest:
     model: str
     prompts: list[Prompt]
     kind: str = "chat"  # what a capability error names: chat, generate, completions
-    sampling: dict[str, Any] = field(default_factory=dict)  # checked values, Ollama's names
+    sampling: Sampling = field(default_factory=Sampling)  # checked values, Ollama's names
     n: int = 1  # choices per prompt
     keep_alive: float | None = None  # seconds; None: the server's default; <0: forever
     schema: dict | None = None  # structured output: guided, validated, retried
     tools: ToolSpec | None = None
     think: bool | None = None  # None: the template's default
     logprobs: int | None = None  # None: none; k: the chosen token's and the top k
+    # The protocol's name for each of the core's fields, for the core's errors (the rules
+    # that combine fields are checked once, in serving/core.check_combinations).
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def field(self, name: str) -> str:
+        """The request field a client knows `name` ("schema", "tools", "think") by."""
+        return self.fields.get(name) or _FIELDS.get(name, name)
+
+
+# The core's field names as Ollama's API spells them: the default of every protocol.
+_FIELDS = {"schema": "format"}
+# reasoning_effort / reasoning.effort levels that turn thinking off (every other one is on).
+NO_REASONING = ("none", "minimal")
+
+
+def logprob_count(logprobs: bool | None, top_logprobs: int | None) -> int | None:
+    """Ollama's and OpenAI's logprobs (a switch) and top_logprobs (0..20) as the core's
+    GenerationRequest.logprobs: None when not asked for."""
+    if top_logprobs and not logprobs:
+        raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+    return (top_logprobs or 0) if logprobs else None
+
+
+def think_from_effort(effort: str | None) -> bool | None:
+    """OpenAI's reasoning effort as the core's think: None (not given) keeps the template's."""
+    return None if effort is None else effort not in NO_REASONING

@@ -299,15 +299,3 @@ def template_calls(calls: Any, where: str) -> list[dict]:
         entry = {"type": "function", "function": {"name": function["name"], "arguments": args}}
         converted.append({**({"id": call["id"]} if "id" in call else {}), **entry})
     return converted
-
-
-def native_call(call: ToolCall) -> dict[str, Any]:
-    """A call in Ollama's shape: arguments as an object."""
-    return {"id": call.id, "function": {"name": call.name, "arguments": call.arguments}}
-
-
-def openai_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
-    """A call in OpenAI's shape: arguments as a JSON string; index in a stream delta."""
-    at = {} if index is None else {"index": index}
-    function = {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}
-    return {**at, "id": call.id, "type": "function", "function": function}

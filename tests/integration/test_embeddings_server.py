@@ -76,7 +76,7 @@ def test_openai_errors(oai):
     with pytest.raises(openai.BadRequestError) as info:
         oai.embeddings.create(model="tiny-chat", input="hello")
     assert info.value.status_code == 400
-    assert info.value.body["message"] == "model does not support embeddings"
+    assert "does not support embeddings" in info.value.body["message"]
 
     with pytest.raises(openai.BadRequestError) as info:
         oai.embeddings.create(model="all-minilm", input=[[101, 7592, 102]])

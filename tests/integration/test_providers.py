@@ -155,7 +155,7 @@ def test_a_named_provider_that_fails_to_load_is_a_503_naming_it_and_the_fix(
     runtime = Runtime(settings, served_library)
     try:
         for acquire, name in ((runtime.acquire, "tiny-llama"),
-                              (runtime.acquire_embedder, "all-minilm")):  # fmt: skip
+                              (runtime.acquire, "all-minilm")):  # fmt: skip
             with pytest.raises(ProviderUnavailable) as info:
                 acquire(name)
             message = info.value.message

@@ -9,12 +9,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
 
 from ortserve.engine.backend import register_backend, unregister_backend
 from ortserve.engine.prompts import ChatTemplate
 from ortserve.engine.resident import Resident
+from ortserve.engine.sampling import model_sampling
 from ortserve.engine.types import Finished, TextChunk, Usage
 from ortserve.errors import ServerBusy
+from ortserve.library import ModelInfo
 
 TEMPLATE = ChatTemplate(
     "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
@@ -57,6 +62,7 @@ class FakeLoaded:
         self.template = TEMPLATE
         self.load_duration_ns = 777
         self.provider = "webgpu"
+        self.parameters = model_sampling(info.manifest.get("parameters"))  # as Resident does
 
     def exceeds_context(self, text):
         return len(text) > self.context_length * 8
@@ -90,7 +96,7 @@ class FakeRuntime:
         self.resident: set[str] = set()  # names loaded() reports as loaded
 
     def acquire(self, name, keep_alive=None):
-        info = self.library.get(name)
+        info = name if isinstance(name, ModelInfo) else self.library.get(name)
         self.acquired.append((info.name, keep_alive))
         return FakeLoaded(self, info)
 
@@ -98,7 +104,8 @@ class FakeRuntime:
         self.released.append((loaded.name, keep_alive))
 
     def unload(self, name):
-        self.unloaded.append(self.library.get(name).name)
+        info = name if isinstance(name, ModelInfo) else self.library.get(name)
+        self.unloaded.append(info.name)
         return True
 
     def loaded_models(self):
@@ -151,9 +158,47 @@ class ToolRuntime(FakeRuntime):
     """FakeRuntime whose models are ToolLoaded."""
 
     def acquire(self, name, keep_alive=None):
-        info = self.library.get(name)
+        info = name if isinstance(name, ModelInfo) else self.library.get(name)
         self.acquired.append((info.name, keep_alive))
         return ToolLoaded(self, info)
+
+
+class ManyTurnsRuntime(ToolRuntime):
+    """A fresh turn per generate call: the next scripted one, else "Hello world"; a context of
+    `context_length` tokens (room for whole conversations)."""
+
+    context_length = 4096
+
+    def acquire(self, name, keep_alive=None):
+        loaded = super().acquire(name, keep_alive)
+        loaded.context_length = self.context_length
+        generate = loaded.generate
+
+        def fresh(tokens, options, skip_special_tokens=True):
+            if not self.script:  # FakeLoaded.generate takes the next scripted turn
+                self.next_turn = FakeTurn(["Hel", "lo", " world"])
+            return generate(tokens, options, skip_special_tokens)
+
+        loaded.generate = fresh
+        return loaded
+
+
+def prompt_text(runtime, n: int = -1) -> str:
+    """The n-th prompt a fake runtime was asked to continue, as text (a token a character)."""
+    return "".join(chr(t) for t in runtime.generated[n][0])
+
+
+# Renders everything the conversion produces, so a prompt shows what reached the template.
+RENDER_ALL_TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>"
+    "{% if m.thinking %}(think:{{ m.thinking }}){% endif %}{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}[{{ c.id }}:{{ c.function.name }}"
+    "{{ c.function.arguments | tojson }}]{% endfor %}"
+    "{% if m.name %}({{ m.name }}#{{ m.tool_call_id }}){% endif %}{% endfor %}"
+    "{% if tools %}{tools:{% for t in tools %}{{ t.function.name }};{% endfor %}}{% endif %}"
+    "{% if add_generation_prompt %}<assistant>"
+    "{% if enable_thinking is false %}<think></think>{% endif %}{% endif %}"
+)
 
 
 class RoomyToolRuntime(ToolRuntime):
@@ -191,7 +236,17 @@ class FakeModel(Resident):
 
     def generate(self, tokens, options, *, skip_special_tokens=True):
         self.turns.append((tokens, options))
-        return FakeTurn(list(self.pieces))
+        turn = FakeTurn(list(self.pieces))
+        turn.prompt_tokens = len(tokens)
+        return turn
+
+    def embed(self, texts, truncate=True, dimensions=None):
+        """One row per text: [its length, 1.0, ...] cut to `dimensions`; a token a character."""
+        if "embedding" not in self.capabilities:
+            return super().embed(texts)
+        rows = np.array([[len(t), 1.0, 0.0, 0.0] for t in texts], dtype=np.float32)
+        vectors = rows if dimensions is None else rows[:, :dimensions]
+        return SimpleNamespace(vectors=vectors, prompt_tokens=sum(len(t) for t in texts))
 
     def pending(self):
         return 0
@@ -226,7 +281,7 @@ def fake_backend() -> Iterator[FakeBackend]:
         unregister_backend(FAKE_FORMAT)
 
 
-def add_fake_model(library, name):
+def add_fake_model(library, name, **manifest):
     """A library entry whose bundle the fake backend loads."""
     details = {"format": FAKE_FORMAT, "family": "fake", "context_length": 64}
-    return add_model(library, name, details=details)
+    return add_model(library, name, **{"details": details, **manifest})

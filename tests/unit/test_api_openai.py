@@ -14,31 +14,11 @@ from werkzeug.test import EnvironBuilder
 
 from ortserve.api.openai import SYSTEM_FINGERPRINT
 from ortserve.errors import OrtServeError
-from tests.support.fakes import FakeRuntime, FakeTurn, add_model
+from tests.support.fakes import ManyTurnsRuntime, add_model
 from tests.support.http import openai_error
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}]}
 COMPLETION = {"model": "tiny", "prompt": "Once"}
-
-
-class ManyTurnsRuntime(FakeRuntime):
-    """A fresh turn per generate call, from `script` (a list of FakeTurn arguments)."""
-
-    def __init__(self, library):
-        super().__init__(library)
-        self.script: list[tuple] = []
-
-    def acquire(self, name, keep_alive=None):
-        loaded = super().acquire(name, keep_alive)
-        original = loaded.generate
-
-        def generate(tokens, options):
-            if not self.script:  # FakeLoaded.generate takes the next scripted turn
-                self.next_turn = FakeTurn(["Hel", "lo", " world"])
-            return original(tokens, options)
-
-        loaded.generate = generate
-        return loaded
 
 
 @pytest.fixture
@@ -46,7 +26,9 @@ def runtime(library):
     add_model(library, "tiny")
     add_model(library, "team/other:v1")
     add_model(library, "minilm", capabilities=["embedding"], template=None)
-    return ManyTurnsRuntime(library)
+    runtime = ManyTurnsRuntime(library)
+    runtime.context_length = 64  # the fake's own: a short context to overflow
+    return runtime
 
 
 def sse(response) -> list:

@@ -26,20 +26,15 @@ from ortserve.serving.store import (
     StoredResponse,
     item_messages,
 )
-from tests.support.fakes import FakeLoaded, FakeRuntime, FakeTurn, add_model
+from tests.support.fakes import (
+    RENDER_ALL_TEMPLATE,
+    ManyTurnsRuntime,
+    add_model,
+    prompt_text,
+)
 from tests.support.http import openai_error
 
-# Renders everything the conversion produces, so a prompt shows what reached the template.
-TEMPLATE = (
-    "{% for m in messages %}<{{ m.role }}>"
-    "{% if m.thinking %}(think:{{ m.thinking }}){% endif %}{{ m.content }}"
-    "{% for c in m.tool_calls or [] %}[{{ c.id }}:{{ c.function.name }}"
-    "{{ c.function.arguments | tojson }}]{% endfor %}"
-    "{% if m.name %}({{ m.name }}#{{ m.tool_call_id }}){% endif %}{% endfor %}"
-    "{% if tools %}{tools:{% for t in tools %}{{ t.function.name }};{% endfor %}}{% endif %}"
-    "{% if add_generation_prompt %}<assistant>"
-    "{% if enable_thinking is false %}<think></think>{% endif %}{% endif %}"
-)
+TEMPLATE = RENDER_ALL_TEMPLATE
 TOOL = {
     "type": "function",
     "name": "get_time",
@@ -57,30 +52,12 @@ NAME_FORMAT = {
 }  # fmt: skip
 
 
-class Loaded(FakeLoaded):
-    """A fresh turn per generate call: the next scripted one, else "Hello world"."""
-
-    def generate(self, tokens, options, skip_special_tokens=True):
-        if not self.runtime.script:
-            self.runtime.next_turn = FakeTurn(["Hel", "lo", " world"])
-        return super().generate(tokens, options)
-
-
-class Runtime(FakeRuntime):
-    def acquire(self, name, keep_alive=None):
-        info = self.library.get(name)
-        self.acquired.append((info.name, keep_alive))
-        loaded = Loaded(self, info)
-        loaded.context_length = 4096  # room for whole conversations
-        return loaded
-
-
 @pytest.fixture
 def runtime(library):
     add_model(library, "tiny", template=TEMPLATE, capabilities=["completion", "tools"])
     add_model(library, "plain")  # test_api_native's template: no thinking section
     add_model(library, "minilm", capabilities=["embedding"], template=None)
-    return Runtime(library)
+    return ManyTurnsRuntime(library)
 
 
 @pytest.fixture
@@ -93,10 +70,6 @@ def sdk(app):
 
 def post(client, **body):
     return client.post("/v1/responses", json={"model": "tiny", **body})
-
-
-def prompt_text(runtime, n: int = -1) -> str:
-    return "".join(chr(t) for t in runtime.generated[n][0])
 
 
 def events_of(response) -> list[dict]:

@@ -94,12 +94,17 @@ def test_ollamas_zero_means_its_automatic_choice():
 def test_context_length_is_the_default_num_ctx():
     from ortserve.engine.sampling import resolve
     from ortserve.engine.types import GenerationOptions
+    from ortserve.options import Sampling
 
     assert Settings.from_env({}).context_length == GenerationOptions().num_ctx == 4096
     assert Settings.from_env({"ORTSERVE_CONTEXT_LENGTH": "2048"}).context_length == 2048
-    assert resolve({}, None, context_length=32768, default_context=8192).num_ctx == 8192
-    assert resolve({}, None, context_length=1024, default_context=8192).num_ctx == 1024
-    given = resolve({"num_ctx": 512}, None, context_length=32768, default_context=8192)
+    assert (
+        resolve(Sampling(), Sampling(), context_length=32768, default_context=8192).num_ctx == 8192
+    )
+    assert (
+        resolve(Sampling(), Sampling(), context_length=1024, default_context=8192).num_ctx == 1024
+    )
+    given = resolve(Sampling(num_ctx=512), Sampling(), context_length=32768, default_context=8192)
     assert given.num_ctx == 512
 
 

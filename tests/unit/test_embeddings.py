@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -158,10 +159,10 @@ def runtime(minilm_library):
 
 @slow
 def test_runtime_loads_once_lists_in_ps_and_unloads_after_keep_alive(runtime):
-    first = runtime.acquire_embedder("all-minilm", 0.3)
+    first = runtime.acquire("all-minilm", 0.3)
     assert first.load_duration_ns > 0
     runtime.release(first, 0.3)
-    again = runtime.acquire_embedder("all-minilm")
+    again = runtime.acquire("all-minilm")
     assert again is first and again.load_duration_ns == 0  # shared, not reloaded
     (entry,) = runtime.loaded_models()
     assert entry.name == "all-minilm:latest" and entry.pending() == 1
@@ -177,9 +178,14 @@ def test_runtime_loads_once_lists_in_ps_and_unloads_after_keep_alive(runtime):
 
 
 @slow
-def test_runtime_refuses_generate_on_an_embedding_model(runtime):
+def test_the_core_refuses_generate_on_an_embedding_model_before_loading(runtime):
+    from ortserve.serving import core
+    from ortserve.serving.requests import GenerationRequest, TextPrompt
+
+    state = SimpleNamespace(library=runtime.library, runtime=runtime, settings=runtime.settings)
+    request = GenerationRequest("all-minilm", [TextPrompt("hi")], kind="generate")
     with pytest.raises(InvalidRequest, match="does not support generate"):
-        runtime.acquire("all-minilm")
+        core.start(state, request)
     assert runtime.loaded_models() == []
 
 
@@ -296,12 +302,12 @@ def test_unknown_model_is_404_on_both_apis(tmp_path):
 
 
 def test_a_failed_request_does_not_extend_the_keep_alive(runtime):
-    loaded = runtime.acquire_embedder("all-minilm")
+    loaded = runtime.acquire("all-minilm")
     runtime.release(loaded, 60)
     expiry = loaded.expires_at
-    again = runtime.acquire_embedder("all-minilm")
+    again = runtime.acquire("all-minilm")
     runtime.release(again, 3600, failed=True)  # refused after acquiring: no extension
     assert again is loaded and loaded.expires_at == expiry
-    ok = runtime.acquire_embedder("all-minilm")
+    ok = runtime.acquire("all-minilm")
     runtime.release(ok, 3600)
     assert loaded.expires_at > expiry + 3000

@@ -15,9 +15,10 @@ from ortserve.api import create_app
 from ortserve.config import Settings, SettingsError
 from ortserve.serving.response_files import FOLDER, LibraryResponseStore
 from ortserve.serving.store import ResponseNotFound, ResponseStore, StoredResponse, new_id
-from tests.support.fakes import add_model
+from tests.support.fakes import RENDER_ALL_TEMPLATE as TEMPLATE
+from tests.support.fakes import ManyTurnsRuntime as Runtime
+from tests.support.fakes import add_model, prompt_text
 from tests.support.http import openai_error
-from tests.unit.test_api_responses import TEMPLATE, Runtime, prompt_text
 
 
 def stored(response_id: str | None = None, text: str = "hi") -> StoredResponse:

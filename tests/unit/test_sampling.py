@@ -9,6 +9,7 @@ import pytest
 
 from ortserve import options as checks
 from ortserve.api.openai import sampling as openai_sampling
+from ortserve.api.validation import validate
 from ortserve.engine import sampling
 from ortserve.engine.sampling import resolve_options
 from ortserve.engine.types import GenerationOptions
@@ -212,8 +213,8 @@ def test_bad_model_parameter_is_a_broken_manifest():
 
 def openai_options(body, parameters, context_length, max_tokens=None):
     """OpenAI's fields as api/openai.py reads them, resolved as the serving core does."""
-    return sampling.resolve(openai_sampling(body), parameters, context_length=context_length,
-                            max_tokens=max_tokens)  # fmt: skip
+    return sampling.resolve(openai_sampling(body), sampling.model_sampling(parameters),
+                            context_length=context_length, max_tokens=max_tokens)  # fmt: skip
 
 
 def oai(body, parameters=None, context_length=8192):
@@ -270,9 +271,32 @@ def test_openai_penalties_accepted_and_logged_once(caplog):
     ],
 )
 def test_openai_bad_fields_are_400(field, value):
+    # checked once, at the boundary: by the schema, whose limits options.API_FIELDS writes
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], field: value}
     with pytest.raises(InvalidRequest) as info:
-        oai({field: value})
-    assert info.value.param == field
+        validate("chat_completions", body)
+    assert info.value.param.split("[")[0] == field
+
+
+@pytest.mark.parametrize(("api", "schema", "field", "value", "path"), [
+    ("openai", "chat_completions", "temperature", 2.01, ()),
+    ("openai", "responses", "max_output_tokens", 0, ()),
+    ("anthropic", "messages", "temperature", 1.01, ()),
+    ("anthropic", "messages", "top_k", -1, ()),
+    ("gemini", "gemini_generate", "topP", 1.5, ("generationConfig",)),
+    ("gemini", "gemini_generate", "stopSequences", ["x"] * 17, ("generationConfig",)),
+])  # fmt: skip
+def test_every_apis_limits_come_from_the_one_table(api, schema, field, value, path):
+    limit = checks.API_FIELDS[api][field][1]
+    assert limit.schema() == checks.sampling_schema()["$defs"][f"{api}_{field}"]
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+            "input": "hi", "contents": [{"role": "user", "parts": [{"text": "hi"}]}]}  # fmt: skip
+    target = body
+    for key in path:
+        target = target.setdefault(key, {})
+    target[field] = value
+    with pytest.raises(InvalidRequest):
+        validate(schema, body)
 
 
 @pytest.mark.parametrize(

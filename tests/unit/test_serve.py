@@ -234,6 +234,8 @@ import threading
 import time
 
 from ortserve.engine.types import Finished, TextChunk, Usage
+from ortserve.library import ModelInfo
+from ortserve.options import Sampling
 
 
 class SlowTurn:
@@ -259,6 +261,7 @@ class Loaded:
     template = None
     load_duration_ns = 0
     context_length = 4096
+    parameters = Sampling()
 
     def __init__(self, runtime, info):
         self.runtime, self.info, self.name = runtime, info, info.name
@@ -289,7 +292,7 @@ class SlowRuntime:
     def acquire(self, name, keep_alive=None):
         with self.lock:
             self.active += 1
-        return Loaded(self, self.library.get(name))
+        return Loaded(self, name if isinstance(name, ModelInfo) else self.library.get(name))
 
     def release(self, loaded, keep_alive=None, failed=False):
         with self.lock:

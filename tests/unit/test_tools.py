@@ -19,7 +19,6 @@ from ortserve.serving.tools import (
     call_schema,
     check_calls,
     model_format,
-    openai_call,
     start_tool_turn,
     template_calls,
     tool_grammar,
@@ -130,6 +129,8 @@ def test_template_calls_decode_string_arguments():
 
 
 def test_openai_call_shape():
+    from ortserve.api.openai import openai_call
+
     out = openai_call(ToolCall("a", {"x": "1"}, id="call_1"), 0)
     assert out == {"index": 0, "id": "call_1", "type": "function",
                    "function": {"name": "a", "arguments": '{"x": "1"}'}}  # fmt: skip
