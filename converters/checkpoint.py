@@ -22,6 +22,10 @@ DECODERS = {
 }
 # Encoders are exported through sentence-transformers, which keeps pooling and normalisation.
 ENCODERS = {"bert", "mpnet", "roberta", "xlm-roberta"}
+# Vision-language model_type -> og's multimodal pipeline type (converters/vision.py).
+VISION = {"qwen2_5_vl": "qwen2_5_vl"}
+# Speech recognition model_type -> og's model type (converters/speech.py).
+SPEECH = {"whisper": "whisper"}
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -32,7 +36,7 @@ class Checkpoint:
 
     path: Path
     config: dict[str, Any]
-    kind: str  # "decoder" or "encoder"
+    kind: str  # "decoder", "encoder", "vision" (a vision-language model) or "speech"
 
     @property
     def architecture(self) -> str:
@@ -53,7 +57,9 @@ def inspect_checkpoint(path: Path, *, allow_pickle: bool = False) -> Checkpoint:
 
 
 def supported_architectures() -> list[str]:
-    return sorted(DECODERS) + sorted(f"{e} (sentence-transformers)" for e in ENCODERS)
+    return (sorted(DECODERS) + sorted(f"{e} (sentence-transformers)" for e in ENCODERS)
+            + sorted(f"{v} (vision)" for v in VISION)
+            + sorted(f"{s} (speech)" for s in SPEECH))  # fmt: skip
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -69,6 +75,10 @@ def _read_config(path: Path) -> dict[str, Any]:
 def _kind(path: Path, model_type: str | None) -> str:
     if model_type in DECODERS:
         return "decoder"
+    if model_type in VISION:
+        return "vision"
+    if model_type in SPEECH:
+        return "speech"
     if model_type in ENCODERS:
         if not (path / "modules.json").is_file():
             raise UnsupportedModel(

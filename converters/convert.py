@@ -101,6 +101,14 @@ def choose_graph(checkpoint: Checkpoint, backend: str) -> str:
     `auto` is the builder wherever its graph can run, else optimum with one warning saying
     why; `builder` where it cannot is an InvalidRequest naming the reason.
     """
+    if checkpoint.kind == "vision":  # builder decoder + own vision export (converters/vision.py)
+        from converters.vision import choose_graph as vision_graph
+
+        return vision_graph(backend)
+    if checkpoint.kind == "speech":  # the builder's encoder and decoder (converters/speech.py)
+        from converters.speech import choose_graph as speech_graph
+
+        return speech_graph(backend)
     if backend == "optimum":
         return "optimum"
     why = _builder_refusal(checkpoint)
@@ -138,6 +146,10 @@ def _build(
         bundle = staged / "bundle"
         bundle.mkdir()
         make_graph = _builder_graph if graph == "builder" else _optimum_graph
+        if checkpoint.kind == "vision":
+            from converters.vision import build_graphs as make_graph
+        elif checkpoint.kind == "speech":
+            from converters.speech import build_graphs as make_graph
         make_graph(checkpoint, staged, bundle, opts, reporter)
         with reporter.step("assemble"):
             assemble_bundle(checkpoint, bundle, opts.provider, graph=graph)
@@ -208,6 +220,11 @@ def assemble_bundle(
         if src.is_file():
             (bundle / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, bundle / name)
+    if checkpoint.kind == "vision":
+        from converters.vision import assemble
+
+        assemble(checkpoint, bundle, provider)
+        return
     if checkpoint.kind != "decoder":
         return
     if graph == "builder":
@@ -280,6 +297,16 @@ def _verify(checkpoint: Checkpoint, bundle: Path, opts: ConvertOptions) -> dict[
     if checkpoint.kind == "encoder":
         figures = verify_encoder(checkpoint.path, bundle)
         cosine = figures["embedding_cosine_min"]
+    elif checkpoint.kind == "vision":
+        from converters.vision import verify_vision
+
+        figures = verify_vision(checkpoint.path, bundle)
+        cosine = figures["logits_cosine"]
+    elif checkpoint.kind == "speech":
+        from converters.speech import verify_speech
+
+        figures = verify_speech(checkpoint.path, bundle)
+        cosine = figures["logits_cosine"]
     else:
         figures = verify_decoder(checkpoint.path, bundle)
         cosine = figures["logits_cosine"]

@@ -138,3 +138,85 @@ def tiny_shape(architecture: str) -> dict[str, Any]:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
+# ---- a tiny Whisper (speech recognition: converters/speech.py) ---------------------------------
+
+# Whisper's special tokens after <|endoftext|>, in its own order: start, one per language, the
+# tasks, then <|notimestamps|>; 1501 timestamp tokens <|0.00|> ... <|30.00|> follow them.
+WHISPER_TASK_TOKENS = ("<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>",
+                       "<|nospeech|>", "<|notimestamps|>")  # fmt: skip
+# Random weights drawn at Whisper's own init_std (0.02) make every output one token repeated,
+# so a parity test could not tell two decoders apart: wider weights give varied tokens.
+WHISPER_INIT_STD = 0.3
+
+
+def build_whisper_checkpoint(out: Path, *, seed: int = 0) -> Path:
+    """A random-weight WhisperForConditionalGeneration with Whisper's real token layout (all
+    its languages, tasks and timestamps) over the tiny BPE vocabulary, and its feature
+    extractor (80 mel bins, 30-second windows)."""
+    import torch
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _whisper_tokenizer(out)
+    WhisperProcessor(WhisperFeatureExtractor(feature_size=80), tokenizer).save_pretrained(str(out))
+    ids = tokenizer.convert_tokens_to_ids
+    start, end = ids("<|startoftranscript|>"), ids("<|endoftext|>")
+    config = WhisperConfig(
+        vocab_size=len(tokenizer), num_mel_bins=80, d_model=64, encoder_layers=2,
+        decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=128, decoder_ffn_dim=128, max_source_positions=1500,
+        max_target_positions=448, init_std=WHISPER_INIT_STD, decoder_start_token_id=start,
+        bos_token_id=end, eos_token_id=end, pad_token_id=end,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(config)
+    languages = [t for t in tokenizer.additional_special_tokens if _is_language(t)]
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=start, bos_token_id=end, eos_token_id=end, pad_token_id=end,
+        max_length=448, is_multilingual=True, lang_to_id={t: ids(t) for t in languages},
+        task_to_id={"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")},
+        no_timestamps_token_id=ids("<|notimestamps|>"), prev_sot_token_id=ids("<|startofprev|>"),
+        suppress_tokens=[], begin_suppress_tokens=[],
+    )  # fmt: skip
+    model.save_pretrained(str(out), safe_serialization=True)
+    (out / "LICENSE").write_text("MIT License (random weights, for tests and demos)\n")
+    return out
+
+
+def _whisper_tokenizer(out: Path):
+    """Whisper's tokenizer class over a byte-level BPE trained on the bundled corpus."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import WhisperTokenizerFast
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)  # fmt: skip
+    bpe.train_from_iterator(CORPUS.read_text(encoding="utf-8").splitlines(), trainer)
+    bpe.model.save(str(out))  # vocab.json, merges.txt
+    end = "<|endoftext|>"
+    tokenizer = WhisperTokenizerFast(vocab_file=str(out / "vocab.json"),
+                                     merges_file=str(out / "merges.txt"), unk_token=end,
+                                     bos_token=end, eos_token=end, pad_token=end)  # fmt: skip
+    specials = ["<|startoftranscript|>", *(f"<|{code}|>" for code in LANGUAGES),
+                *WHISPER_TASK_TOKENS]  # fmt: skip
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    # timestamps are ordinary added tokens in Whisper's tokenizer (decoded unless filtered)
+    stamps = [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
+    tokenizer.add_tokens([AddedToken(s, special=False, normalized=False) for s in stamps])
+    return tokenizer
+
+
+def _is_language(token: str) -> bool:
+    return token not in WHISPER_TASK_TOKENS and token != "<|startoftranscript|>"

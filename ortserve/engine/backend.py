@@ -151,3 +151,12 @@ def _embedding_backend() -> Backend:
 
 register_backend("onnx-genai", _og_backend)
 register_backend("onnx-embedding", _embedding_backend)
+
+
+def _speech_backend() -> Backend:
+    from ortserve.engine.speech import SpeechBackend  # imports onnxruntime_genai when loading
+
+    return SpeechBackend()
+
+
+register_backend("onnx-genai-speech", _speech_backend)

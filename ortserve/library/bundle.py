@@ -41,6 +41,8 @@ THINKING_TAGS = (
 )
 # Template variables of thinking: the switch and an earlier answer's thinking (Qwen3's names).
 THINKING_VARIABLES = ("enable_thinking", "reasoning_content")
+# Capabilities that come from the graphs (genai_config.json's model sections), not the template.
+INPUT_CAPABILITIES = ("vision",)
 
 
 def is_genai(bundle: Path) -> bool:
@@ -70,15 +72,23 @@ def target_provider(bundle: Path) -> str:
     return "cpu"
 
 
+# og pipelines whose input is audio (an encoder-decoder): served by the speech backend.
+SPEECH_TYPES = ("whisper",)
+# bundle_kind -> details.format, the key that picks an engine backend (engine/backend.py)
+FORMATS = {"generate": "onnx-genai", "speech": "onnx-genai-speech", "embedding": "onnx-embedding"}
+
+
 def bundle_format(bundle: Path) -> str:
-    """'onnx-genai' or 'onnx-embedding': the key that picks an engine backend."""
-    return "onnx-genai" if bundle_kind(bundle) == "generate" else "onnx-embedding"
+    """'onnx-genai', 'onnx-genai-speech' or 'onnx-embedding': the key that picks a backend."""
+    return FORMATS[bundle_kind(bundle)]
 
 
 def bundle_kind(bundle: Path) -> str:
-    """'generate' for an ORT GenAI decoder bundle, 'embedding' for an encoder bundle."""
+    """'generate' for an ORT GenAI decoder bundle, 'speech' for an ORT GenAI speech
+    recognition bundle (Whisper), 'embedding' for an encoder bundle."""
     if is_genai(bundle):
-        return "generate"
+        model_type = genai_config(bundle).get("model", {}).get("type")
+        return "speech" if model_type in SPEECH_TYPES else "generate"
     if (bundle / "modules.json").is_file() and (bundle / "model.onnx").is_file():
         return "embedding"
     raise ValueError(f"{bundle} is neither an ONNX GenAI bundle nor an embedding bundle")
@@ -100,10 +110,21 @@ def chat_template(bundle: Path) -> str | None:
 
 
 def capabilities(bundle: Path) -> list[str]:
-    """What the bundle can do: 'embedding', or 'completion' and what its template offers."""
-    if bundle_kind(bundle) == "embedding":
+    """What the bundle can do: 'embedding', 'audio' (speech to text), or 'completion' and what
+    its template offers."""
+    kind = bundle_kind(bundle)
+    if kind == "embedding":
         return ["embedding"]
-    return template_capabilities(chat_template(bundle) or "")
+    if kind == "speech":
+        return ["audio"]
+    return template_capabilities(chat_template(bundle) or "") + input_capabilities(bundle)
+
+
+def input_capabilities(bundle: Path) -> list[str]:
+    """'vision' for og's multimodal pipeline (genai_config.json has a model.vision section):
+    what the graphs take, so a Modelfile TEMPLATE does not change it (models/create.py)."""
+    model = genai_config(bundle).get("model") or {}
+    return [name for name in INPUT_CAPABILITIES if isinstance(model.get(name), dict)]
 
 
 def template_capabilities(source: str) -> list[str]:
@@ -133,10 +154,11 @@ def template_thinks(source: str) -> bool:
 def describe(bundle: Path) -> dict[str, Any]:
     """Shape details (family, context, embedding length, format) from the bundle's files."""
     config = _read_json(bundle / "config.json")
-    if bundle_kind(bundle) == "generate":
+    kind = bundle_kind(bundle)
+    if kind in ("generate", "speech"):
         model = genai_config(bundle)["model"]
         return {
-            "format": "onnx-genai",
+            "format": FORMATS[kind],
             "family": model["type"],
             "context_length": model["context_length"],
             "embedding_length": model["decoder"]["hidden_size"],

@@ -140,8 +140,10 @@ def merge(base: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:
     if spec.template is not None:
         manifest["template"] = spec.template or None
         if "completion" in (manifest.get("capabilities") or []) and spec.template:
-            # as bundle.capabilities decides (tools, thinking), from the new template
-            manifest["capabilities"] = bundles.template_capabilities(spec.template)
+            # as bundle.capabilities decides (tools, thinking), from the new template; what
+            # the graphs take (vision) stays
+            kept = [c for c in manifest["capabilities"] if c in bundles.INPUT_CAPABILITIES]
+            manifest["capabilities"] = bundles.template_capabilities(spec.template) + kept
     if spec.system is not None:
         manifest["system"] = spec.system or None
     if spec.license:

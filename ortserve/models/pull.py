@@ -507,7 +507,7 @@ class _Pull:
 
     def _check_architecture(self, snapshot: Snapshot) -> None:
         """Refuse an architecture the converter lacks before downloading any weights."""
-        from converters.checkpoint import DECODERS, ENCODERS, supported_architectures
+        from converters.checkpoint import DECODERS, ENCODERS, VISION, supported_architectures
 
         file = snapshot.files["config.json"]
         path = self._fetch(snapshot, [file], quiet=True)[file.path]
@@ -516,7 +516,7 @@ class _Pull:
         except ValueError:
             return  # the converter says what is wrong with it
         model_type = config.get("model_type") if isinstance(config, dict) else None
-        if model_type not in DECODERS and model_type not in ENCODERS:
+        if model_type not in DECODERS and model_type not in ENCODERS and model_type not in VISION:
             raise UnsupportedModel(
                 f"cannot pull {self.ref.source!r}: the converter does not convert architecture "
                 f"{model_type!r}; it converts {', '.join(supported_architectures())}"

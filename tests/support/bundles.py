@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from ortserve.models.create import described
@@ -58,3 +62,15 @@ def hand_made_bundle(folder: Path, provider_options: list) -> None:
     tokenizer.save(str(folder / "tokenizer.json"))
     template = "{% for m in messages %}{{ m.content }}{% endfor %}"
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+
+
+def cached_checkpoint(target: Path, build: Callable[[Path], object]) -> Path:
+    """`target`, built by `build(folder)` unless a whole build is already there: built in a
+    scratch folder beside it and renamed into place, so an interrupted build is never used."""
+    if not (target / "model.safetensors").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=target.parent))
+        build(scratch)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(scratch, target)
+    return target

@@ -178,6 +178,9 @@ OG_MODULES = {
     "ortserve/engine/providers.py",
     "converters/builder.py",
     "converters/verify.py",
+    "converters/vision.py",  # verifies og's multimodal pipeline end to end
+    "ortserve/engine/speech.py",  # Whisper (speech to text) through og's multimodal processor
+    "converters/speech.py",  # verifies Whisper bundles against transformers
 }
 
 
