@@ -125,6 +125,9 @@ class Protocol:
     key_headers: tuple[str, ...] = ()  # headers carrying a bare API key (besides x-api-key)
     key_params: tuple[str, ...] = ()  # query parameters carrying one, on its own paths only
     cors_headers: tuple[str, ...] = ()  # request headers its browser clients send
+    # Pages and their assets, answered without an API key (a browser loads them with no
+    # headers of its own); the Host and Origin guards still apply. Roots, as in `owns`.
+    open_paths: tuple[str, ...] = ()
     routes: tuple[Route, ...] = ()
     schemas: Mapping[str, Any] = field(default_factory=dict)  # its OpenAPI response schemas
     note: str = ""  # its sentence in the OpenAPI document's description
@@ -193,6 +196,11 @@ def error_body(path: str, status: int, message: str, type_: str, param=None, cod
 def generates(path: str) -> bool:
     """Whether a POST to `path` generates (holds a generation slot while it runs)."""
     return any(protocol.generates(path) for protocol in protocols())
+
+
+def is_open(path: str) -> bool:
+    """Whether `path` is one of a protocol's open paths: answered without an API key."""
+    return any(_claim(entry, path) for protocol in protocols() for entry in protocol.open_paths)
 
 
 def key_headers() -> tuple[str, ...]:

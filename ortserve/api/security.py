@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from flask import Flask, Response, g, request
 
-from ortserve.api.protocol import cors_headers, generates, key_headers, owner
+from ortserve.api.protocol import cors_headers, generates, is_open, key_headers, owner
 from ortserve.api.state import current_state
 from ortserve.config import Settings
 from ortserve.errors import OrtServeError, ServerBusy
@@ -190,6 +190,8 @@ def _preflight() -> Response:
 def authenticate(settings: Settings) -> str | None:
     """The name of the key the request carries (None when no keys are configured)."""
     if not settings.api_keys or request.path in OPEN_PATHS or request.method == "OPTIONS":
+        return None
+    if is_open(_route_path(current_state().url_prefix)):  # a page (Protocol.open_paths)
         return None
     given = _given_key()
     if not given:
