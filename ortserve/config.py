@@ -111,6 +111,8 @@ class Settings:
     # "auto": builder graphs on the CPU batch continuously (engine/continuous.py); "static":
     # og.Engine's static batches for every model (the way before; a fallback)
     batching: str = "auto"
+    # "auto": continuous lanes verify prompt-lookup drafts (engine/speculation.py); "off": never
+    speculation: str = "auto"
     kv_cache_entries: int = 16  # finished turns kept per model for KV reuse (0: none)
     kv_cache_size: int = 1 << 30  # bytes those kept turns may hold per model
     compute_threads: int = 0  # threads one model's forward passes use (0: the physical cores)
@@ -128,6 +130,9 @@ class Settings:
     # Where stored Responses API answers live: "memory" (this process), or "library" (files
     # under the library root, seen by every process that shares it: the cluster's replicas)
     responses_store: str = "memory"
+    # http(s) image URLs in requests are fetched (bounded in bytes and time, serving/images.py)
+    # only when this is on: off, a request cannot make the server reach other hosts
+    fetch_images: bool = False
     # Lines for the server's log: the OLLAMA_* variables read in place of unset ORTSERVE_* ones
     env_notes: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
@@ -364,6 +369,13 @@ def _responses_store(value: str) -> str:
     return value
 
 
+def _speculation(value: str) -> str:
+    value = value.strip().lower()
+    if value not in ("auto", "off"):
+        raise ValueError("must be auto or off")
+    return value
+
+
 def _batching(value: str) -> str:
     value = value.strip().lower()
     if value not in ("auto", "static"):
@@ -445,6 +457,8 @@ VARIABLES: tuple[Variable, ...] = (
              "max_tokens", _positive_int),
     Variable("ORTSERVE_BATCHING", "auto", "auto (continuous where it can) or static",
              "batching", _batching),
+    Variable("ORTSERVE_SPECULATION", "auto", "auto (prompt-lookup speculative decoding on "
+             "continuous lanes) or off", "speculation", _speculation),
     Variable("ORTSERVE_KV_CACHE_ENTRIES", "16", "Finished turns kept per model for KV reuse",
              "kv_cache_entries", _non_negative_int),
     Variable("ORTSERVE_KV_CACHE_SIZE", "1GiB", "Bytes those kept turns may hold per model",
@@ -467,6 +481,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("ORTSERVE_RESPONSES_STORE", "memory", "Where stored Responses API answers live: "
              "memory (this process) or library (files under ORTSERVE_MODELS, shared by "
              "processes; serve --ray's default)", "responses_store", _responses_store),
+    Variable("ORTSERVE_FETCH_IMAGES", "", "Fetch http(s) image URLs in requests (20 MiB, 10 s "
+             "each); off: only images sent in the request", "fetch_images", _flag),
 )  # fmt: skip
 
 

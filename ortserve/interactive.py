@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -48,6 +50,8 @@ class Session:
         self.options: dict[str, Any] = {}
         self.system: str | None = None
         self.out = out or _write
+        self.note: Callable[[str], Any] = sys.stderr.write  # "Added image ..." lines
+        self._vision: bool | None = None  # the model reads images (None: not asked yet)
 
     def load(self) -> None:
         """Load the model up front (an empty chat), as Ollama does before the prompt."""
@@ -61,7 +65,7 @@ class Session:
         cancels the turn, and the conversation keeps the message with the part of the answer
         shown (nothing if none was); the interrupt goes on to the caller.
         """
-        self.messages.append({"role": "user", "content": prompt})
+        self.messages.append(self._message(prompt))
         answer, final, thinking = [], {}, False
         stream = self.backend.stream("/api/chat", self._body(self._history()))
         try:
@@ -94,6 +98,26 @@ class Session:
         if self.verbose:
             self.out(timings(final))
         return "".join(answer)
+
+    def _message(self, prompt: str) -> dict[str, Any]:
+        """The user message: image files the prompt names attached (a vision model only)."""
+        found = image_files(prompt)
+        if not found or not self._sees_images():
+            return {"role": "user", "content": prompt}
+        images = []
+        for written, path in found:
+            images.append(base64.b64encode(_read_image(path)).decode("ascii"))
+            self.note(f"Added image '{path}'\n")
+            for text in (f"'{path}'", f"'{written}'", written):  # as ollama removes them
+                prompt = prompt.replace(text, "")
+        return {"role": "user", "content": prompt.strip(), "images": images}
+
+    def _sees_images(self) -> bool:
+        """Whether the model has the vision capability (asked once)."""
+        if self._vision is None:
+            shown = next(iter(self.backend.stream("/api/show", {"model": self.model})), {})
+            self._vision = "vision" in (shown.get("capabilities") or ())
+        return self._vision
 
     def _keep_partial(self, answer: str) -> None:
         """After Ctrl-C: keep the question and the answer so far, as the user saw them."""
@@ -178,6 +202,36 @@ class Session:
             self.out(json.dumps(info, indent=2) + "\n")
         else:
             self.out("Usage: /show info | parameters | system\n")
+
+
+# Image paths in a prompt, as `ollama run` finds them (cmd/interactive.go, extractFileNames):
+# an optional drive letter, ./ / or \ first, shell-escaped spaces allowed, an image extension
+# last. What does not name an existing file stays text.
+_IMAGE_PATH = re.compile(r"(?:[a-zA-Z]:)?(?:\./|/|\\)[\S\\ ]+?\.(?i:jpg|jpeg|png|webp)\b")
+_SHELL_ESCAPES = {f"\\{c}": c for c in " ()[]{}$&;'\\*?~"}
+
+
+def image_files(prompt: str) -> list[tuple[str, Path]]:
+    """(the path as written, the file) for each existing image file the prompt names."""
+    found = []
+    for written in _IMAGE_PATH.findall(prompt):
+        path = Path(re.sub(r"\\.", lambda m: _SHELL_ESCAPES.get(m[0], m[0]), written))
+        if path.is_file():
+            found.append((written, path))
+    return found
+
+
+def _read_image(path: Path) -> bytes:
+    """The file's bytes, refused here when the server would refuse them for their size."""
+    from ortserve.serving.images import MAX_IMAGE_BYTES
+
+    try:
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            raise OrtServeError(f"{path}: image too large: more than "
+                                f"{MAX_IMAGE_BYTES >> 20} MiB")  # fmt: skip
+        return path.read_bytes()
+    except OSError as exc:
+        raise OrtServeError(f"{path}: {exc.strerror}") from None
 
 
 def parse_value(name: str, value: str, previous: Any) -> Any:

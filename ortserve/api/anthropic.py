@@ -23,6 +23,7 @@ from ortserve.options import api_sampling
 from ortserve.serving import core
 from ortserve.serving.core import Choice, Exchange
 from ortserve.serving.events import Retry, TextChunk, ThinkingChunk, ToolCallEvent
+from ortserve.serving.images import ImageReader
 from ortserve.serving.requests import ChatPrompt, GenerationRequest
 from ortserve.serving.tools import ToolSpec, tool_spec
 
@@ -72,13 +73,14 @@ def _request(body: dict[str, Any]) -> GenerationRequest:
     """The core's request: system and messages as template messages, tools, thinking."""
     _refuse_later(body)
     turns, names = _system(body.get("system")), {}  # names: tool_use id -> its tool's name
+    reader = ImageReader(current_state().settings.fetch_images)
     for i, message in enumerate(body["messages"]):
-        turns += _turns(i, message, names)
+        turns += _turns(i, message, names, reader)
     tools = _tools(body.get("tools"), body.get("tool_choice") or {"type": "auto"})
     think = _THINK.get((body.get("thinking") or {}).get("type"))
+    fields = {"think": "thinking", **({"images": reader.first} if reader.first else {})}
     return GenerationRequest(model=body["model"], prompts=[ChatPrompt(turns, truncate=False)],
-                             kind="chat", tools=tools, think=think,
-                             fields={"think": "thinking"})  # fmt: skip
+                             kind="chat", tools=tools, think=think, fields=fields)  # fmt: skip
 
 
 def _refuse_later(body: dict[str, Any]) -> None:
@@ -97,16 +99,20 @@ def _system(system: str | list[dict] | None) -> list[dict[str, Any]]:
     return [{"role": "system", "content": text}] if text else []
 
 
-def _turns(i: int, message: dict[str, Any], names: dict[str, str]) -> list[dict[str, Any]]:
-    """One message -> template messages: a user's tool results first, then its text."""
+def _turns(i: int, message: dict[str, Any], names: dict[str, str],
+           reader: ImageReader) -> list[dict[str, Any]]:  # fmt: skip
+    """One message -> template messages: a user's tool results first, then its images and
+    text."""
     role, content = message["role"], message["content"]
     if isinstance(content, str):
         return [{"role": role, "content": content}]
-    texts, calls, thinking, results = [], [], [], []
+    texts, calls, thinking, results, images = [], [], [], [], []
     for j, block in enumerate(content):
         where, kind = f"messages[{i}].content[{j}]", block["type"]
         if kind == "text":
             texts.append(block["text"])
+        elif kind == "image" and role == "user":
+            images.append(_image(block.get("source"), f"{where}.source", reader))
         elif kind == "tool_use" and role == "assistant":
             names[block["id"]] = block["name"]
             function = {"name": block["name"], "arguments": block["input"]}
@@ -120,7 +126,20 @@ def _turns(i: int, message: dict[str, Any], names: dict[str, str]) -> list[dict[
     turn: dict[str, Any] = {"role": role, "content": "\n".join(texts)}
     turn.update({"tool_calls": calls} if calls else {})
     turn.update({"thinking": "".join(thinking)} if thinking else {})
-    return results + ([turn] if texts or calls or thinking else [])
+    turn.update({"images": images} if images else {})
+    return results + ([turn] if texts or calls or thinking or images else [])
+
+
+def _image(source: Any, where: str, reader: ImageReader) -> bytes:
+    """An image block's source: base64 data, or a URL (fetched where ORTSERVE_FETCH_IMAGES
+    allows)."""
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "base64":
+        return reader.base64(source.get("data"), f"{where}.data")
+    if kind == "url":
+        return reader.url(source.get("url"), f"{where}.url")
+    raise InvalidRequest(f"{where}.type: image sources are base64 or url, not {kind!r}",
+                         param=f"{where}.type")  # fmt: skip
 
 
 def _tool_result(block: dict[str, Any], name: str | None, where: str) -> dict[str, Any]:
@@ -137,8 +156,10 @@ def _tool_result(block: dict[str, Any], name: str | None, where: str) -> dict[st
 
 
 def _unsupported(kind: str, holder: str, where: str) -> InvalidRequest:
-    if kind in ("image", "document"):
-        why = f"{kind} blocks are not supported: no model here reads {kind}s"
+    if kind == "image":
+        why = f"image blocks are not supported in {holder}: only in a user message's content"
+    elif kind == "document":
+        why = "document blocks are not supported: no model here reads documents"
     else:
         why = f"unsupported content block {kind!r} in {holder}"
     return InvalidRequest(f"{where}: {why}", param=where)

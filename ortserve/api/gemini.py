@@ -38,6 +38,7 @@ from ortserve.serving import core, embedding
 from ortserve.serving.core import Choice, Exchange
 from ortserve.serving.embedding import EmbeddingRequest
 from ortserve.serving.events import Finished, Retry, TextChunk, ThinkingChunk, ToolCallEvent
+from ortserve.serving.images import ImageReader
 from ortserve.serving.requests import EMBED_MAX_INPUTS, ChatPrompt, GenerationRequest
 from ortserve.serving.tools import ToolSpec, tool_spec
 
@@ -163,8 +164,9 @@ def _request(model: str, body: dict[str, Any]) -> GenerationRequest:
     """The core's request: system and contents as template messages, tools, config."""
     turns = _system(body.get("systemInstruction"))
     calls: dict[str, list[str]] = {}  # a function's name -> the ids of its calls, in order
+    reader = ImageReader()
     for i, content in enumerate(body["contents"]):
-        turns += _turns(i, content, calls)
+        turns += _turns(i, content, calls, reader)
     config = body.get("generationConfig") or {}
     tools = _tools(body.get("tools"), body.get("toolConfig") or {})
     schema = _schema(config)
@@ -174,7 +176,8 @@ def _request(model: str, body: dict[str, Any]) -> GenerationRequest:
                              schema=schema, tools=tools,
                              think=_think(config.get("thinkingConfig")),
                              fields={"schema": "generationConfig.responseSchema",
-                                     "think": "generationConfig.thinkingConfig"})  # fmt: skip
+                                     "think": "generationConfig.thinkingConfig",
+                                     "images": reader.first or "contents"})  # fmt: skip
 
 
 def _name(model: str) -> str:
@@ -189,14 +192,20 @@ def _system(instruction: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [{"role": "system", "content": text}] if text else []
 
 
-def _turns(i: int, content: dict[str, Any], calls: dict[str, list[str]]) -> list[dict]:
-    """One content -> template messages: function responses first, then the text and calls.
+def _turns(i: int, content: dict[str, Any], calls: dict[str, list[str]],
+           reader: ImageReader) -> list[dict]:  # fmt: skip
+    """One content -> template messages: function responses first, then the images, text
+    and calls.
 
-    The schema admits one of text, functionCall (a model's) or functionResponse per part."""
+    The schema admits one of text, inlineData, functionCall (a model's) or functionResponse
+    per part."""
     role = "assistant" if content.get("role") == "model" else "user"
-    texts, thinking, made, results = [], [], [], []
-    for part in content["parts"]:
-        if "functionCall" in part:
+    texts, thinking, made, results, images = [], [], [], [], []
+    for j, part in enumerate(content["parts"]):
+        if "inlineData" in part:
+            images.append(_inline(part["inlineData"], f"contents[{i}].parts[{j}].inlineData",
+                                  reader))  # fmt: skip
+        elif "functionCall" in part:
             made.append(_call(part["functionCall"], calls))
         elif "functionResponse" in part:
             results.append(_result(part["functionResponse"], calls))
@@ -207,7 +216,19 @@ def _turns(i: int, content: dict[str, Any], calls: dict[str, list[str]]) -> list
     turn: dict[str, Any] = {"role": role, "content": "\n".join(texts)}
     turn.update({"tool_calls": made} if made else {})
     turn.update({"thinking": "".join(thinking)} if thinking else {})
-    return results + ([turn] if texts or made or thinking else [])
+    turn.update({"images": images} if images else {})
+    return results + ([turn] if texts or made or thinking or images else [])
+
+
+def _inline(blob: dict[str, Any], where: str, reader: ImageReader) -> bytes:
+    """inlineData {mimeType, data}: an image (types.Part.from_bytes, whose SDK sends
+    mime_type: Google's JSON takes either spelling)."""
+    key = "mimeType" if "mimeType" in blob else "mime_type"
+    mime = blob.get(key) or ""
+    if not mime.lower().startswith("image/"):
+        raise InvalidRequest(f"{where}.{key}: only images are read here, not {mime!r}",
+                             param=f"{where}.{key}")  # fmt: skip
+    return reader.base64(blob.get("data"), f"{where}.data", proto=True)
 
 
 def _call(call: dict[str, Any], calls: dict[str, list[str]]) -> dict[str, Any]:

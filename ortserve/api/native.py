@@ -38,14 +38,14 @@ from ortserve.options import parse_options
 from ortserve.serving import core
 from ortserve.serving.core import Choice, Exchange
 from ortserve.serving.events import Finished, Retry, TextChunk, ThinkingChunk, ToolCallEvent
+from ortserve.serving.images import ImageReader
 from ortserve.serving.requests import ChatPrompt, GenerationRequest, TextPrompt, logprob_count
 from ortserve.serving.tools import template_calls, tool_spec
 
 native_bp = Blueprint("native", __name__)
 
 # Fields a later version implements, and when a value asks for them: refused, never ignored.
-_LATER = ("images", "suffix", "template", "context")
-_MESSAGE_LATER = ("images",)
+_LATER = ("suffix", "template", "context")
 
 
 # ---- routes --------------------------------------------------------------------------------
@@ -119,8 +119,13 @@ def generate():
         raise InvalidRequest("raw mode does not support template, system, or context")
     if not body.get("prompt"):
         return _load_or_unload(body, "generate")
-    prompt = TextPrompt(body["prompt"], system=body.get("system"), raw=body.get("raw", False))
-    return _answer(body, _request(body, prompt, "generate"), _Reply(body["model"], "generate"))
+    reader = ImageReader()
+    images = tuple(reader.base64(data, f"images[{j}]")
+                   for j, data in enumerate(body.get("images") or ()))  # fmt: skip
+    prompt = TextPrompt(body["prompt"], system=body.get("system"), raw=body.get("raw", False),
+                        images=images)  # fmt: skip
+    request = _request(body, prompt, "generate", reader)
+    return _answer(body, request, _Reply(body["model"], "generate"))
 
 
 @native_bp.post("/api/chat")
@@ -128,9 +133,10 @@ def chat():
     body = parsed_body("chat")
     if not body.get("messages"):
         return _load_or_unload(body, "chat")
-    messages = [_chat_message(i, m) for i, m in enumerate(body["messages"])]
+    reader = ImageReader()
+    messages = [_chat_message(i, m, reader) for i, m in enumerate(body["messages"])]
     prompt = ChatPrompt(messages, truncate=body.get("truncate", True))
-    request = _request(body, prompt, "chat")
+    request = _request(body, prompt, "chat", reader)
     request.tools = tool_spec(body.get("tools"), body.get("tool_choice"),
                               body.get("parallel_tool_calls", True))  # fmt: skip
     return _answer(body, request, _Reply(body["model"], "chat"))
@@ -146,23 +152,15 @@ def _model_alias(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def _refuse_later(body: dict[str, Any], kind: str) -> None:
+def _refuse_later(body: dict[str, Any]) -> None:
     for field in _LATER:
         if body.get(field):
             raise NotSupportedYet(f'"{field}" is not supported yet', param=field)
-    # Only chat reads messages (its schema made each an object); generate has no such field
-    # and ignores it, as Ollama does any unknown field: [null] or [5] there is no error.
-    messages = body.get("messages") if kind == "chat" else None
-    for i, message in enumerate(messages or []):
-        for field in _MESSAGE_LATER:
-            if message.get(field):
-                param = f"messages[{i}].{field}"
-                raise NotSupportedYet(f'"{param}" is not supported yet', param=param)
 
 
-def _request(body: dict[str, Any], prompt, kind: str) -> GenerationRequest:
+def _request(body: dict[str, Any], prompt, kind: str, reader: ImageReader) -> GenerationRequest:
     """The core's request: prompt, options, format, think, logprobs, keep_alive."""
-    _refuse_later(body, kind)
+    _refuse_later(body)
     return GenerationRequest(
         model=body["model"],
         prompts=[prompt],
@@ -172,6 +170,7 @@ def _request(body: dict[str, Any], prompt, kind: str) -> GenerationRequest:
         schema=format_schema(body.get("format")),
         think=_think(body.get("think")),
         logprobs=logprob_count(body.get("logprobs"), body.get("top_logprobs")),
+        fields={"images": reader.first} if reader.first else {},
     )
 
 
@@ -185,9 +184,14 @@ def _think(value: bool | str | None) -> bool | None:
     return value
 
 
-def _chat_message(i: int, message: dict[str, Any]) -> dict[str, Any]:
-    """A message as templates take it: content a string, tool calls' arguments objects."""
+def _chat_message(i: int, message: dict[str, Any], reader: ImageReader) -> dict[str, Any]:
+    """A message as templates take it: content a string, tool calls' arguments objects,
+    images as bytes (checked)."""
     message = {**message, "content": message.get("content") or ""}
+    pictures = message.pop("images", None) or ()
+    if pictures:
+        message["images"] = [reader.base64(data, f"messages[{i}].images[{j}]")
+                             for j, data in enumerate(pictures)]  # fmt: skip
     if message.get("tool_calls"):
         message["tool_calls"] = template_calls(message["tool_calls"], f"messages[{i}].tool_calls")
     if message.get("role") == "tool" and "tool_name" in message:
@@ -197,7 +201,7 @@ def _chat_message(i: int, message: dict[str, Any]) -> dict[str, Any]:
 
 def _load_or_unload(body: dict[str, Any], kind: str) -> Response:
     """An empty prompt loads the model; with keep_alive 0 it unloads it instead."""
-    _refuse_later(body, kind)
+    _refuse_later(body)
     keep_alive = keep_alive_seconds(body)
     state = current_state()
     if keep_alive == 0:

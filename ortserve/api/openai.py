@@ -43,6 +43,7 @@ from ortserve.options import Sampling, api_sampling
 from ortserve.serving import core
 from ortserve.serving.core import Choice, Exchange
 from ortserve.serving.events import Finished, Retry, TextChunk, ThinkingChunk, ToolCallEvent
+from ortserve.serving.images import ImageReader
 from ortserve.serving.requests import (
     ChatPrompt,
     GenerationRequest,
@@ -80,8 +81,11 @@ def chat_completions():
     for field, asks in _CHAT_LATER.items():
         if field in body and asks(body[field]):
             raise NotSupportedYet(f'"{field}" is not supported yet', param=field)
-    request = _request(body, [ChatPrompt(chat_messages(body["messages"]), truncate=False)],
-                       "chat")  # fmt: skip
+    reader = ImageReader(current_state().settings.fetch_images)
+    request = _request(body, [ChatPrompt(chat_messages(body["messages"], reader),
+                                         truncate=False)], "chat")  # fmt: skip
+    if reader.first:
+        request.fields["images"] = reader.first
     fmt = body.get("response_format") or {}
     request.schema = response_format_schema(
         fmt.get("type", "text"), (fmt.get("json_schema") or {}).get("schema"),
@@ -170,8 +174,9 @@ def _prompt_list(prompt: str | list[str], n: int) -> list[TextPrompt]:
     return [TextPrompt(text, raw=True, param=param) for text, param in prompts]
 
 
-def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """OpenAI messages as the prompt builder takes them: string content, known roles."""
+def chat_messages(messages: list[dict[str, Any]], reader: ImageReader) -> list[dict[str, Any]]:
+    """OpenAI messages as the prompt builder takes them: string content, known roles, the
+    image_url parts' pictures as bytes (checked) in `images`."""
     converted = []
     for i, message in enumerate(messages):
         for field in _MESSAGE_LATER:
@@ -180,8 +185,11 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 raise NotSupportedYet(f'"{param}" is not supported yet', param=param)
         # "developer" is what OpenAI's newer models call the system role.
         role = "system" if message["role"] == "developer" else message["role"]
-        content = content_text(message.get("content") or "", f"messages[{i}].content")
+        content, images = content_parts(message.get("content") or "", f"messages[{i}].content",
+                                        reader)  # fmt: skip
         extra = {k: message[k] for k in ("name", "tool_call_id") if k in message}
+        if images:
+            extra["images"] = images
         if message.get("reasoning_content"):
             extra["thinking"] = message["reasoning_content"]
         if message.get("tool_calls"):
@@ -190,22 +198,24 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return converted
 
 
-def content_text(content: str | list[dict[str, Any]], where: str,
-                 text_types: tuple[str, ...] = ("text",)) -> str:  # fmt: skip
-    """Content given as parts -> one string; only text parts, since no model here has vision."""
+def content_parts(content: str | list[dict[str, Any]], where: str, reader: ImageReader
+                  ) -> tuple[str, list[bytes]]:  # fmt: skip
+    """Content given as parts -> one string (text parts joined) and the image_url parts'
+    pictures (a data URL, or an http(s) URL where ORTSERVE_FETCH_IMAGES allows)."""
     if isinstance(content, str):
-        return content
-    texts = []
+        return content, []
+    texts, images = [], []
     for j, part in enumerate(content):
         param = f"{where}[{j}]"
         kind = part.get("type")
-        if kind in text_types:
+        if kind == "text":
             texts.append(part["text"])
-        elif kind in ("image_url", "input_image", "image"):
-            raise InvalidRequest(f"{param}: this model does not support images", param=param)
+        elif kind == "image_url":
+            url = part["image_url"]["url"] if isinstance(part.get("image_url"), dict) else None
+            images.append(reader.url(url, f"{param}.image_url.url"))
         else:
             raise InvalidRequest(f"{param}: unsupported content part {kind!r}", param=param)
-    return "\n".join(texts)
+    return "\n".join(texts), images
 
 
 # ---- answers out ---------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from ortserve.api.validation import parsed_body
 from ortserve.engine.toolcalls import ToolCall
 from ortserve.errors import InvalidRequest, NotSupportedYet, OrtServeError
 from ortserve.options import api_sampling
-from ortserve.serving import core
+from ortserve.serving import core, images
 from ortserve.serving.core import Exchange
 from ortserve.serving.events import Finished, Retry, TextChunk, ThinkingChunk, ToolCallEvent
 from ortserve.serving.requests import ChatPrompt, GenerationRequest, think_from_effort
@@ -85,10 +85,14 @@ def create():
     store = _store()
     before: list[dict] = []
     if "previous_response_id" in body:
-        before = store.get(body["previous_response_id"], "previous_response_id").conversation
-    conversation = [*before, *item_messages(body["input"], "input", before)]
+        stored = store.get(body["previous_response_id"], "previous_response_id")
+        before = images.restored(stored.conversation)
+    reader = images.ImageReader(current_state().settings.fetch_images)
+    conversation = [*before, *item_messages(body["input"], "input", before, reader)]
     shape = _Shape(body, store, conversation)
-    exchange = _start(_request(body, conversation))
+    request = _request(body, conversation)
+    request.fields["images"] = reader.first or "input"  # or the stored conversation's
+    exchange = _start(request)
     if body.get("stream"):
         events = _Events(shape, exchange)
         return exchange_stream(exchange, events.render, events.error, SSE)
@@ -164,7 +168,8 @@ class _Shape:
         response = self.response(output, status, usage_object(exchange.usage()))
         if self.body.get("store", True):
             answer = item_messages(output, "output", self.conversation)
-            self.store.put(StoredResponse(response, [*self.conversation, *answer]))
+            conversation = images.portable([*self.conversation, *answer])  # JSON, as files
+            self.store.put(StoredResponse(response, conversation))
         return response
 
 

@@ -14,6 +14,12 @@ a turn with `set_logprobs(k)` reads the Generator's raw logits before each step 
 events carry them (engine/logprobs.py). A model without adapters gets such a lane when a
 logprob turn first arrives (scheduler.py).
 
+And they serve vision-language models, which og.Engine refuses (docs/vision.md): a turn with
+pictures goes through og's multimodal processor when it begins (the prompt's text and the
+pictures -> input ids with each image token repeated to its picture's count, pixel values,
+grids), and its Generator takes them with `set_inputs`; og runs the vision and embedding
+graphs in the prefill. A turn without pictures appends its tokens as any other.
+
 Everything here runs on the model's scheduler thread, like every other og call.
 """
 
@@ -27,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ortserve.engine.logprobs import StepLogprobs, step_logprobs
-from ortserve.errors import ModelLoadError
+from ortserve.errors import InvalidRequest, ModelLoadError
 from ortserve.library.bundle import genai_config
 
 
@@ -77,6 +83,12 @@ class GeneratorTurn:
         self.search: dict[str, Any] = {"do_sample": False}
         self.guidance: tuple | None = None
         self.logprobs: int | None = None  # None: none; k: the chosen token's + top k
+        self.images = None  # scheduler.ImageInput of a vision turn
+        self.session_tokens = 0  # its prompt, pictures expanded, and output fit in this many
+
+    def set_images(self, images, session_tokens: int) -> None:
+        """Not an og.TurnOptions setter: a vision turn's pictures for og's processor."""
+        self.images, self.session_tokens = images, int(session_tokens)
 
     def set_logprobs(self, k: int | None) -> None:
         """Not an og.TurnOptions setter: only Generator lanes can see the logits."""
@@ -115,10 +127,13 @@ class GeneratorRequest:
         self.generated = 0
         self.cancelled = False
         self.turn_id = 0
+        self.inputs = None  # a vision turn's og.NamedTensors, until its Generator takes them
 
     def begin_turn(self, tokens: np.ndarray, turn: GeneratorTurn) -> int:
         self.prompt = [int(t) for t in np.asarray(tokens).reshape(-1)]
         self.turn = turn
+        if turn.images is not None:  # InvalidRequest here: the turn never starts
+            self.inputs, self.prompt = self._engine.process(self.prompt, turn)
         self.turn_id += 1
         self._engine.pending.append(self)
         return self.turn_id
@@ -127,7 +142,7 @@ class GeneratorRequest:
         self.cancelled = True
 
     def close(self) -> None:
-        self.generator = None
+        self.generator = self.inputs = None
         if self in self._engine.pending:
             self._engine.pending.remove(self)
 
@@ -135,16 +150,53 @@ class GeneratorRequest:
 class GeneratorEngine:
     """og.Engine's interface over og.Generators with every adapter of the model active."""
 
-    def __init__(self, model, adapters, names: list[str], bundle: Path):
-        """`adapters` None and `names` empty: a plain Generator lane (for logprob turns)."""
+    def __init__(self, model, adapters, names: list[str], bundle: Path, processor=None):
+        """`adapters` None and `names` empty: a plain Generator lane (for logprob turns).
+        `processor`: a vision model's og.MultiModalProcessor (None: turns take no pictures)."""
         self.model = model
         self.adapters = adapters
         self.names = list(names)
+        self.processor = processor
         self.pending: list[GeneratorRequest] = []
         config = genai_config(bundle)
         eos = config["model"].get("eos_token_id", [])
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.context_length = int(config["model"]["context_length"])
+        self.image_token = config["model"].get("image_token_id")
+
+    def process(self, prompt: list[int], turn: GeneratorTurn) -> tuple[Any, list[int]]:
+        """og's processor over a vision turn: its inputs, and the prompt's ids with each image
+        token repeated to its picture's token count. 400s naming `images`: pictures that do
+        not match the placeholders, or an expanded prompt that does not fit the context."""
+        import onnxruntime_genai as og
+
+        pictures = turn.images
+        if self.processor is None:
+            raise InvalidRequest("this model does not read images", param="images")
+        try:
+            opened = og.Images.open_bytes(*pictures.images)  # PNGs (engine/images.py)
+            inputs = self.processor(pictures.prompt, images=opened)
+        except RuntimeError as exc:  # "Prompt contained 1 vision_start tokens but received 2 ..."
+            message = (str(exc).strip().splitlines() or ["unreadable"])[0][:300]
+            raise InvalidRequest(f"the images do not fit the prompt: {message}",
+                                 param="images") from exc  # fmt: skip
+        ids = inputs["input_ids"].as_numpy().reshape(-1).tolist()
+        counts = inputs["num_image_tokens"].as_numpy().reshape(-1).tolist()
+        expected = _expand(prompt, self.image_token, counts)
+        if expected is not None and ids != expected:
+            # the prompt's text did not tokenize back to the rendered ids: the rendered ones win
+            inputs["input_ids"] = og.Tensor(np.asarray([expected], dtype=np.int64))
+            ids = expected
+        room = turn.session_tokens - len(ids)
+        if room < 1:
+            raise InvalidRequest(
+                f"prompt is too long with its images: {len(ids)} tokens ({sum(counts)} of them "
+                f"for {len(counts)} images) exceed the context length of {turn.session_tokens}",
+                param="images",
+                code="context_length_exceeded",
+            )
+        turn.max_generated = max(1, min(turn.max_generated, room))
+        return inputs, ids
 
     def create_event_buffer(self, size: int) -> None:
         return None
@@ -206,7 +258,11 @@ class GeneratorEngine:
         generator = og.Generator(self.model, params)
         for name in self.names:
             generator.set_active_adapter(self.adapters, name)
-        generator.append_tokens(np.asarray([request.prompt], dtype=np.int32))
+        if request.inputs is not None:  # a vision turn: og runs the pictures in the prefill
+            generator.set_inputs(request.inputs)
+            request.inputs = None
+        else:
+            generator.append_tokens(np.asarray([request.prompt], dtype=np.int32))
         return generator
 
     def _failed(self, request: GeneratorRequest, exc: Exception) -> GeneratorEvent:
@@ -228,3 +284,14 @@ class GeneratorEngine:
         request.generator = None  # its KV cache goes now, not when the request is closed
         usage = GeneratorUsage(len(request.prompt), request.generated)
         return GeneratorEvent(request, flags, token, reason, usage, logprobs=scores)
+
+
+def _expand(prompt: list[int], image_token: int | None, counts: list[int]) -> list[int] | None:
+    """`prompt` with its k-th image token repeated counts[k] times (None: they do not pair)."""
+    if image_token is None or prompt.count(image_token) != len(counts):
+        return None
+    expanded: list[int] = []
+    pictures = iter(counts)
+    for token in prompt:
+        expanded.extend([token] * next(pictures) if token == image_token else [token])
+    return expanded

@@ -11,7 +11,7 @@ backend is a module and one register_backend() call, and tests register a fake o
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ortserve.errors import ModelLoadError
@@ -45,6 +45,9 @@ class LoadedModel(Protocol):
     load_duration_ns: int
     active: int
     expires_at: float | None
+    # a vision model's text for one picture in a prompt (Qwen2.5-VL's
+    # "<|vision_start|><|image_pad|><|vision_end|>"); None when it reads no images
+    image_placeholder: str | None
 
     @property
     def name(self) -> str: ...
@@ -56,8 +59,17 @@ class LoadedModel(Protocol):
     def context_length(self) -> int: ...
 
     def generate(
-        self, tokens: list[int], options: GenerationOptions, *, skip_special_tokens: bool = True
-    ) -> TurnStream: ...
+        self,
+        tokens: list[int],
+        options: GenerationOptions,
+        *,
+        skip_special_tokens: bool = True,
+        images: Sequence[bytes] = (),
+    ) -> TurnStream:
+        """A turn from the rendered prompt's ids. `images`: encoded pictures (PNG, JPEG, ...),
+        one per image_placeholder in the prompt, in order; a model without vision refuses
+        them (400 naming images). Finished.usage.prompt_tokens counts their image tokens."""
+        ...
 
     def encode(self, text: str) -> list[int]: ...
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,12 @@ from ortserve import metrics
 from ortserve.config import Settings
 from ortserve.engine.providers import bundle_target, load_candidates, load_on_best
 from ortserve.engine.resident import Resident
-from ortserve.engine.scheduler import Scheduler
+from ortserve.engine.scheduler import ImageInput, Scheduler
 from ortserve.engine.turns import Turn
 from ortserve.engine.types import GenerationOptions
 from ortserve.errors import InvalidRequest, ModelLoadError, OrtServeError
 from ortserve.library import Library, ModelInfo
+from ortserve.library.bundle import image_placeholder
 
 log = logging.getLogger("ortserve.engine")
 
@@ -83,8 +85,15 @@ class OgModel(Resident):
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def generate(
-        self, tokens: list[int], options: GenerationOptions, *, skip_special_tokens: bool = True
+        self,
+        tokens: list[int],
+        options: GenerationOptions,
+        *,
+        skip_special_tokens: bool = True,
+        images: Sequence[bytes] = (),
     ) -> Turn:
+        """A turn from the rendered prompt's ids. `images`: encoded pictures, one per
+        image_placeholder in `tokens`, in order (a vision model only)."""
         from ortserve.engine.text import TextDecoder
 
         if len(tokens) >= options.num_ctx:
@@ -94,10 +103,38 @@ class OgModel(Resident):
                 param="prompt",
                 code="context_length_exceeded",
             )
-        job = self.scheduler.submit(tokens, options)
+        job = self.scheduler.submit(tokens, options, self._image_input(tokens, images))
         return Turn(
             self.scheduler, job, TextDecoder(self.tokenizer, options.stop, skip_special_tokens)
         )
+
+    @functools.cached_property
+    def _image_start(self) -> int | None:
+        """The id that opens an image placeholder: og counts these against the pictures."""
+        if self.image_placeholder is None:
+            return None
+        return self.tokenizer.encode(self.image_placeholder, add_special_tokens=False).ids[0]
+
+    def _image_input(self, tokens: list[int], images: Sequence[bytes]) -> ImageInput | None:
+        """What og's processor needs for a turn with pictures, checked here on the request
+        thread: one placeholder per picture (400 naming images otherwise), pictures Pillow
+        can read. None: a turn without pictures (its ids go to og as they are)."""
+        from ortserve.engine.images import as_png
+
+        if images and self.image_placeholder is None:
+            raise InvalidRequest(f'"{self.name}" cannot read images (it has no vision '
+                                 f"capability)", param="images")  # fmt: skip
+        placeholders = tokens.count(self._image_start) if self._image_start is not None else 0
+        if placeholders != len(images):
+            raise InvalidRequest(
+                f"the prompt has {placeholders} image placeholders "
+                f"({self.image_placeholder}) but {len(images)} images were given",
+                param="images",
+            )
+        if not images:
+            return None
+        prompt = self.tokenizer.decode(tokens, skip_special_tokens=False)
+        return ImageInput(prompt, as_png(images))
 
 
 class OgBackend:
@@ -115,6 +152,7 @@ class OgBackend:
             tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
             template = ChatTemplate.from_bundle(bundle)
             adapters = library.adapter_files(info)
+            placeholder = image_placeholder(bundle)
         except OrtServeError:
             raise
         except Exception as exc:
@@ -133,6 +171,7 @@ class OgBackend:
             template=template,
             adapters=adapters,
             load_duration_ns=duration,
+            image_placeholder=placeholder,
         )
 
     def planned_provider(self, info: ModelInfo, requested: str) -> str | None:
@@ -154,6 +193,7 @@ def _start(info: ModelInfo, provider: str, adapters, settings: Settings) -> Sche
         name=info.name,
         adapters=adapters,
         batching=settings.batching,
+        speculation=settings.speculation,
         kv_cache_entries=settings.kv_cache_entries,
         kv_cache_bytes=settings.kv_cache_size,
         threads=settings.model_threads,

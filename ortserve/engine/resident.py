@@ -7,6 +7,7 @@ cannot do (generate on an embedder, embed on a decoder) is refused here with a 4
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,9 @@ class Resident:
     # failing requests cannot keep a model loaded
     idle_expiry: float | None = None
     last_used: float = field(default_factory=time.monotonic)
+    # What stands for one picture in a prompt (library/bundle.image_placeholder): serving
+    # writes it once per image; None for a model that reads no images.
+    image_placeholder: str | None = None
     # The manifest's PARAMETERs, parsed when the model loads (and when a create replaces
     # them: renew), not on every request.
     parameters: Sampling = field(init=False)
@@ -61,7 +65,14 @@ class Resident:
         """Turns generating now (a subset of pending())."""
         return 0
 
-    def generate(self, tokens: list[int], options: Any, *, skip_special_tokens: bool = True):
+    def generate(
+        self,
+        tokens: list[int],
+        options: Any,
+        *,
+        skip_special_tokens: bool = True,
+        images: Sequence[bytes] = (),
+    ):
         raise InvalidRequest(f'"{self.name}" does not support generate', param="model")
 
     def encode(self, text: str) -> list[int]:

@@ -24,6 +24,11 @@ LoRA adapters. og 0.18 activates adapters only on an og.Generator, not on Engine
 so a model with adapters gets GeneratorEngine lanes (engine/adapters.py: the same interface,
 one turn per lane, unbatched) instead.
 
+Vision-language models (docs/vision.md). og.Engine refuses og's multimodal pipeline, so such
+a model gets ONE GeneratorEngine lane of one turn: its turns, with pictures or not, run one
+at a time, unbatched; og's processor expands each picture's placeholder into its image tokens
+when the turn begins (engine/adapters.py).
+
 Log probabilities. og.Engine 0.18 gives no logits. A continuous lane computes them from its
 own logits; otherwise a job whose options ask for logprobs runs on a Generator lane
 ("logprobs", made when the first of these jobs arrives; its turns each have their own
@@ -50,7 +55,7 @@ from ortserve import metrics
 from ortserve.engine.kvcache import KVStore
 from ortserve.engine.types import GenerationOptions, Usage
 from ortserve.errors import InvalidRequest, ModelLoadError, OrtServeError, ServerBusy
-from ortserve.library.bundle import decoder_config, genai_config
+from ortserve.library.bundle import decoder_config, genai_config, input_capabilities
 
 log = logging.getLogger("ortserve.engine")
 _EVENT_BUFFER = 256
@@ -64,12 +69,22 @@ _PAD_ALLOWANCE = 256
 _warned: set[str] = set()
 
 
+@dataclass(frozen=True)
+class ImageInput:
+    """A vision turn's pictures for og's processor: the prompt as text (its special tokens
+    kept, one placeholder per picture) and the pictures as PNG bytes, in the prompt's order."""
+
+    prompt: str
+    images: tuple[bytes, ...]
+
+
 @dataclass(eq=False)
 class Job:
     """One turn: what to generate, and the queue its events go to."""
 
     tokens: list[int]
     options: GenerationOptions
+    images: ImageInput | None = None  # a vision model's turn with pictures
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     submitted_at: float = field(default_factory=time.perf_counter)
     begun_at: float = 0.0
@@ -96,8 +111,9 @@ class Lane:
     kind: "engine" (og.Engine: plain jobs, a static batch admitted only when idle),
     "guided" (an og.Engine lane beside a continuous lane: guided jobs only, static too),
     "continuous" (engine/continuous.py: every job that is not guided, joining at any step),
-    "generator" (a model's adapter lane: any job) or "logprobs" (a Generator lane of a model
-    without adapters: logprob jobs only, each joining as soon as there is room).
+    "generator" (a lane of a model with adapters, or a vision model's one lane: any job) or
+    "logprobs" (a Generator lane of a model without adapters: logprob jobs only, each joining
+    as soon as there is room).
     """
 
     engine: Any
@@ -146,6 +162,7 @@ class Scheduler:
         kv_cache_entries: int = 16,
         kv_cache_bytes: int = 1 << 30,
         threads: int | None = None,
+        speculation: str = "auto",
     ):
         self.bundle = bundle
         self.provider = provider
@@ -159,7 +176,9 @@ class Scheduler:
         self.graph = "optimum"  # or "builder": read from the bundle when it loads
         self.kv_store = KVStore(kv_cache_entries, kv_cache_bytes)
         self.threads = threads  # intra-op threads where the bundle sets none (None: og's)
+        self.speculation = speculation  # "auto": prompt-lookup drafts on continuous lanes
         self._model: Any = None
+        self._processor: Any = None  # og.MultiModalProcessor of a vision model
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: collections.deque[Job] = collections.deque()
         self._lanes: list[Lane] = []
@@ -180,8 +199,10 @@ class Scheduler:
             self._thread.join()
             raise ModelLoadError(f'failed to load model "{self.name}": {self._error}')
 
-    def submit(self, tokens: list[int], options: GenerationOptions) -> Job:
-        job = Job(list(tokens), options)
+    def submit(
+        self, tokens: list[int], options: GenerationOptions, images: ImageInput | None = None
+    ) -> Job:
+        job = Job(list(tokens), options, images)
         with self._lock:
             if self._stopping:
                 raise ModelLoadError(f'model "{self.name}" is unloading; try again')
@@ -242,10 +263,15 @@ class Scheduler:
                 log.warning("%s: continuous batching unavailable (%s); og.Engine lanes instead",
                             self.name, _first_line(exc))  # fmt: skip
         self._og_model()
-        if self.adapters:
+        if self.adapters or self.vision:
             self._load_generator_lanes()
             return
         self._add_engine_lanes("engine")
+
+    @functools.cached_property
+    def vision(self) -> bool:
+        """og's multimodal pipeline (a vision stage in genai_config.json): og.Engine refuses it."""
+        return "vision" in input_capabilities(self.bundle)
 
     def _continuous_wanted(self) -> bool:
         from ortserve.engine import continuous
@@ -259,7 +285,10 @@ class Scheduler:
         from ortserve.engine.continuous import ContinuousEngine, DecoderGraph
 
         engine = ContinuousEngine(
-            DecoderGraph.load(self.bundle, self.threads), self.parallel, self.kv_store
+            DecoderGraph.load(self.bundle, self.threads),
+            self.parallel,
+            self.kv_store,
+            self.speculation,
         )
         self._lanes.append(Lane(engine, None, self.parallel, kind="continuous"))
         log.info("%s: continuous batching (builder graph), up to %d turns", self.name,
@@ -302,14 +331,25 @@ class Scheduler:
             self._lanes.append(Lane(engine, buffer, self._static_batch, kind=kind))
 
     def _load_generator_lanes(self) -> None:
-        from ortserve.engine.adapters import GeneratorEngine, load_adapters
+        """A model with adapters: a Generator lane each; a vision model: one lane, so that
+        its turns (and their pictures' vision steps) run one at a time."""
+        from ortserve.engine.adapters import load_adapters
 
-        adapters = load_adapters(self._model, self.adapters)
-        names = [name for name, _ in self.adapters]
-        self._adapters, self._adapter_names = adapters, names  # kept to rebuild a lane
-        for _ in range(self.lane_count):
-            engine = GeneratorEngine(self._model, adapters, names, self.bundle)
-            self._lanes.append(Lane(engine, None, 1, kind="generator"))
+        if self.adapters:
+            self._adapters = load_adapters(self._model, self.adapters)  # kept to rebuild a lane
+            self._adapter_names = [name for name, _ in self.adapters]
+        if self.vision:
+            self._processor = self._model.create_multimodal_processor()
+        for _ in range(1 if self.vision else self.lane_count):
+            self._lanes.append(Lane(self._generator_engine(), None, 1, kind="generator"))
+
+    def _generator_engine(self):
+        """A GeneratorEngine over the og.Model with its adapters and, for a vision model,
+        og's multimodal processor."""
+        from ortserve.engine.adapters import GeneratorEngine
+
+        adapters, names = (self._adapters, self._adapter_names) if self.adapters else (None, [])
+        return GeneratorEngine(self._model, adapters, names, self.bundle, processor=self._processor)
 
     def _logprob_lane(self) -> Lane:
         """The lane for logprob jobs of a model without adapters, made on first use."""
@@ -425,6 +465,8 @@ class Scheduler:
                            vocab_size=self.vocab_size)  # fmt: skip
         if job.options.logprobs is not None:
             turn.set_logprobs(job.options.logprobs)  # not on an og.Engine lane's turn
+        if job.images is not None:  # a vision model's Generator lane: og's processor reads them
+            turn.set_images(job.images, job.options.num_ctx)
         job.begun_at = time.perf_counter()
         job.turn_id = request.begin_turn(np.asarray(job.tokens, dtype=np.int32), turn)
         job.request = request
@@ -480,10 +522,7 @@ class Scheduler:
             log.warning("reset the continuous batch of %s after a failed step", self.name)
             return
         if not lane.static:
-            from ortserve.engine.adapters import GeneratorEngine
-
-            adapters, names = (self._adapters, self._adapter_names) if self.adapters else (None, [])
-            lane.engine = GeneratorEngine(self._model, adapters, names, self.bundle)
+            lane.engine = self._generator_engine()
             return
         import onnxruntime_genai as og
 
@@ -543,7 +582,7 @@ class Scheduler:
             if kind == "submit":
                 self._complete(job, "cancelled", Usage(prompt_tokens=len(job.tokens)))
         self._lanes.clear()
-        self._model = None
+        self._model = self._processor = None
 
 
 def _failure(event) -> str:
@@ -555,7 +594,10 @@ def _failure(event) -> str:
 
 
 def _start_error(job: Job, exc: BaseException) -> OrtServeError:
-    """Why a turn could not start: a grammar og cannot compile is the request's schema (400)."""
+    """Why a turn could not start: a grammar og cannot compile is the request's schema (400);
+    a request error already said why (a vision turn's pictures)."""
+    if isinstance(exc, OrtServeError):
+        return exc
     if job.options.guidance is not None:
         return InvalidRequest(f"the requested schema or tools cannot be enforced: "
                               f"{_first_line(exc)}", param="format")  # fmt: skip

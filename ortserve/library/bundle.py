@@ -127,6 +127,27 @@ def input_capabilities(bundle: Path) -> list[str]:
     return [name for name in INPUT_CAPABILITIES if isinstance(model.get(name), dict)]
 
 
+def image_placeholder(bundle: Path) -> str | None:
+    """The text that stands for one image in a prompt of a vision bundle (None otherwise);
+    og's processor repeats its image token to the picture's token count. Qwen2.5-VL's is
+    `<|vision_start|><|image_pad|><|vision_end|>`: the start and image ids come from
+    genai_config.json, the end's from config.json (else the start token's text with "start"
+    read as "end"), their text from tokenizer.json's added tokens."""
+    model = genai_config(bundle).get("model") or {}
+    if not isinstance(model.get("vision"), dict):
+        return None
+    added = _read_json(Path(bundle) / "tokenizer.json").get("added_tokens") or []
+    texts = {token.get("id"): token.get("content") for token in added}
+    start = texts.get(model.get("vision_start_token_id"))
+    image = texts.get(model.get("image_token_id"))
+    end = texts.get(_read_json(Path(bundle) / "config.json").get("vision_end_token_id"))
+    if end is None and start and start.replace("start", "end") in texts.values():
+        end = start.replace("start", "end")
+    if not (start and image and end):
+        return None  # another family's scheme (Phi-3-vision's <|image_1|>, ...): no images
+    return start + image + end
+
+
 def template_capabilities(source: str) -> list[str]:
     """'completion', plus 'tools' and 'thinking' when the chat template renders them.
 

@@ -25,6 +25,7 @@ from ortserve.engine.guided import Retry
 from ortserve.engine.types import Finished, GenerationOptions, TextChunk
 from ortserve.errors import InvalidRequest, OrtServeError, ServerBusy
 from ortserve.library import ModelInfo
+from ortserve.serving import images
 from ortserve.serving.events import ThinkingChunk
 from ortserve.serving.priority import is_background
 from ortserve.serving.prompting import Rendered, render
@@ -114,7 +115,8 @@ class Exchange:
 
     @property
     def prompt_tokens(self) -> int:
-        """The rendered prompts' tokens, known before any output (each prompt once)."""
+        """The rendered prompts' tokens, known before any output (each prompt once); a
+        picture counts as its placeholder here, usage() has the engine's expanded count."""
         return sum(len(rendered.tokens) for rendered in self._rendered)
 
     @property
@@ -209,10 +211,10 @@ class Exchange:
             for _ in range(request.n):
                 if spec is not None:
                     turn = start_tool_turn(self.loaded, prompt.tokens, turn_options, spec,
-                                           settings.format_retries)  # fmt: skip
+                                           settings.format_retries, prompt.images)  # fmt: skip
                 else:
                     turn = start_turn(self.loaded, prompt.tokens, turn_options, request.schema,
-                                      settings)  # fmt: skip
+                                      settings, prompt.images)  # fmt: skip
                 if prompt.thinking is not None:
                     self._splitters[len(self.choices)] = prompt.thinking.splitter()
                 if answer_stops:
@@ -287,6 +289,7 @@ def start(state, request: GenerationRequest) -> Exchange:
     """
     check_combinations(request)
     info = require(state.library, request.model, "completion", request.kind)
+    check_images(info, request)
     started_ns = time.perf_counter_ns()
     runtime = state.runtime
     loaded = runtime.acquire(info, request.keep_alive)
@@ -310,6 +313,7 @@ def count_tokens(state, request: GenerationRequest) -> int:
     A prompt of any length is counted: the context only limits generation.
     """
     info = require(state.library, request.model, "completion", request.kind)
+    check_images(info, request)
     loaded = state.runtime.acquire(info, request.keep_alive)
     try:
         unlimited = GenerationOptions(num_ctx=2**31 - 1)
@@ -325,6 +329,21 @@ def require(library, name: str, capability: str, kind: str) -> ModelInfo:
     if capability not in info.capabilities:
         raise InvalidRequest(f'"{info.name}" does not support {kind}', param="model")
     return info
+
+
+def check_images(info: ModelInfo, request: GenerationRequest) -> None:
+    """Images only for a model with the vision capability (before it loads), and no more of
+    them than one request may hold (a stored conversation adds its own)."""
+    total = images.count(request.prompts)
+    if not total:
+        return
+    param = request.field("images")
+    if "vision" not in info.capabilities:
+        raise InvalidRequest(f'{param}: "{info.name}" does not support images (it has no '
+                             "vision capability)", param=param)  # fmt: skip
+    if total > images.MAX_IMAGES:
+        raise InvalidRequest(f"{param}: too many images: {total}, at most {images.MAX_IMAGES} "
+                             "per request", param=param)  # fmt: skip
 
 
 def load(state, name: str, keep_alive: float | None, kind: str) -> None:

@@ -3,7 +3,7 @@ and its thinking section."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ortserve.engine.prompts import build_chat_prompt, build_generate_prompt, template_of
 from ortserve.engine.sandbox import TemplateLimits
@@ -34,6 +34,7 @@ class Rendered:
     tokens: list[int]
     text: str
     thinking: Thinking | None  # None: the answer is all content
+    images: tuple[bytes, ...] = ()  # in prompt order, one per image placeholder in `text`
 
 
 def render(loaded, prompt: Prompt, request: GenerationRequest,
@@ -41,14 +42,16 @@ def render(loaded, prompt: Prompt, request: GenerationRequest,
     """The prompt's text in the model's template, and its tokens."""
     template = template_of(loaded)
     encoder = _Encoder(loaded)
+    pictures = _Pictures(loaded, request)
     if isinstance(prompt, TextPrompt) and (prompt.raw or template is None):
-        text = _plain_text(prompt, loaded, encoder, options)
+        text = _plain_text(pictures.raw_prompt(prompt), loaded, encoder, options)
         if request.think:
             raise _cannot_think(loaded, request, "raw prompts have no template")
-        return Rendered(encoder.encode(text), text, None)
+        return Rendered(encoder.encode(text), text, None, pictures.kept(text, prompt.param))
     think, split = _thinking_mode(template, loaded, request)
     hidden = request.think is False
     messages, truncate = _messages(loaded, prompt)
+    messages = pictures.placed(messages)
     tools = request.tools.tools if request.tools else None
     try:
         text, _ = build_chat_prompt(template, messages, system=_system(loaded, prompt),
@@ -60,7 +63,60 @@ def render(loaded, prompt: Prompt, request: GenerationRequest,
             raise InvalidRequest(exc.message, param=prompt.param, code=exc.code) from None
         raise
     thinking = _thinking(template.source, text, hidden) if split else None
-    return Rendered(encoder.encode(text), text, thinking)
+    where = prompt.param if isinstance(prompt, TextPrompt) else "messages"
+    return Rendered(encoder.encode(text), text, thinking, pictures.kept(text, where))
+
+
+class _Pictures:
+    """A prompt's images as the model's image placeholder in the text, once per image before
+    its message's text, and the images in the same order (Rendered.images)."""
+
+    def __init__(self, loaded, request: GenerationRequest):
+        self.placeholder: str | None = getattr(loaded, "image_placeholder", None)
+        self.images: list[bytes] = []
+        self._loaded, self._request = loaded, request
+
+    def placed(self, messages: list[dict]) -> list[dict]:
+        """Template messages: each one's images as placeholders before its content."""
+        out = []
+        for message in messages:
+            pictures = message.get("images") or ()
+            if pictures:
+                text = self._marks(len(pictures)) + (message.get("content") or "")
+                message = {k: v for k, v in message.items() if k != "images"}
+                message["content"] = text
+                self.images += pictures
+            out.append(message)
+        return out
+
+    def raw_prompt(self, prompt: TextPrompt) -> TextPrompt:
+        """A raw prompt with images: placeholders first, unless it already places each one."""
+        if not prompt.images:
+            return prompt
+        marks = self._marks(len(prompt.images))
+        self.images += prompt.images
+        if prompt.text.count(self.placeholder or "") == len(prompt.images):
+            return prompt
+        return replace(prompt, text=marks + prompt.text)
+
+    def kept(self, text: str, where: str) -> tuple[bytes, ...]:
+        """The images whose placeholders the rendered text holds: a truncated history lost
+        its oldest turns, and their images with them."""
+        if self.placeholder is None:
+            return ()
+        shown = text.count(self.placeholder)
+        if shown > len(self.images):
+            raise InvalidRequest(f"{where}: the text holds the image placeholder "
+                                 f"{self.placeholder!r}; send pictures as images",
+                                 param=where)  # fmt: skip
+        return tuple(self.images[len(self.images) - shown :]) if shown else ()
+
+    def _marks(self, count: int) -> str:
+        if self.placeholder is None:  # a vision model whose backend takes no images
+            param = self._request.field("images")
+            raise InvalidRequest(f'{param}: "{self._loaded.info.name}" cannot take images here',
+                                 param=param)  # fmt: skip
+        return self.placeholder * count
 
 
 def template_limits(loaded, messages: list, tools: list | None) -> TemplateLimits:
@@ -88,7 +144,8 @@ def _messages(loaded, prompt: Prompt) -> tuple[list[dict], bool]:
     if isinstance(prompt, ChatPrompt):
         return [*examples, *prompt.messages], prompt.truncate
     # One prompt is never cut: what was asked would change.
-    return [*examples, {"role": "user", "content": prompt.text}], False
+    asked = {"role": "user", "content": prompt.text}
+    return [*examples, {**asked, "images": list(prompt.images)} if prompt.images else asked], False
 
 
 def _system(loaded, prompt: Prompt) -> str | None:

@@ -31,7 +31,8 @@ class ChatPrompt:
     """A conversation rendered with the model's chat template.
 
     `messages` are template-ready: role, content as a string, tool_calls with arguments as
-    objects, name / tool_call_id on tool results, thinking on assistant turns.
+    objects, name / tool_call_id on tool results, thinking on assistant turns, and `images`
+    (encoded bytes, already bounded by serving/images.py) on a message that shows pictures.
     """
 
     messages: list[dict[str, Any]]
@@ -46,6 +47,7 @@ class TextPrompt:
     system: str | None = None  # overrides the model's system prompt
     raw: bool = False  # no template, no system prompt, no Modelfile MESSAGEs
     param: str = "prompt"  # the request field errors name
+    images: tuple[bytes, ...] = ()  # encoded, bounded (serving/images.py); before the text
 
 
 Prompt = ChatPrompt | TextPrompt
@@ -75,7 +77,7 @@ class GenerationRequest:
 
 
 # The core's field names as Ollama's API spells them: the default of every protocol.
-_FIELDS = {"schema": "format"}
+_FIELDS = {"schema": "format", "images": "images"}
 # reasoning_effort / reasoning.effort levels that turn thinking off (every other one is on).
 NO_REASONING = ("none", "minimal")
 

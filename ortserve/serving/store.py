@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ortserve.errors import InvalidRequest, OrtServeError
+from ortserve.serving.images import ImageReader
 
 # Responses kept for GET and previous_response_id: enough for many conversations, bounded so
 # that a long-running server's memory stays flat.
@@ -87,12 +88,14 @@ def new_id(prefix: str) -> str:
 
 
 def item_messages(items: str | list[dict[str, Any]], where: str = "input",
-                  before: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:  # fmt: skip
+                  before: Iterable[dict[str, Any]] = (),
+                  reader: ImageReader | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Responses input (a string, or items) as the messages templates take.
 
     Function calls join the assistant turn before them (or one of their own); a reasoning
     item's text becomes the thinking of the assistant turn after it; a tool result takes
-    its function's name from the call it answers, here or in `before`.
+    its function's name from the call it answers, here or in `before`. A message's
+    input_image parts are read by `reader` (none: refused) into its `images`.
     """
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
@@ -109,7 +112,7 @@ def item_messages(items: str | list[dict[str, Any]], where: str = "input",
             messages.append(_tool_result(item, at, names))
             continue
         if kind == "message":
-            message = _message(item, at)
+            message = _message(item, at, reader)
             messages.append(message)
         else:  # function_call
             message = _calling_turn(messages)
@@ -121,9 +124,28 @@ def item_messages(items: str | list[dict[str, Any]], where: str = "input",
     return messages
 
 
-def _message(item: dict[str, Any], at: str) -> dict[str, Any]:
-    role = _ROLES[item["role"]]
-    return {"role": role, "content": parts_text(item["content"], f"{at}.content")}
+def _message(item: dict[str, Any], at: str, reader: ImageReader | None) -> dict[str, Any]:
+    role, content, where = _ROLES[item["role"]], item["content"], f"{at}.content"
+    if reader is None or isinstance(content, str):
+        return {"role": role, "content": parts_text(content, where)}
+    texts, images = [], []
+    for j, part in enumerate(content):
+        if part.get("type") == "input_image":
+            images.append(_input_image(part, f"{where}[{j}]", reader))
+        else:
+            texts.append(parts_text([part], where, first=j))
+    message = {"role": role, "content": "\n".join(texts)}
+    return {**message, "images": images} if images else message
+
+
+def _input_image(part: dict[str, Any], param: str, reader: ImageReader) -> bytes:
+    """An input_image part's picture: its image_url (a data URL; http(s) where fetching is
+    on). A file_id names an uploaded file, which this server does not keep for images."""
+    if part.get("file_id") and not part.get("image_url"):
+        raise InvalidRequest(f"{param}.file_id: images by file_id are not supported; send "
+                             "image_url as a data URL (data:image/png;base64,...)",
+                             param=f"{param}.file_id")  # fmt: skip
+    return reader.url(part.get("image_url"), f"{param}.image_url")
 
 
 def _calling_turn(messages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -162,20 +184,21 @@ def _reasoning_text(item: dict[str, Any], at: str) -> str:
     return parts_text(parts, f"{at}.content")
 
 
-def parts_text(content: str | list[dict[str, Any]], where: str) -> str:
-    """Content as one string: text parts joined; no model here reads images or files."""
+def parts_text(content: str | list[dict[str, Any]], where: str, first: int = 0) -> str:
+    """Content as one string: text parts joined (images are read by item_messages' reader;
+    files and audio by nothing here). `first`: the index of content[0] in the request."""
     if isinstance(content, str):
         return content
     texts = []
-    for j, part in enumerate(content):
+    for j, part in enumerate(content, start=first):
         kind, param = part.get("type"), f"{where}[{j}]"
         if kind in _TEXT_PARTS:
             texts.append(part["text"])
         elif kind == "refusal":
             texts.append(part["refusal"])
         elif kind in _MEDIA_PARTS:
-            raise InvalidRequest(f"{param}: {kind} is not supported: no model here reads "
-                                 "images, files or audio", param=param)  # fmt: skip
+            raise InvalidRequest(f"{param}: {kind} is not supported here: images only in "
+                                 "a message's content, and no files or audio", param=param)  # fmt: skip
         else:
             raise InvalidRequest(f"{param}: unsupported content part {kind!r}", param=param)
     return "\n".join(texts)

@@ -24,11 +24,17 @@ DEFAULT_MAX_TOKENS = 512
 
 
 def start_turn(loaded, tokens: list[int], options: GenerationOptions, schema: dict | None,
-               settings) -> Any:  # fmt: skip
+               settings, images: tuple[bytes, ...] = ()) -> Any:  # fmt: skip
     """A plain turn, or a GuidedTurn when the request asks for a schema."""
     if schema is None:
-        return loaded.generate(tokens, options)
-    return GuidedTurn(loaded, tokens, options, schema, settings.format_retries)
+        return loaded.generate(tokens, options, **image_args(images))
+    return GuidedTurn(loaded, tokens, options, schema, settings.format_retries, images=images)
+
+
+def image_args(images: tuple[bytes, ...]) -> dict[str, Any]:
+    """generate()'s images argument, given only when there are images: a backend that takes
+    none keeps its signature."""
+    return {"images": images} if images else {}
 
 
 class GuidedTurn:
@@ -44,10 +50,12 @@ class GuidedTurn:
     default_max_tokens: int | None = DEFAULT_MAX_TOKENS  # None: the context left
 
     def __init__(self, loaded, tokens: list[int], options: GenerationOptions, schema: dict | None,
-                 retries: int, *, guidance: Guidance | None = None):  # fmt: skip
+                 retries: int, *, guidance: Guidance | None = None,
+                 images: tuple[bytes, ...] = ()):  # fmt: skip
         room = max(1, options.num_ctx - len(tokens))
         cap = options.num_predict if options.num_predict > 0 else self.default_max_tokens or room
         self.loaded, self.tokens, self.schema = loaded, tokens, schema
+        self.images = images  # every attempt shows them again
         self.options = replace(options, guidance=guidance or guidance_for(schema))
         self.max_tokens, self.ceiling = min(cap, room), room
         self.policy = retries_from_env(retries)
@@ -97,7 +105,8 @@ class GuidedTurn:
         self.attempts += 1
         options = replace(self.options, num_predict=max_tokens, seed=seed)
         special = {} if self.skip_special_tokens else {"skip_special_tokens": False}
-        self._turn = self.loaded.generate(self.tokens, options, **special)
+        self._turn = self.loaded.generate(self.tokens, options, **special,
+                                          **image_args(self.images))  # fmt: skip
         if self._cancelled:  # cancelled between two attempts: this one ends at once
             self._turn.cancel()
         parts: list[str] = []

@@ -27,7 +27,7 @@ from ortserve.engine.toolcalls import (
 )
 from ortserve.engine.types import GenerationOptions, Guidance, TextChunk
 from ortserve.errors import InvalidRequest
-from ortserve.serving.structured import GuidedTurn
+from ortserve.serving.structured import GuidedTurn, image_args
 
 CHOICES = ("auto", "none", "required")
 # The most calls one answer may make: a weak model would otherwise call until max_tokens.
@@ -193,11 +193,11 @@ def _repeat(more: str, times: int) -> str:
 
 
 def start_tool_turn(loaded, tokens: list[int], options: GenerationOptions, spec: ToolSpec,
-                    retries: int) -> Any:  # fmt: skip
+                    retries: int, images: tuple[bytes, ...] = ()) -> Any:  # fmt: skip
     """A ToolTurn under the spec's grammar; a plain turn for tool_choice "none"."""
     if spec.choice == "none":  # plain text, special tokens skipped as usual
-        return loaded.generate(tokens, options)
-    return ToolTurn(loaded, tokens, options, spec, retries)
+        return loaded.generate(tokens, options, **image_args(images))
+    return ToolTurn(loaded, tokens, options, spec, retries, images)
 
 
 def model_format(loaded) -> str:
@@ -220,10 +220,10 @@ class ToolTurn(GuidedTurn):
     default_max_tokens = None  # a text answer may be as long as a plain one
 
     def __init__(self, loaded, tokens: list[int], options: GenerationOptions, spec: ToolSpec,
-                 retries: int):  # fmt: skip
+                 retries: int, images: tuple[bytes, ...] = ()):  # fmt: skip
         grammar = tool_grammar(spec, getattr(loaded, "tokenizer", None))
         super().__init__(loaded, tokens, options, None, retries,
-                         guidance=Guidance("lark_grammar", grammar))  # fmt: skip
+                         guidance=Guidance("lark_grammar", grammar), images=images)  # fmt: skip
         self.spec = spec
         self._parser: StreamingToolCallParser | None = None
         self._broken = False  # this attempt's markup failed to parse: check() rejects it

@@ -98,6 +98,20 @@ class Server:
 
 
 @pytest.fixture(scope="session")
+def tiny_vl(fixture_cache) -> Path:
+    """The tiny random-weight Qwen2.5-VL checkpoint, rebuilt when converters/vision.py
+    changes (tests/integration/test_vision_*.py)."""
+    import hashlib
+
+    from converters import vision
+    from tests.support.bundles import cached_checkpoint
+
+    code = hashlib.sha256(Path(vision.__file__).read_bytes()).hexdigest()[:12]
+    target = fixture_cache / "checkpoints" / f"qwen2_5_vl-{code}"
+    return cached_checkpoint(target, vision.build_tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
 def server(served_library):
     """One server for the session (default settings, keep-alive 5m)."""
     running = Server(served_library)

@@ -140,7 +140,7 @@ def test_unknown_model_is_not_found(client):
         ({"response_format": {"type": "yaml"}}, "response_format.type"),
         ({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
-         "messages[0].content[0]"),
+         "messages[0].content[0].image_url.url"),
     ],
 )  # fmt: skip
 def test_bad_requests_are_400_naming_the_param(client, extra, param):

@@ -62,6 +62,8 @@ SEMANTIC_REFUSALS = [
     ("*", 400, "not a valid JSON Schema|uses an |has no finite instance|too large|too deep",
      "a JSON Schema inside the request: checked against the meta-schema and the guidance"),
     ("*", 400, "prefill", "the last message's role"),
+    ("*", 400, "image|not base64|data URL",
+     "a picture's bytes: no schema says a string is an image, or that a model has vision"),
     ("*", 400, "does not support thinking", "the model's chat template has no thinking section"),
     ("POST /v1/responses", 404, "Previous response", "no stored response has a generated id"),
     ("POST /api/push", 404, "", "the stand-in hub has no repositories"),

@@ -4,13 +4,11 @@ a generated picture, and pulled from the test hub as a ready bundle."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,21 +19,12 @@ from converters.convert import choose_graph
 from ortserve.errors import InvalidRequest
 from ortserve.library import Library
 from tests.hub import LocalHub
-from tests.support.bundles import cached_checkpoint
 from tests.support.http import free_port
 
 pytestmark = pytest.mark.slow
 
 REPO = "test/tiny-vl-onnx"
 VARIANT = "cpu-int4"
-
-
-@pytest.fixture(scope="module")
-def tiny_vl(fixture_cache) -> Path:
-    """The tiny Qwen2.5-VL checkpoint, rebuilt when converters/vision.py changes."""
-    code = hashlib.sha256(Path(vision.__file__).read_bytes()).hexdigest()[:12]
-    target = fixture_cache / "checkpoints" / f"qwen2_5_vl-{code}"
-    return cached_checkpoint(target, vision.build_tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,12 @@ from ortserve.engine.types import Finished, TextChunk, Usage
 from ortserve.errors import ServerBusy
 from ortserve.library import ModelInfo
 
+# What a fake vision model puts in its prompt per image (a real one: Qwen2.5-VL's
+# "<|vision_start|><|image_pad|><|vision_end|>"), and the tokens it reports per image, as a
+# real engine reports the prompt with each image's tokens expanded.
+IMAGE_PLACEHOLDER = "<img>"
+IMAGE_TOKENS = 100
+
 TEMPLATE = ChatTemplate(
     "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -63,6 +69,8 @@ class FakeLoaded:
         self.load_duration_ns = 777
         self.provider = "webgpu"
         self.parameters = model_sampling(info.manifest.get("parameters"))  # as Resident does
+        if "vision" in info.capabilities:
+            self.image_placeholder = IMAGE_PLACEHOLDER
 
     def exceeds_context(self, text):
         return len(text) > self.context_length * 8
@@ -73,14 +81,15 @@ class FakeLoaded:
     def encode(self, text):
         return [ord(c) for c in text]  # one token per character
 
-    def generate(self, tokens, options):
+    def generate(self, tokens, options, *, images=None):
         self.runtime.generated.append((tokens, options))
+        self.runtime.images.append(images)  # None: the argument was not given
         if self.runtime.script:
             self.runtime.next_turn = FakeTurn(*self.runtime.script.pop(0))
         if self.runtime.busy:
             raise ServerBusy()
         turn = self.runtime.next_turn
-        turn.prompt_tokens = len(tokens)
+        turn.prompt_tokens = len(tokens) + IMAGE_TOKENS * len(images or ())
         self.runtime.turns.append(turn)
         return turn
 
@@ -92,6 +101,7 @@ class FakeRuntime:
         self.script: list[tuple] = []  # FakeTurn arguments, one per generate call
         self.busy = False
         self.acquired, self.released, self.unloaded, self.generated, self.turns = [], [], [], [], []
+        self.images: list = []  # the images argument of each generate call (None: not given)
         self.shutdowns = []
         self.resident: set[str] = set()  # names loaded() reports as loaded
 
@@ -150,8 +160,8 @@ def add_model(library, name, **manifest):
 class ToolLoaded(FakeLoaded):
     """FakeLoaded that takes the tool path's skip_special_tokens argument."""
 
-    def generate(self, tokens, options, skip_special_tokens=True):
-        return super().generate(tokens, options)
+    def generate(self, tokens, options, skip_special_tokens=True, **images):
+        return super().generate(tokens, options, **images)
 
 
 class ToolRuntime(FakeRuntime):
@@ -174,10 +184,10 @@ class ManyTurnsRuntime(ToolRuntime):
         loaded.context_length = self.context_length
         generate = loaded.generate
 
-        def fresh(tokens, options, skip_special_tokens=True):
+        def fresh(tokens, options, skip_special_tokens=True, **images):
             if not self.script:  # FakeLoaded.generate takes the next scripted turn
                 self.next_turn = FakeTurn(["Hel", "lo", " world"])
-            return generate(tokens, options, skip_special_tokens)
+            return generate(tokens, options, skip_special_tokens, **images)
 
         loaded.generate = fresh
         return loaded
@@ -224,6 +234,12 @@ class FakeModel(Resident):
     context_length: int = 64
     stopped: bool = False
     turns: list[tuple[list[int], object]] = field(default_factory=list)
+    images: list = field(default_factory=list)  # each generate call's images (None: not given)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if "vision" in self.capabilities:
+            self.image_placeholder = IMAGE_PLACEHOLDER
 
     def exceeds_context(self, text):
         return len(text) > self.context_length
@@ -234,10 +250,11 @@ class FakeModel(Resident):
     def encode(self, text):
         return [ord(c) for c in text]
 
-    def generate(self, tokens, options, *, skip_special_tokens=True):
+    def generate(self, tokens, options, *, skip_special_tokens=True, images=None):
         self.turns.append((tokens, options))
+        self.images.append(images)
         turn = FakeTurn(list(self.pieces))
-        turn.prompt_tokens = len(tokens)
+        turn.prompt_tokens = len(tokens) + IMAGE_TOKENS * len(images or ())
         return turn
 
     def embed(self, texts, truncate=True, dimensions=None):

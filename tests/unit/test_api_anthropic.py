@@ -258,7 +258,7 @@ def test_schema_errors_name_the_field(client, change, param):
 @pytest.mark.parametrize(
     ("content", "message"),
     [([{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "x"}}],
-      "messages[0].content[0]: image blocks are not supported"),
+      "messages[0].content[0].source.data: not base64"),
      ([{"type": "tool_use", "id": "t", "name": "f", "input": {}}],
       "messages[0].content[0]: unsupported content block 'tool_use' in a user"),
      ([{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image"}]}],

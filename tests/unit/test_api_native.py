@@ -355,15 +355,9 @@ def test_think_on_a_model_without_a_thinking_section_is_400(client, runtime, rou
 @pytest.mark.parametrize(
     "route, extra, field",
     [
-        ("/api/generate", {"images": ["aGk="]}, "images"),
         ("/api/generate", {"suffix": "end"}, "suffix"),
         ("/api/generate", {"template": "{{ .Prompt }}"}, "template"),
         ("/api/generate", {"context": [1, 2]}, "context"),
-        (
-            "/api/chat",
-            {"messages": [{"role": "user", "content": "x", "images": ["aGk="]}]},
-            "messages[0].images",
-        ),
     ],
 )
 def test_later_features_are_refused_not_ignored(client, runtime, route, extra, field):

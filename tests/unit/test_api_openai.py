@@ -266,13 +266,14 @@ def test_schema_errors_name_the_param(client, body, param):
     assert error["param"] == param
 
 
-def test_image_parts_are_refused(client):
+def test_broken_image_parts_are_refused(client):
+    """(tests/unit/test_image_requests.py: images on every protocol)"""
     content = [{"type": "text", "text": "what is this?"},
                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]  # fmt: skip
     body = {"model": "tiny", "messages": [{"role": "user", "content": content}]}
     error = openai_error(client.post("/v1/chat/completions", json=body), 400)
-    assert error["param"] == "messages[0].content[1]"
-    assert "images" in error["message"]
+    assert error["param"] == "messages[0].content[1].image_url.url"
+    assert "not an image" in error["message"]
 
 
 def test_malformed_assistant_tool_calls_are_400(client):

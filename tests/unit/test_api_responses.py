@@ -164,7 +164,7 @@ def test_function_calls_and_their_outputs_become_tool_turns(client, runtime):
         ([{"type": "function_call_output", "call_id": "c"}], "input[0].output"),
         (
             [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}],
-            "input[0].content[0]",
+            "input[0].content[0].image_url",
         ),
         ([{"role": "user", "content": [{"type": "input_text"}]}], "input[0].content[0].text"),
         ([{"role": "user"}], "input[0].content"),

@@ -62,7 +62,7 @@ def test_the_keep_alive_pattern_refuses_what_parse_duration_refuses(value):
 def test_rules_the_code_enforces_are_in_the_document():
     schemas = document()["components"]["schemas"]
     images = schemas["generate"]["properties"]["images"]
-    assert images["allOf"] == [{"maxItems": 0, CHECKED_BY_CODE: True}]  # "not supported yet"
+    assert images["allOf"] == [{"maxItems": 8, CHECKED_BY_CODE: True}]  # images.MAX_IMAGES
     model = schemas["chat"]["properties"]["model"]
     assert model == {"$ref": "#/components/schemas/common/$defs/model_name"}
     needs_tools = schemas["messages"]["$defs"]["tool_choice_needs_tools"]

@@ -49,7 +49,7 @@ function absorb(message, line) {
   };
 }
 
-// Reads a dropped image as Ollama's base64 (no data: prefix). Used only for vision models.
+// Reads an image file as Ollama's base64 (no data: prefix). Used only for vision models.
 function readImage(file) {
   return new Promise((resolve, reject) => {
     const reader = new FileReader();
@@ -57,6 +57,20 @@ function readImage(file) {
     reader.onerror = () => reject(reader.error);
     reader.readAsDataURL(file);
   });
+}
+
+// Shows base64 kept without its type: browsers sniff an image's real format (PNG, JPEG, GIF,
+// WebP) whatever image/ type the URL names. data: images are allowed by the page's CSP.
+function imageURL(base64) {
+  return `data:image/png;base64,${base64}`;
+}
+
+function Thumbnails({ images, label, onRemove }) {
+  return html`<ul class="thumbnails" aria-label=${label}>
+    ${images.map((image, i) => html`<li key=${i}><img src=${imageURL(image)} alt=${`Image ${i + 1}`} />
+      ${onRemove && html`<button type="button" class="icon" aria-label=${`Remove image ${i + 1}`}
+        onClick=${() => onRemove(i)}>×</button>`}</li>`)}
+  </ul>`;
 }
 
 export function Chat({ models }) {
@@ -218,10 +232,10 @@ function Controls({ models, model, modelName, onModel, settings: s }) {
           onChange=${(e) => s.setThink(e.target.checked)} /> Think</label>`}
       ${can(model, "tools") && html`<label class="check"><input type="checkbox" checked=${s.tools}
           name="tools" onChange=${(e) => s.setTools(e.target.checked)} /> Tool demo (get_weather)</label>`}
-      <label class="check"><input type="checkbox" checked=${s.json}
+      <label class="check"><input type="checkbox" checked=${s.json} name="json"
         onChange=${(e) => s.setJson(e.target.checked)} /> JSON output</label>
       ${s.json && html`<label class="wide">JSON schema (empty: any JSON)
-        <textarea rows="3" value=${s.schema} onInput=${(e) => s.setSchema(e.target.value)}
+        <textarea rows="3" name="schema" value=${s.schema} onInput=${(e) => s.setSchema(e.target.value)}
           placeholder='{"type": "object", "properties": {"answer": {"type": "string"}}}'></textarea>
       </label>`}
       <details class="wide options">
@@ -267,6 +281,7 @@ function Message({ message, busy, onResend }) {
     <span class="role">${message.role === "user" ? "You" : "Assistant"}</span>
     ${message.thinking && html`<details class="thinking"><summary>Thinking</summary>
       <div class="thought">${message.thinking}</div></details>`}
+    ${message.images?.length > 0 && html`<${Thumbnails} images=${message.images} label="Images" />`}
     ${message.content && html`<div class="markdown" dangerouslySetInnerHTML=${{ __html: markdown(message.content) }}></div>`}
     ${(message.tool_calls || []).map((call, i) => html`<div class="card tool-call" key=${i}>
       <strong>Tool call</strong> ${call.function?.name}
@@ -280,27 +295,40 @@ function Message({ message, busy, onResend }) {
 function Composer({ busy, vision, disabled, onSend, onStop }) {
   const [text, setText] = useState("");
   const [images, setImages] = useState([]);
+  const picker = useRef(null);
+  const attached = vision ? images : []; // a model without vision is sent none
   function submit(event) {
     event.preventDefault();
-    if (busy || disabled || (!text.trim() && !images.length)) return;
-    onSend(text.trim(), images);
+    if (busy || disabled || (!text.trim() && !attached.length)) return;
+    onSend(text.trim(), attached);
     setText("");
     setImages([]);
   }
-  // The hook for vision models: images dropped on the composer go with the next message.
-  async function drop(event) {
+  // For vision models: images dropped on the composer or picked with "Attach image" (the
+  // keyboard's way) go with the next message.
+  async function attach(files) {
+    const read = await Promise.all([...files].filter((f) => f.type.startsWith("image/")).map(readImage));
+    setImages((old) => [...old, ...read]);
+  }
+  function drop(event) {
     if (!vision) return;
     event.preventDefault();
-    const files = [...event.dataTransfer.files].filter((f) => f.type.startsWith("image/"));
-    setImages([...images, ...(await Promise.all(files.map(readImage)))]);
+    attach(event.dataTransfer.files);
+  }
+  function picked(event) {
+    attach([...event.target.files]);
+    event.target.value = ""; // so that picking the same file again is a change too
   }
   return html`
     <form class="composer" onSubmit=${submit} onDragOver=${(e) => vision && e.preventDefault()} onDrop=${drop}>
+      ${attached.length > 0 && html`<${Thumbnails} images=${attached} label="Attached images"
+        onRemove=${(i) => setImages(images.filter((_, j) => j !== i))} />`}
       <label class="visually-hidden" for="prompt">Message</label>
       <textarea id="prompt" rows="2" value=${text} placeholder=${vision ? "Message (drop images here)" : "Message"}
         onInput=${(e) => setText(e.target.value)}
         onKeyDown=${(e) => e.key === "Enter" && !e.shiftKey && submit(e)}></textarea>
-      ${images.length > 0 && html`<span class="attached">${images.length} image(s) attached</span>`}
+      ${vision && html`<button type="button" class="secondary" onClick=${() => picker.current.click()}>Attach image</button>
+        <input ref=${picker} type="file" name="images" accept="image/*" multiple hidden onChange=${picked} />`}
       ${busy
         ? html`<button type="button" class="stop" onClick=${onStop}>Stop</button>`
         : html`<button type="submit" disabled=${disabled}>Send</button>`}
