@@ -13,11 +13,15 @@ the machine (CPU, cores, load average at the start and the end):
            weights, alternated in one process ("n/a: why" when llama.cpp is not installed)
   engine   benchmarks/engine_bench.py: aggregate tokens/s of 4/8/16 mixed-length streams over
            one stream, late-arrival TTFT over solo, second-turn TTFT over first
+  spec     benchmarks/spec_bench.py: ortserve's loop with speculative decoding (prompt-lookup
+           drafts) vs without, same bundle, alternated: copy-heavy greedy decode, sampled
+           decode, 4 streams
   convert, adapter   (only with --with): benchmarks/convert_bench.py, adapter_bench.py
 
 A missing or failing benchmark prints "n/a: <why>" on its lines; the rest still run.
 
-    python benchmarks/bench.py [--quick] [--only serve,graph,peer,engine] [--with convert,adapter]
+    python benchmarks/bench.py [--quick] [--only serve,graph,peer,engine,spec]
+                               [--with convert,adapter]
                                [--keep .cache/bench] [--json F] [--update-docs]
 """
 
@@ -41,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-SECTIONS = ("serve", "graph", "peer", "engine")
+SECTIONS = ("serve", "graph", "peer", "engine", "spec")
 EXTRAS = ("convert", "adapter")
 DOCS = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -53,6 +57,7 @@ ARGS: dict[str, tuple[list[str], list[str]]] = {
     "graph": (["--rounds", "5", "--new-tokens", "128"], ["--rounds", "1", "--new-tokens", "16"]),
     "engine": (["--configs", "after"],
                ["--configs", "after", "--new-tokens", "16", "--no-http"]),
+    "spec": (["--rounds", "5", "--new-tokens", "256"], ["--rounds", "1", "--new-tokens", "16"]),
     "convert": ([], ["--no-verify"]),
     "adapter": ([], []),
 }  # fmt: skip
@@ -60,8 +65,8 @@ PEER = (
     {"rounds": 5, "new_tokens": 128, "pure": True},
     {"rounds": 1, "new_tokens": 16, "pure": False},
 )
-TIMEOUT = {"serve": 900, "graph": 1800, "peer": 1200, "engine": 1800, "convert": 3600,
-           "adapter": 3600}  # fmt: skip
+TIMEOUT = {"serve": 900, "graph": 1800, "peer": 1200, "engine": 1800, "spec": 1200,
+           "convert": 3600, "adapter": 3600}  # fmt: skip
 
 
 # -- the table -----------------------------------------------------------------------------
@@ -483,6 +488,31 @@ def engine_rows(result: dict) -> list[Row]:
     return [*aggregate_rows(data), late, *turns]
 
 
+SPEC_LINES = {  # spec_bench.py's lines: what was decoded, and the goal (issue 26)
+    "copy": ("decode tok/s, 1 stream, copy-heavy greedy (output that repeats): speculation on / "
+             "off, same bundle", ">= 1.8"),
+    "sampled": ("decode tok/s, 1 stream, sampled (Ollama's defaults): speculation on / off", ""),
+    "streams": ("aggregate tok/s, 4 copy-heavy greedy streams: speculation on / off", ""),
+}  # fmt: skip
+
+
+def spec_rows(result: dict) -> list[Row]:
+    data = get(last_json(result) if "na" not in result else None, "spec") or {}
+    rows = []
+    for key, (compared, goal) in SPEC_LINES.items():
+        figures = data.get(key)
+        row = Row("spec", compared, get(figures, "ratio"), goal)
+        if figures:
+            kept = f", drafts kept {figures.get('accepted')}/{figures.get('drafted')}"
+            same = f", tokens identical {figures['identical']}" if "identical" in figures else ""
+            row.figures = [f"{key}: off {figures.get('off_tps')} tok/s {figures.get('off_runs')}, "
+                           f"on {figures.get('auto_tps')} tok/s {figures.get('auto_runs')}"
+                           f"{kept}{same}"]  # fmt: skip
+        row.na = "" if row.value is not None else result.get("na", "no figures")
+        rows.append(row)
+    return rows
+
+
 def extra_rows(name: str, result: dict) -> list[Row]:
     data = last_json(result) if "na" not in result else None
     if name == "convert":
@@ -580,6 +610,9 @@ def main() -> None:
     if "engine" in only:
         results["engine"] = run_script("engine", HERE / "engine_bench.py",
                                        [*ARGS["engine"][pick], "--keep", str(keep)], logs)  # fmt: skip
+    if "spec" in only:
+        results["spec"] = run_script("spec", HERE / "spec_bench.py",
+                                     [*ARGS["spec"][pick], "--keep", str(keep)], logs)  # fmt: skip
     for name in extras:
         script = HERE / f"{name}_bench.py"
         results[name] = run_script(name, script, [*ARGS[name][pick], "--keep", str(keep)], logs)
@@ -589,6 +622,7 @@ def main() -> None:
         *graph_rows(results.get("graph", skipped)),
         *peer_rows(results.get("peer", skipped), results.get("serve", skipped)),
         *engine_rows(results.get("engine", skipped)),
+        *spec_rows(results.get("spec", skipped)),
     ]
     for name in extras:
         rows += extra_rows(name, results[name])

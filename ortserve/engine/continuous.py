@@ -18,7 +18,10 @@ steps:
   batch buffer, starting after the longest prefix kept from an earlier turn (kvcache.py);
 - each step then decodes one token for every prefilled row in one forward pass;
 - a finished row leaves at once (the last row moves into its place) and its keys and values
-  are kept for the conversation's next turn.
+  are kept for the conversation's next turn;
+- with speculation on (ORTSERVE_SPECULATION=auto), a row may take several tokens in a step:
+  drafts looked up in its own prompt and output (speculation.py) are verified in one forward
+  pass with the logits of every fed position, and the tokens the model agrees with are kept.
 
 The interface is og.Engine's (create_request, run; Request.begin_turn / cancel_turn / close;
 events with flags, token, finish_reason, usage), as engine/adapters.py's GeneratorEngine, so
@@ -40,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ortserve.engine import speculation
 from ortserve.engine.adapters import GeneratorEvent, GeneratorTurn, GeneratorUsage
 from ortserve.engine.kvcache import KVStore
 from ortserve.engine.logprobs import step_logprobs
@@ -57,6 +61,7 @@ _LENGTH_STEP = 256  # the batch buffer grows its length in these steps (a growth
 _KEEP_MIN = 32
 _PLAIN_INPUTS = {"input_ids", "attention_mask", "past_key_names", "past_value_names"}
 _PLAIN_OUTPUTS = {"logits", "present_key_names", "present_value_names"}
+_TAIL_INPUT = "ortserve_logit_starts"  # a pruned graph's input: -(the positions it keeps)
 
 
 def graph_form(bundle: Path) -> str:
@@ -172,17 +177,24 @@ class DecoderGraph:
         """Bytes of keys and values one token holds across all layers."""
         return len(self.past) * self.kv_heads * self.head_size * np.dtype(self.kv_type).itemsize
 
-    def forward(self, ids: np.ndarray, mask: np.ndarray, block: KVBlock) -> np.ndarray:
-        """Logits [rows, tokens, vocab]; keys and values are written into `block` in place."""
+    def forward(
+        self, ids: np.ndarray, mask: np.ndarray, block: KVBlock, positions: int = 1
+    ) -> np.ndarray:
+        """Logits [rows, positions, vocab] of the last `positions` fed tokens (every fed
+        token's on an unpruned graph); keys and values are written into `block` in place."""
         ids_name, mask_name, logits_name = self.names
         if block.binding is None:
             block.binding = self._bind(block.arrays)
         binding = block.binding
         binding.bind_cpu_input(ids_name, np.ascontiguousarray(ids, dtype=self.ids_type))
         binding.bind_cpu_input(mask_name, np.ascontiguousarray(mask, dtype=self.mask_type))
+        if self.last_only:
+            positions = min(max(1, positions), ids.shape[1])
+            binding.bind_cpu_input(_TAIL_INPUT, np.asarray([-positions], dtype=np.int64))
+        else:
+            positions = ids.shape[1]
         # A fresh array each pass (the caller keeps it), written by the session directly:
         # reading it back through get_outputs() would wrap every cache output too.
-        positions = 1 if self.last_only else ids.shape[1]
         logits = np.empty((ids.shape[0], positions, self.logits_width), dtype=self.logits_type)
         binding.bind_output(logits_name, "cpu", 0, logits.dtype, logits.shape, logits.ctypes.data)
         self.session.run_with_iobinding(binding)
@@ -203,12 +215,14 @@ class DecoderGraph:
 
 
 def _last_token_logits(graph: Path, logits: str) -> bytes | None:
-    """The graph with its LM head applied to the last position only, or None.
+    """The graph with its LM head applied to the last few positions only, or None.
 
     The builder's graph computes logits for every position of a prefill, and the loop only
-    ever reads the last one: on a small model with a 152k vocabulary the LM head is most of
-    a prefill's work. A Slice before the head's MatMul keeps the last position. It needs
-    the onnx package (the `convert` extra); without it the graph runs as it is.
+    ever reads the last one, or a speculating row's last few (its verified drafts): on a
+    small model with a 152k vocabulary the LM head is most of a prefill's work. A Slice
+    before the head's MatMul keeps the last N positions, N -1 times the extra input
+    _TAIL_INPUT. It needs the onnx package (the `convert` extra); without it the graph
+    runs as it is.
     """
     try:
         import onnx
@@ -223,19 +237,20 @@ def _last_token_logits(graph: Path, logits: str) -> bytes | None:
     if head is None or head.op_type not in ("MatMul", "MatMulNBits"):
         return None
     hidden, last = head.input[0], "/ortserve/last_position/output_0"
-    constants = {"/ortserve/last_position/starts": -1, "/ortserve/last_position/ends": 2**62,
-                 "/ortserve/last_position/axes": 1}  # fmt: skip
+    constants = {"/ortserve/last_position/ends": 2**62, "/ortserve/last_position/axes": 1}
     for name, value in constants.items():
         model.graph.initializer.append(
             helper.make_tensor(name, onnx.TensorProto.INT64, [1], [value])
         )
+    model.graph.input.append(helper.make_tensor_value_info(_TAIL_INPUT, onnx.TensorProto.INT64,
+                                                           [1]))  # fmt: skip
     at = list(model.graph.node).index(head)  # the node order stays topological
-    model.graph.node.insert(at, helper.make_node("Slice", [hidden, *constants], [last],
-                                                 name="/ortserve/last_position"))  # fmt: skip
+    model.graph.node.insert(at, helper.make_node("Slice", [hidden, _TAIL_INPUT, *constants],
+                                                 [last], name="/ortserve/last_position"))  # fmt: skip
     head.input[0] = last
     for output in model.graph.output:
         if output.name == logits and len(output.type.tensor_type.shape.dim) == 3:
-            output.type.tensor_type.shape.dim[1].dim_value = 1  # one position, not the prompt's
+            output.type.tensor_type.shape.dim[1].dim_param = "logit_positions"
     return model.SerializeToString()
 
 
@@ -355,6 +370,8 @@ class ContinuousRequest:
         self.reused = 0  # prompt tokens whose keys and values came from a kept turn
         self.seen: np.ndarray | None = None  # sorted ids the repetition penalty applies to
         self.rng: np.random.Generator | None = None
+        self.lookup: speculation.PromptLookup | None = None  # drafts' source, when speculating
+        self.drafting: speculation.DraftLength | None = None
 
     def begin_turn(self, tokens: np.ndarray, turn: ContinuousTurn) -> int:
         self.prompt = np.asarray(tokens, dtype=np.int32).reshape(-1)
@@ -373,8 +390,12 @@ class ContinuousRequest:
 class ContinuousEngine:
     """og.Engine's interface over a builder graph; turns join and leave at any step."""
 
-    def __init__(self, graph: DecoderGraph, capacity: int, store: KVStore):
+    def __init__(
+        self, graph: DecoderGraph, capacity: int, store: KVStore, speculative: str = "auto"
+    ):
         self.graph = graph
+        self.speculate = speculative != "off"  # prompt-lookup drafts (speculation.py)
+        self.drafted = self.accepted = 0  # draft tokens proposed and kept, since the start
         self.capacity = capacity
         self.store = store
         self.cache = BatchCache(graph, capacity)
@@ -469,6 +490,8 @@ class ContinuousEngine:
             request.seen = np.unique(ids[(ids >= 0) & (ids < self.graph.vocab_size)])
         if search.get("do_sample"):
             request.rng = np.random.default_rng(request.turn.seed)
+        if self.speculate:
+            request.lookup, request.drafting = speculation.PromptLookup(), speculation.DraftLength()
         if not self.store.enabled:
             return
         entry, length = self.store.match(request.prompt, minimum=_KEEP_MIN)
@@ -490,33 +513,99 @@ class ContinuousEngine:
         return logits[0, -1]
 
     def _decode(self, events: list[GeneratorEvent]) -> None:
-        """One token for every decoding row, in one forward pass."""
+        """One token for every decoding row, in one forward pass; rows with drafts get them
+        verified too (speculation.py). A row alone feeds its token and drafts in that pass.
+        Among others it cannot: onnxruntime's CPU GroupQueryAttention takes several tokens
+        per row only in a batch of one row. So the shared pass feeds every row its token,
+        and a row whose first draft that pass confirmed feeds its drafts in a pass of its own
+        (a one-row chunk, like a prefill's) right after."""
         rows = self.rows
+        drafts = [self._drafts(request) for request in rows]
         lengths = np.fromiter((len(r.context) for r in rows), dtype=np.int64, count=len(rows))
-        width = int(lengths.max()) + 1
-        self.cache.reserve(len(rows) + (1 if self.queue and self.queue[0].started else 0), width)
-        ids = np.fromiter((r.next_token for r in rows), dtype=np.int64, count=len(rows))
-        # row i attends to its own tokens and the one fed now; GroupQueryAttention reads
-        # each row's length from this mask, so shorter rows are never padded into
-        mask = np.arange(width)[None, :] <= lengths[:, None]
-        logits = self.graph.forward(ids[:, None], mask, self.cache.view(0, len(rows)))
+        longest = max(int(n) + 1 + len(d) for n, d in zip(lengths, drafts))
+        self.cache.reserve(len(rows) + (1 if self.queue and self.queue[0].started else 0),
+                           longest)  # fmt: skip
+        if len(rows) == 1 and drafts[0]:
+            logits = self._feed(0, [rows[0].next_token, *drafts[0]])
+        else:
+            width = int(lengths.max()) + 1
+            ids = np.fromiter((r.next_token for r in rows), dtype=np.int64, count=len(rows))
+            # row i attends to its own tokens and the one fed now; GroupQueryAttention reads
+            # each row's length from this mask, so shorter rows are never padded into
+            mask = np.arange(width)[None, :] <= lengths[:, None]
+            logits = self.graph.forward(ids[:, None], mask, self.cache.view(0, len(rows)))
         finished = []
         for i, request in enumerate(list(rows)):
-            request.context.append(request.next_token)
-            event, done = self._advance(request, logits[i, -1])
-            events.append(event)
-            if done:
+            if self._take(i, request, logits[i], drafts[i], events):
                 finished.append(request)
         for request in finished:
             self._leave(request, keep=True)
 
+    def _take(
+        self, row: int, request: ContinuousRequest, logits: np.ndarray, drafts: list[int],
+        events: list[GeneratorEvent],
+    ) -> bool:  # fmt: skip
+        """A row's tokens from its logits (one per fed position) and, when its drafts hold
+        beyond what those logits reach, from a pass of its own over the drafts. True when
+        the turn ended."""
+        done, kept = self._accept(request, logits, drafts, events)
+        if not done and kept == len(logits) <= len(drafts):
+            more = self._feed(row, drafts[kept - 1 :])  # the confirmed drafts' last, the rest
+            done, further = self._accept(request, more[0], drafts[kept:], events)
+            kept += further
+        if drafts:
+            accepted = min(kept, len(drafts))
+            request.drafting.update(len(drafts), accepted)
+            self.drafted, self.accepted = self.drafted + len(drafts), self.accepted + accepted
+        return done
+
+    def _accept(
+        self, request: ContinuousRequest, logits: np.ndarray, drafts: list[int],
+        events: list[GeneratorEvent],
+    ) -> tuple[bool, int]:  # fmt: skip
+        """Tokens from successive fed positions' logits: each position's own token, going on
+        while that token is the draft fed after it. (Whether the turn ended, positions whose
+        token was their draft.) Rejected drafts' keys and values stay in the row past its
+        length, where the tokens fed later write over them."""
+        for j in range(len(logits)):
+            request.context.append(request.next_token)  # the token fed at position j
+            draft = drafts[j] if j < len(drafts) else None
+            event, done = self._advance(request, logits[j], draft)
+            events.append(event)
+            matched = draft is not None and event.token == draft
+            if done or not matched:
+                return done, j + int(matched)
+        return False, len(logits)
+
+    def _feed(self, row: int, tokens: list[int]) -> np.ndarray:
+        """One row alone feeds `tokens` after its context: their logits, [1, n, vocab]."""
+        total = len(self.rows[row].context) + len(tokens)
+        self.cache.reserve(len(self.rows), total)
+        ids = np.asarray(tokens, dtype=np.int64)[None, :]
+        mask = np.ones((1, total), dtype=np.int64)
+        return self.graph.forward(ids, mask, self.cache.view(row, row + 1), len(tokens))
+
+    def _drafts(self, request: ContinuousRequest) -> list[int]:
+        """A row's draft tokens for this step, within its token and context budgets."""
+        if request.drafting is None:
+            return []
+        room = min(request.turn.max_generated - request.generated - 1,
+                   self.graph.context_length - len(request.context) - 1)  # fmt: skip
+        k = min(request.drafting.wanted(), room)
+        if k <= 0:
+            return []
+        lookup = request.lookup
+        lookup.extend(request.context[len(lookup.tokens) :])
+        return lookup.draft(request.next_token, k)
+
     def _advance(
-        self, request: ContinuousRequest, logits: np.ndarray
+        self, request: ContinuousRequest, logits: np.ndarray, draft: int | None = None
     ) -> tuple[GeneratorEvent, bool]:
-        """Choose the next token from a row's logits: its event, and whether the turn ended."""
+        """Choose the next token from a row's logits (at a drafted position, by speculative
+        sampling's rule): its event, and whether the turn ended."""
         import onnxruntime_genai as og
 
-        token = choose(logits, request.turn.search, request.seen, request.rng)
+        token = choose(logits, request.turn.search, request.seen, request.rng, draft)
         if token in self.graph.eos:
             return self._finish(request, og.FinishReason.EOS, None), True
         k = request.turn.logprobs
@@ -580,11 +669,16 @@ def _failed(request: ContinuousRequest, exc: Exception) -> GeneratorEvent:
 
 
 def choose(
-    logits: np.ndarray, search: dict, seen: np.ndarray | None, rng: np.random.Generator | None
+    logits: np.ndarray,
+    search: dict,
+    seen: np.ndarray | None,
+    rng: np.random.Generator | None,
+    draft: int | None = None,
 ) -> int:
     """The next token: repetition penalty on `seen` ids, then greedy, or top-k, temperature,
     top-p and a draw. Per row and token on the scheduler thread, so the whole vocabulary is
-    touched only by the penalty's copy and one partition (~0.5 ms at 152k)."""
+    touched only by the penalty's copy and one partition (~0.5 ms at 152k). At a drafted
+    position (`draft`), a sampled turn keeps the draft by speculative sampling's rule."""
     scores = np.asarray(logits, dtype=np.float32)
     penalty = float(search.get("repetition_penalty", 1.0))
     if seen is not None and seen.size and penalty != 1.0:
@@ -593,6 +687,14 @@ def choose(
         scores[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
     if not search.get("do_sample") or rng is None:
         return int(scores.argmax())
+    ids, probs = _distribution(scores, search)
+    if draft is not None:
+        return speculation.accept(ids, probs, draft, rng)
+    return int(ids[min(int(np.searchsorted(np.cumsum(probs), rng.random())), ids.size - 1)])
+
+
+def _distribution(scores: np.ndarray, search: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The ids a sampled turn draws from and their probabilities (top-k, temperature, top-p)."""
     ids = _candidates(scores, int(search.get("top_k", 0)))
     # temperature keeps the order: it only needs to scale the candidates
     values = scores[ids] / max(float(search.get("temperature", 1.0)), 1e-5)
@@ -604,7 +706,7 @@ def choose(
     if top_p < 1.0:
         keep = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
         ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
-    return int(ids[min(int(np.searchsorted(np.cumsum(probs), rng.random())), ids.size - 1)])
+    return ids, probs
 
 
 def _candidates(scores: np.ndarray, k: int) -> np.ndarray:

@@ -158,3 +158,18 @@ def test_extra_benchmarks_read_from_their_stdout(bench):
     assert [r.value for r in rows] == [1.1, 0.8]
     [missing] = bench.extra_rows("adapter", {"na": "adapter_bench.py failed: x"})
     assert missing.value is None and missing.na == "adapter_bench.py failed: x"
+
+
+def test_speculation_rows_read_spec_bench_figures(bench):
+    spec = {"spec": {
+        "copy": {"off_tps": 100.0, "auto_tps": 250.0, "ratio": 2.5, "drafted": 100,
+                 "accepted": 90, "identical": "5/5", "off_runs": [100.0], "auto_runs": [250.0]},
+        "sampled": {"off_tps": 90.0, "auto_tps": 88.0, "ratio": 0.978, "drafted": 10,
+                    "accepted": 1},
+    }}  # fmt: skip
+    rows = bench.spec_rows({"json": spec, "stdout": ""})
+    copy, sampled, streams = rows
+    assert (copy.value, copy.met()) == (2.5, "yes") and "identical 5/5" in copy.figures[0]
+    assert sampled.value == 0.978 and not sampled.goal
+    assert streams.value is None and streams.na
+    assert all(r.na for r in bench.spec_rows({"na": "spec_bench.py failed: boom"}))
