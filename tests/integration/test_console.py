@@ -1,20 +1,24 @@
 """The web console (/ui) and the API reference (/docs) in a real browser: Playwright driving
 Debian's chromium against a real `ortserve serve` of demo-chat (a trained model: it thinks and
-calls tools) and a pull from tests/hub.py. Each page is saved as a screenshot under
+calls tools), a pull from tests/hub.py, and a second server of the tiny random Qwen2.5-VL
+(pictures, and answers that run to the context's end, for Stop). Each page is saved as a screenshot under
 .cache/console-screenshots/ (CI keeps them); docs/images/ holds copies.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import jsonschema
 import pytest
 import requests
 
+from converters import convert, vision
 from converters.demo import build_demo_models
 from ortserve.api.console import CSP
 from ortserve.library import Library
@@ -32,6 +36,7 @@ VARIANT = "cpu-int4-rtn-block-32"
 FOREIGN = "evil.test"  # resolved to 127.0.0.1 by the browser only (--host-resolver-rules)
 KEY = "sk-console-test-key"
 TIMEOUT_MS = 60_000
+VISION = "tiny-vl:latest"  # random weights: the answer means nothing, and greedy it runs long
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +67,25 @@ def server(library, hub, tmp_path_factory):
                      HF_HUB_DISABLE_TELEMETRY="1")  # fmt: skip
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_vl):
+    """A second server: the tiny random Qwen2.5-VL (fp32), kept apart from demo-chat's so that
+    the library, running and metrics tests see only theirs."""
+    library = Library(tmp_path_factory.mktemp("console-tiny") / "models")
+    convert(tiny_vl, VISION.split(":")[0], "fp32", library=library, progress=False)
+    running = Server(library)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory) -> tuple[bytes, bytes]:
+    """Two PNGs drawn with pillow (112x84 and 56x140)."""
+    folder = tmp_path_factory.mktemp("pictures")
+    return tuple(vision.make_image(folder / f"{w}x{h}.png", (w, h)).read_bytes()
+                 for w, h in ((112, 84), (56, 140)))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +156,46 @@ def last_answer(page):
     page.wait_for_selector("form.composer button[type=submit]")
     page.wait_for_selector(".messages[aria-busy=false]")
     return page.locator(".messages > li.assistant").last
+
+
+def set_options(page, **options: float) -> None:
+    """Fills the chat's Sampling options (the fold opened first)."""
+    fold = page.locator("details.options")
+    if fold.get_attribute("open") is None:
+        fold.locator("summary").click()
+    for name, value in options.items():
+        fold.locator(f"input[name={name}]").fill(str(value))
+
+
+def drop_pngs(page, selector: str, pngs: list[bytes]) -> None:
+    """Drops PNG files on an element, as a drag and drop from the desktop does: a `drop` event
+    whose DataTransfer holds them."""
+    transfer = page.evaluate_handle(
+        """(pngs) => {
+            const transfer = new DataTransfer();
+            pngs.forEach((bytes, i) => transfer.items.add(
+                new File([new Uint8Array(bytes)], `dropped-${i}.png`, {type: "image/png"})));
+            return transfer;
+        }""",
+        [list(png) for png in pngs],
+    )
+    page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
+
+
+def stored_messages(page) -> list[dict]:
+    """The current conversation as the page keeps it (localStorage)."""
+    return page.evaluate("JSON.parse(localStorage.getItem('ortserve.conversations'))")[0][
+        "messages"
+    ]
+
+
+def throttle(page, bytes_per_second: int) -> None:
+    """Slows what the page receives (-1: not at all), as a slow network would: the tiny model
+    writes a whole answer in a fraction of a second, quicker than a person could press Stop."""
+    session = page.context.new_cdp_session(page)
+    session.send("Network.enable")
+    session.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
+                 "downloadThroughput": bytes_per_second, "uploadThroughput": -1})  # fmt: skip
 
 
 def server_answers(context, page) -> list[tuple[str, str, int]]:
@@ -297,6 +361,101 @@ def test_a_tool_call_from_the_tool_demo_is_answered_by_the_page(server, page):
     final = last_answer(page)
     assert final.locator(".markdown").inner_text().strip()  # the answer after the result
     shot(page, "chat-tools")
+
+
+def test_json_output_sends_the_schema_and_shows_an_answer_that_matches_it(server, page):
+    # "*ripe*" as Markdown would be an emphasised "ripe": the answer must be shown as written
+    schema = {"type": "object", "additionalProperties": False,
+              "required": ["colour", "ripe", "label"],
+              "properties": {"colour": {"enum": ["yellow", "green", "brown"]},
+                             "ripe": {"type": "boolean"}, "label": {"const": "*ripe*"}}}  # fmt: skip
+    open_console(page, server)
+    page.click("text=New chat")
+    page.select_option("select[name=model]", "demo-chat:latest")
+    page.check("input[name=json]")
+    page.fill("textarea[name=schema]", json.dumps(schema))
+    with page.expect_request(lambda r: r.url.endswith("/api/chat")) as sent:
+        ask(page, "What colour is a banana?")
+    answer = last_answer(page)
+    body = json.loads(sent.value.post_data)
+    assert body["format"] == schema and "think" not in body  # no thinking with a grammar
+    jsonschema.validate(json.loads(answer.locator("pre.json").inner_text()), schema)
+    jsonschema.validate(json.loads(stored_messages(page)[-1]["content"]), schema)
+    shot(page, "chat-json")
+
+
+# ---- a vision model, and a model that writes long (the tiny random ones) --------------------
+
+
+def test_images_dropped_or_attached_go_with_the_message_to_a_vision_model(
+    server, tiny, page, pictures
+):
+    open_console(page, server)
+    page.select_option("select[name=model]", "demo-chat:latest")
+    composer = page.locator("form.composer")
+    assert composer.get_by_role("button", name="Attach image").count() == 0  # no vision: no hook
+    drop_pngs(page, "#prompt", [pictures[0]])
+    assert composer.locator(".thumbnails").count() == 0
+
+    open_console(page, tiny)
+    page.select_option("select[name=model]", VISION)
+    composer.get_by_role("button", name="Attach image").wait_for()
+    assert page.get_attribute("#prompt", "placeholder") == "Message (drop images here)"
+    drop_pngs(page, "#prompt", [pictures[0]])  # by drag and drop...
+    page.set_input_files("form.composer input[name=images]",  # ...and with the keyboard's button
+                         files=[{"name": "tall.png", "mimeType": "image/png",
+                                 "buffer": pictures[1]}])  # fmt: skip
+    drop_pngs(page, "#prompt", [pictures[1]])  # one too many: removed again
+    sync_api.expect(composer.locator(".thumbnails img")).to_have_count(3)
+    composer.get_by_role("button", name="Remove image 3").click()
+    sync_api.expect(composer.locator(".thumbnails img")).to_have_count(2)
+    set_options(page, num_predict=8, temperature=0)
+    with page.expect_response(lambda r: r.url.endswith("/api/chat")) as answered:
+        ask(page, "What is in the picture?")
+    answer = last_answer(page)
+    sent = json.loads(answered.value.request.post_data)["messages"][0]["images"]
+    assert [base64.b64decode(image) for image in sent] == list(pictures)
+    assert answered.value.ok and json.loads(answered.value.text().splitlines()[-1])["done"]
+    assert answer.locator(".error").count() == 0
+    shown = page.locator(".messages > li.user .thumbnails img")
+    sync_api.expect(shown).to_have_count(2)
+    assert shown.evaluate_all("all => all.map((img) => img.naturalWidth)") == [112, 56]  # decoded
+    assert composer.locator(".thumbnails").count() == 0  # sent: the composer is empty again
+    shot(page, "chat-vision")
+
+
+def test_stop_keeps_the_partial_answer_and_the_model_takes_the_next_message(tiny, page):
+    open_console(page, tiny)
+    page.select_option("select[name=model]", VISION)
+    set_options(page, num_predict=2000, temperature=0)  # greedy: it writes to the context's end
+    whole = requests.post(tiny.url + "/api/chat", timeout=60, json={
+        "model": VISION, "messages": [{"role": "user", "content": "Hi"}], "stream": False,
+        "options": {"num_predict": 2000, "temperature": 0}}).json()["message"]["content"]  # fmt: skip
+    throttle(page, 10_000)  # ~800 NDJSON lines, ~100 kB: ten seconds
+    ask(page, "Hi")
+    answer = page.locator(".messages > li.assistant").last
+    answer.locator(".markdown").wait_for()  # the first tokens are in
+    page.click("form.composer button.stop")
+    page.wait_for_selector("form.composer button[type=submit]")
+    kept = stored_messages(page)[-1]["content"]
+    shown = answer.locator(".markdown").inner_text()
+    page.wait_for_timeout(1000)
+    assert stored_messages(page)[-1]["content"] == kept  # the stream has ended...
+    assert answer.locator(".markdown").inner_text() == shown
+    assert 0 < len(kept) < len(whole) and whole.startswith(kept)  # ...its first part kept
+    assert answer.locator(".error").inner_text() == "stopped"
+    shot(page, "chat-stopped")
+
+    throttle(page, -1)
+    set_options(page, num_predict=8)
+    with page.expect_response(lambda r: r.url.endswith("/api/chat")) as answered:
+        ask(page, "Hi again")
+    last_answer(page)
+    history = json.loads(answered.value.request.post_data)["messages"]
+    assert [m["role"] for m in history] == ["user", "assistant", "user"]
+    assert history[1]["content"] == kept
+    assert answered.value.ok and json.loads(answered.value.text().splitlines()[-1])["done"]
+    assert page.locator(".messages > li.assistant").last.locator(".error").count() == 0
 
 
 # ---- library, running, metrics -----------------------------------------------------------------

@@ -138,7 +138,7 @@ export function Chat({ models }) {
   // Streams one assistant message; returns the tool calls it made.
   async function answer(signal) {
     const conversation = update((c) => c);
-    let message = { role: "assistant", content: "", thinking: "" };
+    let message = { role: "assistant", content: "", thinking: "", json: settings.json };
     update((c) => ({ ...c, messages: [...c.messages, message] }));
     const replaceLast = (m) => update((c) => ({ ...c, messages: [...c.messages.slice(0, -1), m] }));
     try {
@@ -282,7 +282,9 @@ function Message({ message, busy, onResend }) {
     ${message.thinking && html`<details class="thinking"><summary>Thinking</summary>
       <div class="thought">${message.thinking}</div></details>`}
     ${message.images?.length > 0 && html`<${Thumbnails} images=${message.images} label="Images" />`}
-    ${message.content && html`<div class="markdown" dangerouslySetInnerHTML=${{ __html: markdown(message.content) }}></div>`}
+    ${message.content && (message.json // shown as written: as Markdown, "*a*" would lose its stars
+      ? html`<pre class="json"><code>${message.content}</code></pre>`
+      : html`<div class="markdown" dangerouslySetInnerHTML=${{ __html: markdown(message.content) }}></div>`)}
     ${(message.tool_calls || []).map((call, i) => html`<div class="card tool-call" key=${i}>
       <strong>Tool call</strong> ${call.function?.name}
       <pre><code>${JSON.stringify(call.function?.arguments ?? {}, null, 2)}</code></pre></div>`)}
