@@ -133,6 +133,11 @@ class Settings:
     # http(s) image URLs in requests are fetched (bounded in bytes and time, serving/images.py)
     # only when this is on: off, a request cannot make the server reach other hosts
     fetch_images: bool = False
+    # Images and audio in requests (serving/images.py, serving/audio.py): bounded before
+    # anything is decoded or loaded
+    max_image_bytes: int = 20 << 20
+    max_images: int = 8
+    max_audio_seconds: float = 600.0
     # Lines for the server's log: the OLLAMA_* variables read in place of unset ORTSERVE_* ones
     env_notes: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
@@ -481,8 +486,15 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("ORTSERVE_RESPONSES_STORE", "memory", "Where stored Responses API answers live: "
              "memory (this process) or library (files under ORTSERVE_MODELS, shared by "
              "processes; serve --ray's default)", "responses_store", _responses_store),
-    Variable("ORTSERVE_FETCH_IMAGES", "", "Fetch http(s) image URLs in requests (20 MiB, 10 s "
-             "each); off: only images sent in the request", "fetch_images", _flag),
+    Variable("ORTSERVE_FETCH_IMAGES", "", "Fetch http(s) image URLs in requests "
+             "(ORTSERVE_MAX_IMAGE_BYTES, 10 s each); off: only images sent in the request",
+             "fetch_images", _flag),
+    Variable("ORTSERVE_MAX_IMAGE_BYTES", "20MiB", "The largest image a request may carry "
+             "(encoded)", "max_image_bytes", _size),
+    Variable("ORTSERVE_MAX_IMAGES", "8", "Images one request may carry (a stored conversation's "
+             "included)", "max_images", _positive_int),
+    Variable("ORTSERVE_MAX_AUDIO_SECONDS", "10m", "The longest audio a transcription takes",
+             "max_audio_seconds", _positive_duration),
 )  # fmt: skip
 
 

@@ -73,7 +73,7 @@ def _request(body: dict[str, Any]) -> GenerationRequest:
     """The core's request: system and messages as template messages, tools, thinking."""
     _refuse_later(body)
     turns, names = _system(body.get("system")), {}  # names: tool_use id -> its tool's name
-    reader = ImageReader(current_state().settings.fetch_images)
+    reader = ImageReader.of(current_state().settings)
     for i, message in enumerate(body["messages"]):
         turns += _turns(i, message, names, reader)
     tools = _tools(body.get("tools"), body.get("tool_choice") or {"type": "auto"})

@@ -15,7 +15,7 @@ from typing import Any
 from flask import Blueprint, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from ortserve.api.protocol import GENERATION, Protocol, Route, json_body, text
+from ortserve.api.protocol import FILE, GENERATION, Protocol, Route, form_body, json_body, text
 from ortserve.api.state import current_state
 from ortserve.api.streaming import json_response
 from ortserve.errors import InvalidRequest, NotSupportedYet
@@ -208,16 +208,27 @@ _SCHEMAS = {
     }
 }
 
+# The form fields both routes take (transcriptions adds language), as OpenAI documents them.
+_FORM = {
+    "file": FILE,
+    "model": {"type": "string"},
+    "prompt": {"type": "string"},
+    "response_format": {"enum": ["json", "text", "srt", "vtt", "verbose_json"]},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+}
+
 PROTOCOL = Protocol(
     "audio", audio_bp, rank=21,  # errors: OpenAI's, as the owner of /v1
     generation_paths=("/v1/audio/transcriptions", "/v1/audio/translations"),
     routes=(
         Route("POST", "/v1/audio/transcriptions",
                "Speech to text (multipart/form-data: file, model, language, prompt, "
-               "response_format, temperature)", None, _RESPONSES, (*GENERATION, 413)),
+               "response_format, temperature)", None, _RESPONSES, (*GENERATION, 413),
+               form=form_body(("file", "model"), **_FORM, language={"type": "string"})),
         Route("POST", "/v1/audio/translations",
                "Speech to English text (multipart/form-data: file, model, prompt, "
-               "response_format, temperature)", None, _RESPONSES, (*GENERATION, 413)),
+               "response_format, temperature)", None, _RESPONSES, (*GENERATION, 413),
+               form=form_body(("file", "model"), **_FORM)),
     ),
     schemas=_SCHEMAS,
 )  # fmt: skip

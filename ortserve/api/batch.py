@@ -16,10 +16,12 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from ortserve.api.batchexec import LineExecutor
 from ortserve.api.protocol import (
+    FILE,
     GUARDED,
     JSON_BODY,
     Protocol,
     Route,
+    form_body,
     json_body,
     path_parameter,
     query,
@@ -155,7 +157,8 @@ _AFTER = query("after", "the id the page starts after", type="string")
 # Errors in OpenAI's shape: its paths are under /v1, which openai.PROTOCOL owns.
 PROTOCOL = Protocol("batch", batch_bp, rank=40, routes=(
     Route("POST", "/v1/files", "Upload a batch input file (JSONL, multipart/form-data)", None,
-          json_body("OpenAIFile"), (*GUARDED, 400, 413)),
+          json_body("OpenAIFile"), (*GUARDED, 400, 413),
+          form=form_body(("file", "purpose"), file=FILE, purpose={"enum": ["batch"]})),
     Route("GET", "/v1/files", "This key's files, newest first", None, json_body("OpenAIFileList"),
           (*GUARDED, 400), (query("purpose", "only files of this purpose", type="string"),
                             query("limit", "files per page", type="integer", minimum=1,

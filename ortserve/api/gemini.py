@@ -164,7 +164,7 @@ def _request(model: str, body: dict[str, Any]) -> GenerationRequest:
     """The core's request: system and contents as template messages, tools, config."""
     turns = _system(body.get("systemInstruction"))
     calls: dict[str, list[str]] = {}  # a function's name -> the ids of its calls, in order
-    reader = ImageReader()
+    reader = ImageReader.of(current_state().settings)
     for i, content in enumerate(body["contents"]):
         turns += _turns(i, content, calls, reader)
     config = body.get("generationConfig") or {}

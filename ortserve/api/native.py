@@ -119,7 +119,7 @@ def generate():
         raise InvalidRequest("raw mode does not support template, system, or context")
     if not body.get("prompt"):
         return _load_or_unload(body, "generate")
-    reader = ImageReader()
+    reader = ImageReader.of(current_state().settings)
     images = tuple(reader.base64(data, f"images[{j}]")
                    for j, data in enumerate(body.get("images") or ()))  # fmt: skip
     prompt = TextPrompt(body["prompt"], system=body.get("system"), raw=body.get("raw", False),
@@ -133,7 +133,7 @@ def chat():
     body = parsed_body("chat")
     if not body.get("messages"):
         return _load_or_unload(body, "chat")
-    reader = ImageReader()
+    reader = ImageReader.of(current_state().settings)
     messages = [_chat_message(i, m, reader) for i, m in enumerate(body["messages"])]
     prompt = ChatPrompt(messages, truncate=body.get("truncate", True))
     request = _request(body, prompt, "chat", reader)

@@ -81,7 +81,7 @@ def chat_completions():
     for field, asks in _CHAT_LATER.items():
         if field in body and asks(body[field]):
             raise NotSupportedYet(f'"{field}" is not supported yet', param=field)
-    reader = ImageReader(current_state().settings.fetch_images)
+    reader = ImageReader.of(current_state().settings)
     request = _request(body, [ChatPrompt(chat_messages(body["messages"], reader),
                                          truncate=False)], "chat")  # fmt: skip
     if reader.first:

@@ -343,11 +343,9 @@ def operation(route: Route) -> dict[str, Any]:
     if route.request is not None:
         op["requestBody"] = {"required": True,
                              "content": {"application/json": {"schema": _ref(route.request)}}}  # fmt: skip
-    elif route.path == "/v1/files" and route.method == "POST":
-        form = _object(("file", "purpose"), file={"type": "string", "format": "binary"},
-                       purpose={"enum": ["batch"]})  # fmt: skip
+    elif route.form is not None:
         op["requestBody"] = {"required": True,
-                             "content": {"multipart/form-data": {"schema": form}}}  # fmt: skip
+                             "content": {"multipart/form-data": {"schema": dict(route.form)}}}  # fmt: skip
     elif route.path.startswith("/api/blobs/") and route.method == "POST":
         op["requestBody"] = {"required": True, "content": {
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}  # fmt: skip

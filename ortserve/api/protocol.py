@@ -48,6 +48,16 @@ class Route:
     responses: Mapping[str, Any]  # success responses
     errors: tuple[int, ...] = GUARDED
     parameters: tuple[dict[str, Any], ...] = field(default=())
+    form: Mapping[str, Any] | None = None  # a multipart/form-data body's schema
+
+
+def form_body(required: tuple[str, ...], **fields: Any) -> dict[str, Any]:
+    """A multipart/form-data body: `fields` by name (a file is {"type": "string", "format":
+    "binary"}), `required` of them."""
+    return {"type": "object", "properties": fields, "required": list(required)}
+
+
+FILE = {"type": "string", "format": "binary"}
 
 
 def ref(name: str) -> dict[str, str]:

@@ -87,7 +87,7 @@ def create():
     if "previous_response_id" in body:
         stored = store.get(body["previous_response_id"], "previous_response_id")
         before = images.restored(stored.conversation)
-    reader = images.ImageReader(current_state().settings.fetch_images)
+    reader = images.ImageReader.of(current_state().settings)
     conversation = [*before, *item_messages(body["input"], "input", before, reader)]
     shape = _Shape(body, store, conversation)
     request = _request(body, conversation)

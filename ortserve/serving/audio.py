@@ -23,7 +23,7 @@ SAMPLE_RATE = 16000
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024
 # Audio one request may hold: 20 of Whisper's 30-second windows, each at most a context of
 # tokens, so a request's time is bounded too.
-MAX_AUDIO_SECONDS = 600
+MAX_AUDIO_SECONDS = 600  # ORTSERVE_MAX_AUDIO_SECONDS' default (config.py)
 # What a header may claim before it is refused outright.
 MAX_CHANNELS = 64
 MAX_SAMPLE_RATE = 384_000
@@ -83,7 +83,7 @@ def transcribe(state, request: TranscriptionRequest) -> Transcription:
     # 404 for an unknown model, 400 for one that does not hear, before decoding
     info = require(state.library, request.model, "audio",
                    "audio transcription; use a speech recognition model (Whisper)")  # fmt: skip
-    pcm = decode_audio(request.audio)
+    pcm = decode_audio(request.audio, state.settings.max_audio_seconds)
     runtime = state.runtime
     loaded = runtime.acquire(info, request.keep_alive)
     failed = True

@@ -289,7 +289,7 @@ def start(state, request: GenerationRequest) -> Exchange:
     """
     check_combinations(request)
     info = require(state.library, request.model, "completion", request.kind)
-    check_images(info, request)
+    check_images(info, request, state.settings)
     started_ns = time.perf_counter_ns()
     runtime = state.runtime
     loaded = runtime.acquire(info, request.keep_alive)
@@ -313,7 +313,7 @@ def count_tokens(state, request: GenerationRequest) -> int:
     A prompt of any length is counted: the context only limits generation.
     """
     info = require(state.library, request.model, "completion", request.kind)
-    check_images(info, request)
+    check_images(info, request, state.settings)
     loaded = state.runtime.acquire(info, request.keep_alive)
     try:
         unlimited = GenerationOptions(num_ctx=2**31 - 1)
@@ -331,7 +331,7 @@ def require(library, name: str, capability: str, kind: str) -> ModelInfo:
     return info
 
 
-def check_images(info: ModelInfo, request: GenerationRequest) -> None:
+def check_images(info: ModelInfo, request: GenerationRequest, settings) -> None:
     """Images only for a model with the vision capability (before it loads), and no more of
     them than one request may hold (a stored conversation adds its own)."""
     total = images.count(request.prompts)
@@ -341,8 +341,8 @@ def check_images(info: ModelInfo, request: GenerationRequest) -> None:
     if "vision" not in info.capabilities:
         raise InvalidRequest(f'{param}: "{info.name}" does not support images (it has no '
                              "vision capability)", param=param)  # fmt: skip
-    if total > images.MAX_IMAGES:
-        raise InvalidRequest(f"{param}: too many images: {total}, at most {images.MAX_IMAGES} "
+    if total > settings.max_images:
+        raise InvalidRequest(f"{param}: too many images: {total}, at most {settings.max_images} "
                              "per request", param=param)  # fmt: skip
 
 

@@ -84,6 +84,47 @@ CASES = {
 }  # fmt: skip
 
 
+def _png(width: int, height: int) -> str:
+    """A valid PNG of `width` x `height` pixels that is a few hundred bytes: one IDAT of a
+    zlib stream of zero rows, as decompression bombs are made (base64)."""
+    import base64
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    rows = zlib.compress(b"\0" * (1 + width) * min(height, 64), 9)  # a start: never read
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    return base64.b64encode(png).decode()
+
+
+SMALL = _png(4, 4)
+# Bad images (issue 24): refused by name, in each protocol's shape, before any model loads
+IMAGE_CASES = {
+    "ollama image to a text model": ("/api/chat", {**CHAT, "messages": [
+        {"role": "user", "content": "hi", "images": [SMALL]}]}, 400, "messages[0].images[0]:"),
+    "ollama image not base64": ("/api/chat", {**CHAT, "messages": [
+        {"role": "user", "content": "hi", "images": ["%%%"]}]}, 400, "messages[0].images[0]:"),
+    "ollama bytes not an image": ("/api/generate", {"model": "tiny-chat", "prompt": "hi",
+        "stream": False, "images": ["aGVsbG8gd29ybGQ="]}, 400, "images[0]:"),
+    "ollama decompression bomb": ("/api/generate", {"model": "tiny-chat", "prompt": "hi",
+        "stream": False, "images": [_png(100_000, 100_000)]}, 400, "images[0]:"),
+    "ollama too many images": ("/api/generate", {"model": "tiny-chat", "prompt": "hi",
+        "stream": False, "images": [SMALL] * 9}, 400, "images[8]:"),
+    "openai bomb data URL": ("/v1/chat/completions", {**OPENAI, "messages": [{"role": "user",
+        "content": [{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + _png(60_000, 60_000)}}]}]}, 400,
+        "messages[0].content[0].image_url.url:"),
+    "anthropic image to a text model": ("/v1/messages", {**ANTHROPIC, "messages": [
+        {"role": "user", "content": [{"type": "image", "source": {
+            "type": "base64", "media_type": "image/png", "data": SMALL}}]}]}, 400, None),
+}  # fmt: skip
+CASES.update({name: (*case[:3], case[3]) for name, case in IMAGE_CASES.items()})
+
+
 def _error_field(path: str, body: dict) -> str:
     """The message of an error body, checked to be in the protocol's shape."""
     if path.startswith("/api/"):
@@ -108,13 +149,27 @@ def test_a_hostile_request_is_answered_and_the_server_stays_well(server, case):
             message = _error_field(path, response.json())
             assert message.startswith(f"{field} "), message
             if not path.startswith("/api/") and path != "/v1/messages":
-                assert response.json()["error"]["param"] == field
+                assert response.json()["error"]["param"] == field.rstrip(":")
+        elif status == 400:
+            assert "image" in _error_field(path, response.json())
         listed = client.get("/api/ps")
         assert listed.status_code == 200, listed.text
         assert all(m["expires_at"] for m in listed.json()["models"])
         chat = client.post("/api/chat", json=CHAT)
         assert chat.status_code == 200, chat.text
         assert chat.json()["done"] is True
+
+
+@pytest.mark.parametrize(("name", "data"), [("not audio", b"hello world" * 10), ("empty", b"")])
+def test_audio_to_a_text_model_and_bytes_that_are_not_audio_are_400(server, name, data):
+    """Audio to a model that does not hear, and bytes that are no audio: refused by name."""
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        response = client.post("/v1/audio/transcriptions", data={"model": "tiny-chat"},
+                               files={"file": ("clip.wav", data, "audio/wav")})  # fmt: skip
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] in ("model", "file") and error["type"] == "invalid_request_error"
+        assert client.post("/api/chat", json=CHAT).status_code == 200
 
 
 def test_a_forever_keep_alive_shows_in_ps_and_the_cli(server):

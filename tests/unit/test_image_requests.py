@@ -299,16 +299,22 @@ def test_bad_images_are_400_naming_the_field(client, runtime, protocol, why):
     assert runtime.acquired == []  # refused before the model loads
 
 
+def client_with(library, runtime, **settings):
+    """A client of an app whose settings (ORTSERVE_MAX_IMAGE_BYTES, ...) are `settings`."""
+    return create_app(Settings(models=library.root, **settings), runtime=runtime).test_client()
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_too_large_images_are_400(client, runtime, protocol, monkeypatch):
-    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", len(PNG) - 1)
+def test_too_large_images_are_400(library, runtime, protocol):
+    client = client_with(library, runtime, max_image_bytes=len(PNG) - 1)
     message, _ = refusal(protocol, ask(client, protocol))
     assert message.startswith(f"{FIELDS[protocol]}: image too large"), message
+    assert "ORTSERVE_MAX_IMAGE_BYTES" in message
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_more_images_than_a_request_may_hold_are_400(client, runtime, protocol, monkeypatch):
-    monkeypatch.setattr(images, "MAX_IMAGES", 1)
+def test_more_images_than_a_request_may_hold_are_400(library, runtime, protocol):
+    client = client_with(library, runtime, max_images=1)
     if protocol in ("chat", "generate"):
         extra = {"images": [B64, B64]}
     else:
@@ -336,9 +342,9 @@ def _twice(client, protocol: str, part: dict):
     return client.post("/v1beta/models/eye:generateContent", json=body)
 
 
-def test_the_count_covers_a_stored_conversation_too(client, runtime, monkeypatch):
+def test_the_count_covers_a_stored_conversation_too(library, runtime):
+    client = client_with(library, runtime, max_images=1)
     first = ask(client, "responses").get_json()
-    monkeypatch.setattr(images, "MAX_IMAGES", 1)
     follow = {"model": "eye", "previous_response_id": first["id"],
               "input": [{"role": "user", "content": [with_image("responses", B64)]}]}  # fmt: skip
     error = openai_error(client.post("/v1/responses", json=follow), 400)
@@ -458,8 +464,8 @@ def test_urls_are_fetched_when_fetching_is_on(fetching, runtime, picture_server,
     assert runtime.images == [(PNG,)]
 
 
-def test_fetching_is_bounded_in_bytes_and_time(fetching, runtime, picture_server, monkeypatch):
-    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 32 << 10)
+def test_fetching_is_bounded_in_bytes_and_time(library, runtime, picture_server, monkeypatch):
+    fetching = client_with(library, runtime, fetch_images=True, max_image_bytes=32 << 10)
     big = ask(fetching, "openai", URL_PARTS["openai"](f"{picture_server}/big.png"))
     assert "image too large" in openai_error(big, 400)["message"]
     monkeypatch.setattr(images, "FETCH_TIMEOUT", 0.5)
