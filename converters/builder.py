@@ -129,6 +129,10 @@ def _transformers_version() -> str:
 
 def adapt_config(config: Any) -> None:
     """Give a transformers 4.x config the layout the builder reads (see the module doc)."""
+    text = getattr(config, "text_config", None)
+    if text is not None and "rope_scaling" in vars(text) and text.rope_scaling is None:
+        # gemma3's text_config: the builder copies its keys up, a None rope_scaling included
+        adapt_config(text)
     if not isinstance(getattr(config, "rope_parameters", None), dict):
         scaling = dict(getattr(config, "rope_scaling", None) or {})
         rope_type = scaling.get("rope_type") or scaling.get("type") or "default"

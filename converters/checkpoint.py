@@ -23,7 +23,7 @@ DECODERS = {
 # Encoders are exported through sentence-transformers, which keeps pooling and normalisation.
 ENCODERS = {"bert", "mpnet", "roberta", "xlm-roberta"}
 # Vision-language model_type -> og's multimodal pipeline type (converters/vision.py).
-VISION = {"qwen2_5_vl": "qwen2_5_vl"}
+VISION = {"qwen2_5_vl": "qwen2_5_vl", "gemma3": "gemma3"}
 # Speech recognition model_type -> og's model type (converters/speech.py).
 SPEECH = {"whisper": "whisper"}
 

@@ -1,4 +1,5 @@
-"""Vision-language checkpoints -> ORT GenAI's multimodal bundle (Qwen2.5-VL).
+"""Vision-language checkpoints -> ORT GenAI's multimodal bundle (Qwen2.5-VL here; Gemma 3's
+own parts in converters/gemma3_vision.py, picked by `_family`).
 
 og 0.18 runs a vision-language model as three ONNX graphs and a processor configuration:
 
@@ -84,6 +85,9 @@ def build_graphs(
     from converters.builder import build_decoder, extra_options
     from converters.isolated import run_isolated
 
+    family = _family(checkpoint.config)
+    if hasattr(family, "check"):
+        family.check(checkpoint.config)  # before the builder's minutes
     built = staged / "built"
     options = {**extra_options(opts.precision, opts.provider, block_size=opts.block_size),
                "exclude_embeds": "true"}  # fmt: skip
@@ -93,7 +97,8 @@ def build_graphs(
             provider=opts.provider, options=options,
             trust_remote_code=opts.trust_remote_code,
         )  # fmt: skip
-        run_isolated("export", export_encoders, checkpoint.path, bundle, vision_dtype(opts))
+        run_isolated("export", family.export_encoders, checkpoint.path, bundle,
+                     vision_dtype(opts))  # fmt: skip
     with reporter.step("quantize"):
         # the builder quantized the decoder as it built it; the vision encoder stays in
         # floating point (fp16 for an fp16 bundle), as og's published bundles keep it
@@ -119,12 +124,29 @@ def assemble(checkpoint: Checkpoint, bundle: Path, provider: str) -> dict[str, A
     for name in PREPROCESSOR_FILES:
         if (checkpoint.path / name).is_file():
             shutil.copyfile(checkpoint.path / name, bundle / name)
-    image = image_settings(checkpoint.path)
-    write_json(bundle / PROCESSOR_CONFIG, processor_config(image))
+    family = _family(checkpoint.config)
+    image = family.image_settings(checkpoint.path)
+    write_json(bundle / PROCESSOR_CONFIG, family.processor_config(image))
     genai = complete_builder_config(bundle, checkpoint.path, provider)
-    genai["model"].update(pipeline_sections(checkpoint.config, genai["model"], image))
+    if family.__name__ == __name__:
+        genai["model"].update(pipeline_sections(checkpoint.config, genai["model"], image))
+    else:
+        session = genai["model"]["decoder"].get("session_options") or {
+            "log_id": "onnxruntime-genai", "provider_options": []}  # fmt: skip
+        genai["model"].update(family.pipeline_sections(checkpoint.config, session))
     write_json(bundle / "genai_config.json", genai)
     return genai
+
+
+def _family(config: dict[str, Any]):
+    """The module with a family's own parts: this one (Qwen2.5-VL) or converters/gemma3_vision."""
+    import sys
+
+    if config.get("model_type") == "gemma3":
+        import converters.gemma3_vision
+
+        return converters.gemma3_vision
+    return sys.modules[__name__]
 
 
 def pipeline_sections(
@@ -217,9 +239,14 @@ def export_encoders(checkpoint: Path, bundle: Path, dtype: str = "fp32") -> None
     vision_encoder, embedding_stage = _modules()
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
     vision = vision_encoder(model.model.visual).to(torch_dtype).eval()
-    embedding = embedding_stage(model.get_input_embeddings(), config.image_token_id).eval()
+    # og passes the vision graph's features and the embedding graph's output on as they are:
+    # one dtype for all three graphs, the decoder's (an fp16 bundle failed otherwise)
+    embedding = embedding_stage(model.get_input_embeddings(), config.image_token_id)
+    embedding = embedding.to(torch_dtype).eval()
     _export_vision(vision, bundle / VISION_FILE, torch_dtype)
-    _export_embedding(embedding, bundle / EMBEDDING_FILE, config.vision_config.out_hidden_size)
+    _export_embedding(
+        embedding, bundle / EMBEDDING_FILE, config.vision_config.out_hidden_size, torch_dtype
+    )
 
 
 def _export_vision(vision, path: Path, torch_dtype) -> None:
@@ -237,11 +264,11 @@ def _export_vision(vision, path: Path, torch_dtype) -> None:
         )  # fmt: skip
 
 
-def _export_embedding(embedding, path: Path, hidden: int) -> None:
+def _export_embedding(embedding, path: Path, hidden: int, torch_dtype=None) -> None:
     import torch
 
     ids = torch.tensor([[1, 2, embedding.image_token_id, embedding.image_token_id, 3]])
-    features = torch.randn(2, hidden)
+    features = torch.randn(2, hidden, dtype=torch_dtype or torch.float32)
     with torch.no_grad(), _quiet_export():
         torch.onnx.export(
             embedding, (ids, features), str(path), dynamo=False, opset_version=_OPSET,
@@ -430,10 +457,14 @@ def verify_vision(
     and the prompt's logits."""
     import tempfile
 
+    family = _family(json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8")))
+    extra: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as scratch:
-        picture = image or make_image(Path(scratch) / "sample.png")
-        reference = reference_run(checkpoint, picture, new_tokens)
-        produced = genai_run(bundle, picture, new_tokens)
+        picture = image or make_image(Path(scratch) / "sample.png", family.SAMPLE_SIZE)
+        reference = family.reference_run(checkpoint, picture, new_tokens)
+        produced = genai_run(bundle, picture, new_tokens, family.SAMPLE_PROMPT)
+        if hasattr(family, "extra_figures"):
+            extra = family.extra_figures(checkpoint, picture, produced["logits"])
     from converters.verify import cosine_rows, leading_matches
 
     ref_logits, out_logits = reference["logits"], produced["logits"]
@@ -447,6 +478,7 @@ def verify_vision(
         "greedy_match": leading_matches(reference["tokens"], produced["tokens"]),
         "top1_agreement": round(float((ref_logits.argmax(-1) == out_logits.argmax(-1)).mean()), 4),
         "logits_cosine": round(float(cosine_rows(ref_logits, out_logits).mean()), 5),
+        **extra,
     }
 
 

@@ -127,17 +127,24 @@ def input_capabilities(bundle: Path) -> list[str]:
     return [name for name in INPUT_CAPABILITIES if isinstance(model.get(name), dict)]
 
 
+# og's gemma3 processor replaces this literal text (src/models/gemma_image_processor.cpp)
+GEMMA3_IMAGE = "<start_of_image>"
+
+
 def image_placeholder(bundle: Path) -> str | None:
     """The text that stands for one image in a prompt of a vision bundle (None otherwise);
     og's processor repeats its image token to the picture's token count. Qwen2.5-VL's is
     `<|vision_start|><|image_pad|><|vision_end|>`: the start and image ids come from
     genai_config.json, the end's from config.json (else the start token's text with "start"
-    read as "end"), their text from tokenizer.json's added tokens."""
+    read as "end"), their text from tokenizer.json's added tokens. Gemma 3's is
+    `<start_of_image>`, the text og's gemma3 processor expands (to 256 soft tokens)."""
     model = genai_config(bundle).get("model") or {}
     if not isinstance(model.get("vision"), dict):
         return None
     added = _read_json(Path(bundle) / "tokenizer.json").get("added_tokens") or []
     texts = {token.get("id"): token.get("content") for token in added}
+    if model.get("type") == "gemma3":
+        return GEMMA3_IMAGE if GEMMA3_IMAGE in texts.values() else None
     start = texts.get(model.get("vision_start_token_id"))
     image = texts.get(model.get("image_token_id"))
     end = texts.get(_read_json(Path(bundle) / "config.json").get("vision_end_token_id"))

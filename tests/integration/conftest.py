@@ -112,6 +112,20 @@ def tiny_vl(fixture_cache) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3(fixture_cache) -> Path:
+    """The tiny random-weight Gemma 3 (SigLIP + projector) checkpoint, rebuilt when
+    converters/gemma3_vision.py changes (tests/integration/test_vision_gemma3.py)."""
+    import hashlib
+
+    from converters import gemma3_vision
+    from tests.support.bundles import cached_checkpoint
+
+    code = hashlib.sha256(Path(gemma3_vision.__file__).read_bytes()).hexdigest()[:12]
+    target = fixture_cache / "checkpoints" / f"gemma3-{code}"
+    return cached_checkpoint(target, gemma3_vision.build_tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
 def server(served_library):
     """One server for the session (default settings, keep-alive 5m)."""
     running = Server(served_library)
