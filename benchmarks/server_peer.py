@@ -196,14 +196,17 @@ def wait_up(url: str, process: subprocess.Popen, path: str, timeout: float = 600
     raise RuntimeError(f"{url} did not come up")
 
 
-def tree_rss(pid: int) -> int:
+def tree_rss(pid: int) -> tuple[int, int]:
+    """The RSS of a process tree, and of its largest process (ortserve's worker: gunicorn's
+    master is a second process, llama-server one)."""
     import psutil
 
     try:
         root = psutil.Process(pid)
-        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+        sizes = [p.memory_info().rss for p in [root, *root.children(recursive=True)]]
+        return sum(sizes), max(sizes)
     except psutil.Error:
-        return 0
+        return 0, 0
 
 
 class PeakMemory:
@@ -211,6 +214,7 @@ class PeakMemory:
 
     def __init__(self, pids: dict[str, int]):
         self.pids, self.peak = pids, dict.fromkeys(pids, 0)
+        self.largest = dict.fromkeys(pids, 0)  # the peak of the largest process alone
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -218,7 +222,9 @@ class PeakMemory:
     def _sample(self) -> None:
         while not self._stop.wait(0.1):
             for side, pid in self.pids.items():
-                self.peak[side] = max(self.peak[side], tree_rss(pid))
+                tree, largest = tree_rss(pid)
+                self.peak[side] = max(self.peak[side], tree)
+                self.largest[side] = max(self.largest[side], largest)
 
     def stop(self) -> dict[str, int]:
         self._stop.set()
@@ -285,8 +291,10 @@ def measure(shape: str, rounds: int, new_tokens: int, threads: int) -> dict[str,
     gguf = gguf_q4_0(source)
     tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
     short = prompt_of(40, tokenizer, 1)
-    prefill = prompt_of(1000, tokenizer, 2)
-    long = prompt_of(4000, tokenizer, 3)
+    # a new prompt each round: both servers keep finished prompts' keys and values
+    # (ortserve's KV reuse, llama-server's cache_prompt) and would answer a repeat at once
+    prefills = [prompt_of(1000, tokenizer, 2 + 100 * r) for r in range(rounds)]
+    longs = [prompt_of(4000, tokenizer, 3 + 100 * r) for r in range(rounds)]
     mixed = [prompt_of(n, tokenizer, 10 + n) for n in (20, 60, 120, 200, 300, 400, 500, 600)]
     logs = BENCH / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -300,7 +308,7 @@ def measure(shape: str, rounds: int, new_tokens: int, threads: int) -> dict[str,
             completion(url, model, short, 8)
         memory = PeakMemory({"ortserve": ours.pid, "llama": peer.pid})
         figures: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
-        for _ in range(rounds):
+        for prefill, long in zip(prefills, longs):
             for side, (url, model) in sides.items():
                 record = figures[side]
                 record.setdefault("decode", []).append(
@@ -314,6 +322,7 @@ def measure(shape: str, rounds: int, new_tokens: int, threads: int) -> dict[str,
                 )
                 record.setdefault("ttft_4000", []).append(completion(url, model, long, 1)["ttft"])
         peaks = memory.stop()
+        largest = memory.largest
     finally:
         for process in (ours, peer):
             process.terminate()
@@ -322,6 +331,7 @@ def measure(shape: str, rounds: int, new_tokens: int, threads: int) -> dict[str,
     medians = {side: {k: statistics.median(v) for k, v in record.items()}
                for side, record in figures.items()}  # fmt: skip
     return {"shape": shape, "medians": medians, "runs": figures, "peak_rss": peaks,
+            "peak_rss_largest_process": largest,
             "llama_system_info": _system_info(logs / f"server-peer-llama-{shape}.log")}  # fmt: skip
 
 
@@ -367,6 +377,11 @@ def table(results: list[dict[str, Any]]) -> str:
              for r in results]  # fmt: skip
     lines.append("| peak RSS, ortserve / llama-server (lower is better) | " + " | ".join(cells)
                  + " | ≤ 1.0x |")  # fmt: skip
+    cells = [f"{r['peak_rss_largest_process']['ortserve'] / r['peak_rss_largest_process']['llama']:.2f}x "
+             f"({r['peak_rss_largest_process']['ortserve'] >> 20} MB vs "
+             f"{r['peak_rss_largest_process']['llama'] >> 20} MB)" for r in results]  # fmt: skip
+    lines.append("| peak RSS of the largest process (ortserve's worker) | " + " | ".join(cells)
+                 + " | — |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -221,8 +221,8 @@ def _last_token_logits(graph: Path, logits: str) -> bytes | None:
     ever reads the last one, or a speculating row's last few (its verified drafts): on a
     small model with a 152k vocabulary the LM head is most of a prefill's work. A Slice
     before the head's MatMul keeps the last N positions, N -1 times the extra input
-    _TAIL_INPUT. It needs the onnx package (the `convert` extra); without it the graph
-    runs as it is.
+    _TAIL_INPUT. It needs the onnx package (a dependency; should it be missing, the graph
+    runs as it is, ~2.5x slower to prefill).
     """
     try:
         import onnx
@@ -287,12 +287,16 @@ class BatchCache:
 
     Row i belongs to the i-th decoding turn; rows are kept contiguous (0..n-1), so a forward
     pass over n rows takes the first n rows of each array, which is one contiguous block.
+    The arrays are views of ONE allocation: freed, it goes back to the system at once. Many
+    smaller arrays, reallocated at every growth, stayed in the C heap's free lists instead:
+    a lone 4000-token prefill left the worker 1.3 GB larger (Qwen2.5-0.5B's shape).
     """
 
     def __init__(self, graph: DecoderGraph, capacity: int):
         self._graph = graph
         self.capacity = capacity
-        self.arrays: list[np.ndarray] = []
+        self.buffer: np.ndarray | None = None  # [cache inputs, rows, kv_heads, length, head]
+        self.arrays: list[np.ndarray] = []  # buffer[i] for each cache input i
         self._blocks: dict[tuple[int, int], KVBlock] = {}  # views of the current arrays
 
     @property
@@ -303,22 +307,29 @@ class BatchCache:
     def length(self) -> int:
         return self.arrays[0].shape[2] if self.arrays else 0
 
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.buffer is None else self.buffer.nbytes
+
     def reserve(self, rows: int, length: int) -> None:
-        """Room for `rows` rows of `length` tokens; growing copies what is there."""
+        """Room for `rows` rows of `length` tokens (no more rows than asked: the caller
+        counts the turns about to join); growing copies what is there."""
         if rows <= self.rows and length <= self.length:
             return
         limit = self._graph.context_length
         if length > limit:
             raise ValueError(f"{length} tokens exceed the context length of {limit}")
-        rows = max(rows, min(self.capacity, 2 * self.rows))
+        rows = max(rows, self.rows)
         length = min(limit, -(-max(length, self.length) // _LENGTH_STEP) * _LENGTH_STEP)
-        shape = (rows, self._graph.kv_heads, length, self._graph.head_size)
+        graph = self._graph
+        shape = (len(graph.past), rows, graph.kv_heads, length, graph.head_size)
         # zeros: what the attention reads beyond a row's length must be finite
-        fresh = [np.zeros(shape, dtype=self._graph.kv_type) for _ in self._graph.past]
-        for old, new in zip(self.arrays, fresh):
-            new[: old.shape[0], :, : old.shape[2]] = old
-        self.arrays = fresh
-        self._blocks.clear()
+        fresh = np.zeros(shape, dtype=graph.kv_type)
+        if self.buffer is not None:
+            old = self.buffer
+            fresh[:, : old.shape[1], :, : old.shape[3]] = old
+        self.release()  # the old buffer goes before the views of the new one are taken
+        self.buffer, self.arrays = fresh, list(fresh)
 
     def view(self, start: int, stop: int) -> KVBlock:
         """Rows start..stop of every array (kept, with its binding, until the arrays change)."""
@@ -328,18 +339,19 @@ class BatchCache:
         return block
 
     def move(self, source: int, target: int, tokens: int) -> None:
-        for array in self.arrays:
-            array[target, :, :tokens] = array[source, :, :tokens]
+        self.buffer[:, target, :, :tokens] = self.buffer[:, source, :, :tokens]
 
     def load(self, row: int, layers: list[np.ndarray], tokens: int) -> None:
         for array, kept in zip(self.arrays, layers):
             array[row, :, :tokens] = kept[:, :tokens]
 
     def save(self, row: int, tokens: int) -> list[np.ndarray]:
-        return [array[row, :, :tokens].copy() for array in self.arrays]
+        """A row's first `tokens` keys and values, copied into one allocation (as the buffer,
+        so that a dropped entry goes back to the system whole)."""
+        return list(self.buffer[:, row, :, :tokens].copy())
 
     def release(self) -> None:
-        self.arrays = []
+        self.buffer, self.arrays = None, []
         self._blocks.clear()
 
 
@@ -498,7 +510,7 @@ class ContinuousEngine:
         length = min(length, len(request.prompt) - 1)  # one token at least runs: its logits
         if entry is None or length <= 0:
             return
-        self.cache.reserve(row + 1, length)
+        self._reserve(row + 1, self._prompt_room(request))
         self.cache.load(row, entry.layers, length)
         request.context = request.prompt[:length].tolist()
         request.reused = length
@@ -506,7 +518,9 @@ class ContinuousEngine:
     def _prefill_chunk(self, request: ContinuousRequest, row: int, take: int) -> np.ndarray:
         done = len(request.context)
         tokens = request.prompt[done : done + take]
-        self.cache.reserve(row + 1, done + take)
+        # room for the whole prompt and its first token at once: growing by chunks copied
+        # the buffer at each one
+        self._reserve(row + 1, self._prompt_room(request))
         mask = np.ones((1, done + take), dtype=np.int64)
         logits = self.graph.forward(tokens[None, :], mask, self.cache.view(row, row + 1))
         request.context.extend(tokens.tolist())
@@ -523,8 +537,7 @@ class ContinuousEngine:
         drafts = [self._drafts(request) for request in rows]
         lengths = np.fromiter((len(r.context) for r in rows), dtype=np.int64, count=len(rows))
         longest = max(int(n) + 1 + len(d) for n, d in zip(lengths, drafts))
-        self.cache.reserve(len(rows) + (1 if self.queue and self.queue[0].started else 0),
-                           longest)  # fmt: skip
+        self._reserve(len(rows) + (1 if self.queue and self.queue[0].started else 0), longest)
         if len(rows) == 1 and drafts[0]:
             logits = self._feed(0, [rows[0].next_token, *drafts[0]])
         else:
@@ -580,10 +593,23 @@ class ContinuousEngine:
     def _feed(self, row: int, tokens: list[int]) -> np.ndarray:
         """One row alone feeds `tokens` after its context: their logits, [1, n, vocab]."""
         total = len(self.rows[row].context) + len(tokens)
-        self.cache.reserve(len(self.rows), total)
+        self._reserve(len(self.rows), total)
         ids = np.asarray(tokens, dtype=np.int64)[None, :]
         mask = np.ones((1, total), dtype=np.int64)
         return self.graph.forward(ids, mask, self.cache.view(row, row + 1), len(tokens))
+
+    def _prompt_room(self, request: ContinuousRequest) -> int:
+        return min(len(request.prompt) + 1, self.graph.context_length)
+
+    def _reserve(self, rows: int, length: int) -> None:
+        """Cache room for `rows` rows of `length` tokens; when it must grow, room for the
+        queued turns' prompts too (they join soon: one growth and one copy of the buffer,
+        not one per arrival), and no more rows than will be used."""
+        if rows <= self.cache.rows and length <= self.cache.length:
+            return
+        joining = list(self.queue)[: max(0, self.capacity - len(self.rows))]
+        length = max([length, *(self._prompt_room(r) for r in joining)])
+        self.cache.reserve(max(rows, len(self.rows) + len(joining)), length)
 
     def _drafts(self, request: ContinuousRequest) -> list[int]:
         """A row's draft tokens for this step, within its token and context budgets."""

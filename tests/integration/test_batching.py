@@ -108,6 +108,40 @@ def test_mixed_lengths_in_one_batch_equal_each_alone(bundles, prompts, alone):
         running.stop()
 
 
+def test_the_cache_is_sized_once_for_a_burst_and_freed_when_idle(bundles, prompts, alone):
+    """Turns arriving together get one allocation sized to their rows and prompts (not rows
+    doubled, not regrown chunk by chunk), every layer a view of it, gone when idle."""
+    from ortserve.engine.continuous import ContinuousEngine, ContinuousTurn, DecoderGraph
+    from ortserve.engine.kvcache import KVStore
+
+    engine = ContinuousEngine(DecoderGraph.load(bundles["builder"], 1), 8, KVStore(0, 0), "off")
+    buffers, reserve = [], engine.cache.reserve
+
+    def recording(rows: int, length: int) -> None:
+        reserve(rows, length)
+        if not buffers or buffers[-1] is not engine.cache.buffer:
+            buffers.append(engine.cache.buffer)
+
+    engine.cache.reserve = recording
+    requests = []
+    for prompt in prompts:
+        turn = ContinuousTurn()
+        turn.set_max_generated_tokens(24)
+        request = engine.create_request()
+        request.begin_turn(np.asarray(prompt), turn)
+        requests.append(request)
+    tokens: dict = {request: [] for request in requests}
+    while engine.has_pending_requests():
+        for event in engine.run():
+            if event.token is not None:
+                tokens[event.request].append(event.token)
+        assert all(np.shares_memory(a, engine.cache.buffer) for a in engine.cache.arrays)
+    assert [tokens[r] for r in requests] == alone
+    room = -(-(max(LENGTHS) + 1) // 256) * 256  # the longest prompt and its first token
+    assert [(b.shape[1], b.shape[3]) for b in buffers] == [(len(prompts), room)]
+    assert engine.cache.buffer is None and engine.cache.nbytes == 0
+
+
 def test_an_unpruned_graph_gives_the_same_tokens(bundles, prompts, alone, monkeypatch):
     """Without the onnx package the LM head runs on every prompt position: the logits the
     loop reads are then the last of each chunk's."""
