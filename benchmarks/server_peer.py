@@ -336,10 +336,12 @@ def measure(shape: str, rounds: int, new_tokens: int, threads: int) -> dict[str,
 
 
 def _system_info(log: Path) -> str:
+    """llama.cpp's system_info line when its log has one, else the ISA it was built for."""
     for line in log.read_text(errors="replace").splitlines():
         if "system_info" in line or "CPU :" in line:
             return line.split("system_info:")[-1].strip()
-    return "n/a"
+    flags = [f.removeprefix("-DGGML_") for f in isa_flags() if f.endswith("=ON")]
+    return "built for " + " ".join(f.removesuffix("=ON") for f in flags)
 
 
 def mlas_isa() -> str:
