@@ -217,6 +217,9 @@ _FORM = {
     "temperature": {"type": "number", "minimum": 0, "maximum": 1},
 }
 
+# What _language takes: an ISO-639-1 code (or any short alphabetic code Whisper may know).
+_LANGUAGE = {"type": "string", "pattern": "^([A-Za-z][A-Za-z_]{0,7})?$"}
+
 PROTOCOL = Protocol(
     "audio", audio_bp, rank=21,  # errors: OpenAI's, as the owner of /v1
     generation_paths=("/v1/audio/transcriptions", "/v1/audio/translations"),
@@ -224,7 +227,7 @@ PROTOCOL = Protocol(
         Route("POST", "/v1/audio/transcriptions",
                "Speech to text (multipart/form-data: file, model, language, prompt, "
                "response_format, temperature)", None, _RESPONSES, (*GENERATION, 413),
-               form=form_body(("file", "model"), **_FORM, language={"type": "string"})),
+               form=form_body(("file", "model"), **_FORM, language=_LANGUAGE)),
         Route("POST", "/v1/audio/translations",
                "Speech to English text (multipart/form-data: file, model, prompt, "
                "response_format, temperature)", None, _RESPONSES, (*GENERATION, 413),

@@ -66,6 +66,7 @@ SEMANTIC_REFUSALS = [
      "a picture's bytes: no schema says a string is an image, or that a model has vision"),
     ("*", 400, "does not support thinking", "the model's chat template has no thinking section"),
     ("*", 400, "does not support audio", "the fuzzed server serves text models only"),
+    ("GET /ui/{filename}", 404, "", "no console asset has a generated name"),
     ("POST /v1/responses", 404, "Previous response", "no stored response has a generated id"),
     ("POST /api/push", 404, "", "the stand-in hub has no repositories"),
     ("*", 422, "", "documented: a random-weight model's output failed the schema or tools"),
