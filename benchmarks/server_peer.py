@@ -423,6 +423,7 @@ def main() -> None:
     print(f"\nthreads {threads} each; llama.cpp: {results[0]['llama_system_info']}")
     print(f"onnxruntime MLAS dispatches on: {mlas_isa()}")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"results": results, "table": text,
                                          "mlas_isa": mlas_isa()}, indent=2))  # fmt: skip
 
