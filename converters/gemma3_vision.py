@@ -28,6 +28,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from converters.genai_config import (
+    EMBEDDING_FILE,
+    VISION_FILE,
+    multimodal_sections,
+)
 from ortserve.errors import UnsupportedModel
 
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
@@ -45,12 +50,6 @@ _IMAGE_DEFAULTS: dict[str, Any] = {
 # PIL's resampling filters -> onnxruntime-extensions' Resize interpolation
 _INTERPOLATION = {0: "NEAREST", 2: "LINEAR", 3: "CUBIC"}
 _OPSET = 17
-# the bundle's files: the names converters/vision.py (which imports this module) writes too
-VISION_FILE, EMBEDDING_FILE, PROCESSOR_CONFIG = (
-    "vision.onnx",
-    "embedding.onnx",
-    "processor_config.json",
-)
 
 
 def check(config: dict[str, Any]) -> None:
@@ -109,19 +108,7 @@ def pipeline_sections(config: dict[str, Any], session: dict[str, Any]) -> dict[s
     return {
         "type": "gemma3",
         "image_token_id": config["image_token_index"],
-        "vision": {
-            "filename": VISION_FILE,
-            "config_filename": PROCESSOR_CONFIG,
-            "inputs": {"pixel_values": "pixel_values"},
-            "outputs": {"image_features": "image_features"},
-            "session_options": json.loads(json.dumps(session)),
-        },
-        "embedding": {
-            "filename": EMBEDDING_FILE,
-            "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
-            "outputs": {"inputs_embeds": "inputs_embeds"},
-            "session_options": json.loads(json.dumps(session)),
-        },
+        **multimodal_sections({}, ("pixel_values",), session),
     }
 
 
@@ -314,16 +301,12 @@ def build_tiny_checkpoint(out: Path, *, seed: int = 0) -> Path:
         Gemma3Config,
         Gemma3ForConditionalGeneration,
         GenerationConfig,
-        PreTrainedTokenizerFast,
     )
 
-    from converters.tiny import SPECIAL_TOKENS, build_tokenizer, write_json
+    from converters.tiny import SPECIAL_TOKENS, tokenizer_with, write_json
 
     out.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(out)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(IMAGE_TOKENS)})
-    tokenizer.save_pretrained(out)
+    tokenizer = tokenizer_with(out, IMAGE_TOKENS)
     boi, eoi, soft = tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS))
     eos = SPECIAL_TOKENS.index("<|im_end|>")
     config = Gemma3Config(

@@ -17,6 +17,35 @@ from converters.checkpoint import DECODERS
 _PROVIDER_OPTIONS = {"cpu": [], "cuda": [{"cuda": {}}], "dml": [{"dml": {}}]}
 
 
+# og's multimodal bundle: the graphs beside the decoder and its image processor's
+# configuration (converters/vision.py and gemma3_vision.py write them).
+VISION_FILE = "vision.onnx"
+EMBEDDING_FILE = "embedding.onnx"
+PROCESSOR_CONFIG = "processor_config.json"
+
+
+def multimodal_sections(vision: dict[str, Any], vision_inputs: tuple[str, ...],
+                        session: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """genai_config.json's `vision` and `embedding` sections of og's multimodal pipeline:
+    `vision` holds the family's own settings, `vision_inputs` what its vision graph takes."""
+    return {
+        "vision": {
+            "filename": VISION_FILE,
+            "config_filename": PROCESSOR_CONFIG,
+            **vision,
+            "inputs": {name: name for name in vision_inputs},
+            "outputs": {"image_features": "image_features"},
+            "session_options": json.loads(json.dumps(session)),
+        },
+        "embedding": {
+            "filename": EMBEDDING_FILE,
+            "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
+            "outputs": {"inputs_embeds": "inputs_embeds"},
+            "session_options": json.loads(json.dumps(session)),
+        },
+    }
+
+
 def graph_io(model_path: Path) -> tuple[list[str], list[str]]:
     """Input and output names of an ONNX graph, read without loading its weights."""
     import onnx

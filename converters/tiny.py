@@ -82,6 +82,18 @@ def build_tokenizer(out: Path, vocab_size: int = VOCAB_SIZE) -> None:
         _fill_vocabulary(out / "tokenizer.json", vocab_size)
 
 
+def tokenizer_with(out: Path, special_tokens: tuple[str, ...]):
+    """build_tokenizer's tokenizer in `out` with `special_tokens` added (a vision model's
+    image tokens), saved there; returned as transformers' PreTrainedTokenizerFast."""
+    from transformers import PreTrainedTokenizerFast
+
+    build_tokenizer(out)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    tokenizer.save_pretrained(out)
+    return tokenizer
+
+
 def _fill_vocabulary(path: Path, vocab_size: int) -> None:
     """Add tokens 'Ġwa', 'Ġwb', ... (a space and letters) up to `vocab_size` ids."""
     data = json.loads(path.read_text(encoding="utf-8"))

@@ -30,6 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from converters.checkpoint import VISION, Checkpoint
+from converters.genai_config import (
+    EMBEDDING_FILE,
+    PROCESSOR_CONFIG,
+    VISION_FILE,
+    multimodal_sections,
+)
 from ortserve.errors import InvalidRequest
 
 log = logging.getLogger("ortserve.convert")
@@ -37,10 +43,7 @@ log = logging.getLogger("ortserve.convert")
 # model_type -> og's model.type of the multimodal pipeline; each has a parity test
 # (tests/integration/test_vision_convert.py).
 VISION_TYPES = VISION
-VISION_FILE = "vision.onnx"
-EMBEDDING_FILE = "embedding.onnx"
 DECODER_FILE = "model.onnx"
-PROCESSOR_CONFIG = "processor_config.json"
 # Files of the checkpoint that describe its image processing (kept in the bundle too).
 PREPROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
 # Qwen2-VL's image processor defaults (transformers' Qwen2VLImageProcessor, OpenAI CLIP's
@@ -161,24 +164,13 @@ def pipeline_sections(
         "image_token_id": config["image_token_id"],
         "video_token_id": config["video_token_id"],
         "vision_start_token_id": config["vision_start_token_id"],
-        "vision": {
-            "filename": VISION_FILE,
-            "config_filename": PROCESSOR_CONFIG,
+        **multimodal_sections({
             "spatial_merge_size": image["merge_size"],
             "patch_size": image["patch_size"],
             "tokens_per_second": float(vision.get("tokens_per_second", 2)),
             "window_size": vision.get("window_size", 112),
-            "inputs": {"pixel_values": "pixel_values", "image_grid_thw": "image_grid_thw"},
-            "outputs": {"image_features": "image_features"},
-            "session_options": json.loads(json.dumps(session)),
-        },
-        "embedding": {
-            "filename": EMBEDDING_FILE,
-            "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
-            "outputs": {"inputs_embeds": "inputs_embeds"},
-            "session_options": json.loads(json.dumps(session)),
-        },
-    }
+        }, ("pixel_values", "image_grid_thw"), session),
+    }  # fmt: skip
 
 
 def image_settings(checkpoint: Path) -> dict[str, Any]:
@@ -578,18 +570,14 @@ def build_tiny_checkpoint(out: Path, *, seed: int = 0) -> Path:
     import torch
     from transformers import (
         GenerationConfig,
-        PreTrainedTokenizerFast,
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
     )
 
-    from converters.tiny import SPECIAL_TOKENS, build_tokenizer
+    from converters.tiny import SPECIAL_TOKENS, tokenizer_with
 
     out.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(out)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(IMAGE_TOKENS)})
-    tokenizer.save_pretrained(out)
+    tokenizer = tokenizer_with(out, IMAGE_TOKENS)
     start, end, image, video = tokenizer.convert_tokens_to_ids(list(IMAGE_TOKENS))
     eos = SPECIAL_TOKENS.index("<|im_end|>")
     config = Qwen2_5_VLConfig(
