@@ -16,10 +16,11 @@ the prompt with `\\n\\n<start_of_image>` + 256 x `<image_soft_token>` + `<end_of
 as transformers' Gemma3Processor does; 256 is fixed in og, so only checkpoints with
 `mm_tokens_per_image` 256 (every published Gemma 3) convert.
 
-One difference from transformers stays: Gemma 3 lets an image's soft tokens attend to each other
-both ways in the prompt (`token_type_ids`), while og's decoder (GroupQueryAttention) is causal
-everywhere. Verification therefore compares with transformers run causally (no
-`token_type_ids`), and reports the figure against the bidirectional run beside it.
+Gemma 3 lets the soft tokens of one picture attend to each other both ways in the prompt
+(transformers' `token_type_ids`), while the builder's decoder (GroupQueryAttention) is causal
+everywhere: `finish_decoder` rewrites its attention with converters/image_attention.py, so that
+og's logits are transformers' own (verification compares with transformers as Gemma3Processor
+drives it, `token_type_ids` included).
 """
 
 from __future__ import annotations
@@ -101,6 +102,18 @@ def processor_config(image: dict[str, Any]) -> dict[str, Any]:
             ],
         }
     }  # fmt: skip
+
+
+# Attention (opset 23) returns past + step: og grows the KV cache instead of sharing one buffer
+SEARCH = {"past_present_share_buffer": False}
+
+
+def finish_decoder(config: dict[str, Any], bundle: Path) -> None:
+    """Let each picture's soft tokens attend to each other both ways (see the module's text)."""
+    from converters.image_attention import rewrite
+
+    text = config.get("text_config") or {}
+    rewrite(bundle / "model.onnx", config["image_token_index"], text.get("sliding_window"))
 
 
 def pipeline_sections(config: dict[str, Any], session: dict[str, Any]) -> dict[str, Any]:
@@ -227,11 +240,12 @@ def expand_prompt(prompt: str, images: int = 1) -> str:
 
 def reference_run(
     checkpoint: Path, pictures: Path | list[Path], new_tokens: int, prompt: str = SAMPLE_PROMPT,
-    *, bidirectional: bool = False,
+    *, bidirectional: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """transformers: Gemma3ImageProcessor + the tokenizer (the prompt expanded as
-    Gemma3Processor does), the prompt's logits and greedy tokens. `bidirectional`: pass
-    token_type_ids, so that soft tokens attend each other both ways (og cannot)."""
+    Gemma3Processor does), the prompt's logits and greedy tokens. With `token_type_ids`, as
+    Gemma3Processor returns them (soft tokens attend each other both ways); `bidirectional`
+    False runs the model causally, as the builder's decoder alone would."""
     import torch
     from PIL import Image
     from transformers import AutoTokenizer, Gemma3ForConditionalGeneration, Gemma3ImageProcessor
@@ -264,16 +278,6 @@ def reference_run(
         "logits": logits,
         "tokens": out[0, ids.shape[1] :].tolist(),
     }
-
-
-def extra_figures(checkpoint: Path, picture: Path, logits: Any) -> dict[str, Any]:
-    """Beside the causal comparison: the cosine of og's prompt logits with transformers'
-    bidirectional run (what og's causal decoder cannot do)."""
-    from converters.verify import cosine_rows
-
-    both_ways = reference_run(checkpoint, picture, 1, bidirectional=True)
-    cosine = float(cosine_rows(both_ways["logits"], logits).mean())
-    return {"logits_cosine_bidirectional": round(cosine, 5)}
 
 
 # ---- a tiny random-weight checkpoint for tests ----------------------------------------------------

@@ -109,6 +109,8 @@ def build_graphs(
             os.replace(built / name, bundle / name)
         os.replace(built / "genai_config.json", bundle / "genai_config.json")
         shutil.rmtree(built)
+        if hasattr(family, "finish_decoder"):  # a family whose attention the builder lacks
+            family.finish_decoder(checkpoint.config, bundle)
 
 
 def vision_dtype(opts: Any) -> str:
@@ -137,6 +139,7 @@ def assemble(checkpoint: Checkpoint, bundle: Path, provider: str) -> dict[str, A
         session = genai["model"]["decoder"].get("session_options") or {
             "log_id": "onnxruntime-genai", "provider_options": []}  # fmt: skip
         genai["model"].update(family.pipeline_sections(checkpoint.config, session))
+    genai["search"].update(getattr(family, "SEARCH", {}))
     write_json(bundle / "genai_config.json", genai)
     return genai
 
@@ -450,13 +453,10 @@ def verify_vision(
     import tempfile
 
     family = _family(json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8")))
-    extra: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as scratch:
         picture = image or make_image(Path(scratch) / "sample.png", family.SAMPLE_SIZE)
         reference = family.reference_run(checkpoint, picture, new_tokens)
         produced = genai_run(bundle, picture, new_tokens, family.SAMPLE_PROMPT)
-        if hasattr(family, "extra_figures"):
-            extra = family.extra_figures(checkpoint, picture, produced["logits"])
     from converters.verify import cosine_rows, leading_matches
 
     ref_logits, out_logits = reference["logits"], produced["logits"]
@@ -470,7 +470,6 @@ def verify_vision(
         "greedy_match": leading_matches(reference["tokens"], produced["tokens"]),
         "top1_agreement": round(float((ref_logits.argmax(-1) == out_logits.argmax(-1)).mean()), 4),
         "logits_cosine": round(float(cosine_rows(ref_logits, out_logits).mean()), 5),
-        **extra,
     }
 
 
