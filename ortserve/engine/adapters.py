@@ -168,25 +168,7 @@ class GeneratorEngine:
         """og's processor over a vision turn: its inputs, and the prompt's ids with each image
         token repeated to its picture's token count. 400s naming `images`: pictures that do
         not match the placeholders, or an expanded prompt that does not fit the context."""
-        import onnxruntime_genai as og
-
-        pictures = turn.images
-        if self.processor is None:
-            raise InvalidRequest("this model does not read images", param="images")
-        try:
-            opened = og.Images.open_bytes(*pictures.images)  # PNGs (engine/images.py)
-            inputs = self.processor(pictures.prompt, images=opened)
-        except RuntimeError as exc:  # "Prompt contained 1 vision_start tokens but received 2 ..."
-            message = (str(exc).strip().splitlines() or ["unreadable"])[0][:300]
-            raise InvalidRequest(f"the images do not fit the prompt: {message}",
-                                 param="images") from exc  # fmt: skip
-        ids = inputs["input_ids"].as_numpy().reshape(-1).tolist()
-        counts = inputs["num_image_tokens"].as_numpy().reshape(-1).tolist()
-        expected = _expand(prompt, self.image_token, counts)
-        if expected is not None and ids != expected:
-            # the prompt's text did not tokenize back to the rendered ids: the rendered ones win
-            inputs["input_ids"] = og.Tensor(np.asarray([expected], dtype=np.int64))
-            ids = expected
+        inputs, ids, counts = processed(self.processor, prompt, turn.images, self.image_token)
         room = turn.session_tokens - len(ids)
         if room < 1:
             raise InvalidRequest(
@@ -284,6 +266,32 @@ class GeneratorEngine:
         request.generator = None  # its KV cache goes now, not when the request is closed
         usage = GeneratorUsage(len(request.prompt), request.generated)
         return GeneratorEvent(request, flags, token, reason, usage, logprobs=scores)
+
+
+def processed(processor, prompt: list[int], pictures, image_token: int | None):
+    """og's processor over a prompt with pictures (an ImageInput): (its inputs, the prompt's
+    ids with each image token repeated to its picture's token count, those counts). 400s
+    naming `images`: a model without a processor, pictures that do not match the
+    placeholders."""
+    import onnxruntime_genai as og
+
+    if processor is None:
+        raise InvalidRequest("this model does not read images", param="images")
+    try:
+        opened = og.Images.open_bytes(*pictures.images)  # PNGs (engine/images.py)
+        inputs = processor(pictures.prompt, images=opened)
+    except RuntimeError as exc:  # "Prompt contained 1 vision_start tokens but received 2 ..."
+        message = (str(exc).strip().splitlines() or ["unreadable"])[0][:300]
+        raise InvalidRequest(f"the images do not fit the prompt: {message}",
+                             param="images") from exc  # fmt: skip
+    ids = inputs["input_ids"].as_numpy().reshape(-1).tolist()
+    counts = inputs["num_image_tokens"].as_numpy().reshape(-1).tolist()
+    expected = _expand(prompt, image_token, counts)
+    if expected is not None and ids != expected:
+        # the prompt's text did not tokenize back to the rendered ids: the rendered ones win
+        inputs["input_ids"] = og.Tensor(np.asarray([expected], dtype=np.int64))
+        ids = expected
+    return inputs, ids, counts
 
 
 def _expand(prompt: list[int], image_token: int | None, counts: list[int]) -> list[int] | None:

@@ -73,6 +73,10 @@ class LoadedModel(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def prompt_length(self, tokens: list[int], images: Sequence[bytes] = ()) -> int:
+        """The tokens a rendered prompt takes, its pictures' image tokens included."""
+        ...
+
     # generation models also carry `template` (prompts.ChatTemplate or None) and the cheap
     # bounds serving checks before tokenizing: exceeds_context(text), min_tokens(text)
     def exceeds_context(self, text: str) -> bool: ...

@@ -108,6 +108,12 @@ class OgModel(Resident):
             self.scheduler, job, TextDecoder(self.tokenizer, options.stop, skip_special_tokens)
         )
 
+    def prompt_length(self, tokens: list[int], images: Sequence[bytes] = ()) -> int:
+        """The prompt's tokens with its pictures' image tokens, as Finished.usage will count
+        them (og's processor runs over the pictures; nothing is generated)."""
+        pictures = self._image_input(tokens, images)
+        return len(tokens) if pictures is None else self.scheduler.prompt_length(tokens, pictures)
+
     @functools.cached_property
     def _image_start(self) -> int | None:
         """The id that opens an image placeholder: og counts these against the pictures."""

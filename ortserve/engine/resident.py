@@ -78,5 +78,10 @@ class Resident:
     def encode(self, text: str) -> list[int]:
         raise InvalidRequest(f'"{self.name}" does not support generate', param="model")
 
+    def prompt_length(self, tokens: list[int], images: Sequence[bytes] = ()) -> int:
+        """The tokens a rendered prompt takes in the model; a vision model counts its
+        pictures' image tokens (overridden there)."""
+        return len(tokens)
+
     def embed(self, texts: list[str], **kwargs: Any) -> Any:
         raise InvalidRequest(f'"{self.name}" does not support embeddings', param="model")

@@ -179,6 +179,8 @@ class Scheduler:
         self.speculation = speculation  # "auto": prompt-lookup drafts on continuous lanes
         self._model: Any = None
         self._processor: Any = None  # og.MultiModalProcessor of a vision model
+        self._counter: Any = None  # another one, for counting on request threads
+        self._counter_lock = threading.Lock()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: collections.deque[Job] = collections.deque()
         self._lanes: list[Lane] = []
@@ -211,6 +213,18 @@ class Scheduler:
             self._unfinished += 1
         self._inbox.put(("submit", job))
         return job
+
+    def prompt_length(self, tokens: list[int], images: ImageInput) -> int:
+        """A vision prompt's length once og's processor placed its pictures' image tokens,
+        without generating: with a processor of its own (the lane's runs on the scheduler
+        thread), one count at a time."""
+        from ortserve.engine.adapters import processed
+
+        image_token = genai_config(self.bundle)["model"].get("image_token_id")
+        with self._counter_lock:
+            if self._counter is None:
+                self._counter = self._og_model().create_multimodal_processor()
+            return len(processed(self._counter, tokens, images, image_token)[1])
 
     def cancel(self, job: Job) -> None:
         self._inbox.put(("cancel", job))

@@ -14,6 +14,7 @@ Exchange.hang_up from its own thread: every turn is cancelled, whatever its kind
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -113,11 +114,11 @@ class Exchange:
         self._closed = False
         self._gone = False  # hang_up was called: the client left
 
-    @property
+    @functools.cached_property
     def prompt_tokens(self) -> int:
-        """The rendered prompts' tokens, known before any output (each prompt once); a
-        picture counts as its placeholder here, usage() has the engine's expanded count."""
-        return sum(len(rendered.tokens) for rendered in self._rendered)
+        """The rendered prompts' tokens, known before any output (each prompt once), their
+        pictures' image tokens included (what usage() will say)."""
+        return sum(self.loaded.prompt_length(r.tokens, r.images) for r in self._rendered)
 
     @property
     def attempts(self) -> int | None:
@@ -317,7 +318,8 @@ def count_tokens(state, request: GenerationRequest) -> int:
     loaded = state.runtime.acquire(info, request.keep_alive)
     try:
         unlimited = GenerationOptions(num_ctx=2**31 - 1)
-        return sum(len(render(loaded, p, request, unlimited).tokens) for p in request.prompts)
+        rendered = [render(loaded, p, request, unlimited) for p in request.prompts]
+        return sum(loaded.prompt_length(r.tokens, r.images) for r in rendered)
     finally:
         state.runtime.release(loaded, request.keep_alive, failed=True)  # no keep-alive change
 

@@ -140,6 +140,25 @@ def test_usage_counts_the_image_tokens(server, picture):
     assert with_picture - reply.prompt_eval_count == IMAGE_TOKENS + 2
 
 
+def test_counts_before_generating_include_the_image_tokens(server, picture):
+    """Anthropic's message_start and count_tokens, Gemini's countTokens: what usage says after
+    the turn (og's processor counts the picture's tokens; nothing is generated to count)."""
+    png = picture.read_bytes()
+    _, used = ask_anthropic(server, png)
+    source = {"type": "base64", "media_type": "image/png", "data": base64.b64encode(png).decode()}
+    messages = [{"role": "user", "content": [{"type": "image", "source": source},
+                                             {"type": "text", "text": QUESTION}]}]  # fmt: skip
+    client = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+    assert client.messages.count_tokens(model=MODEL, messages=messages).input_tokens == used
+    with client.messages.stream(model=MODEL, max_tokens=2, messages=messages) as stream:
+        started = next(e for e in stream if e.type == "message_start")
+        assert started.message.usage.input_tokens == used
+        assert stream.get_final_message().usage.input_tokens == used
+    gemini = genai.Client(api_key="unused", http_options=types.HttpOptions(base_url=server.url))
+    contents = [types.Part.from_bytes(data=png, mime_type="image/png"), QUESTION]
+    assert gemini.models.count_tokens(model=MODEL, contents=contents).total_tokens == used
+
+
 def test_two_pictures_are_both_read(server, picture, tmp_path):
     other = vision.make_image(tmp_path / "tall.png", (56, 140)).read_bytes()
     png = picture.read_bytes()

@@ -81,6 +81,9 @@ class FakeLoaded:
     def encode(self, text):
         return [ord(c) for c in text]  # one token per character
 
+    def prompt_length(self, tokens, images=()):
+        return len(tokens) + IMAGE_TOKENS * len(images or ())  # as generate's usage counts
+
     def generate(self, tokens, options, *, images=None):
         self.runtime.generated.append((tokens, options))
         self.runtime.images.append(images)  # None: the argument was not given
