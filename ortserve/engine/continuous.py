@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import mmap
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -408,6 +409,7 @@ class ContinuousEngine:
         self.graph = graph
         self.speculate = speculative != "off"  # prompt-lookup drafts (speculation.py)
         self.drafted = self.accepted = 0  # draft tokens proposed and kept, since the start
+        self.rates = speculation.PassRates()  # when a row's own draft pass pays in a batch
         self.capacity = capacity
         self.store = store
         self.cache = BatchCache(graph, capacity)
@@ -546,7 +548,9 @@ class ContinuousEngine:
             # row i attends to its own tokens and the one fed now; GroupQueryAttention reads
             # each row's length from this mask, so shorter rows are never padded into
             mask = np.arange(width)[None, :] <= lengths[:, None]
+            started = time.perf_counter()
             logits = self.graph.forward(ids[:, None], mask, self.cache.view(0, len(rows)))
+            self.rates.shared(len(rows), time.perf_counter() - started)
         finished = []
         for i, request in enumerate(list(rows)):
             if self._take(i, request, logits[i], drafts[i], events):
@@ -563,9 +567,15 @@ class ContinuousEngine:
         the turn ended."""
         done, kept = self._accept(request, logits, drafts, events)
         if not done and kept == len(logits) <= len(drafts):
-            more = self._feed(row, drafts[kept - 1 :])  # the confirmed drafts' last, the rest
-            done, further = self._accept(request, more[0], drafts[kept:], events)
-            kept += further
+            if len(self.rows) > 1 and not self.rates.pays(request.drafting):
+                drafts = drafts[:kept]  # the shared pass verified these; no pass of its own
+            else:
+                started = time.perf_counter()
+                more = self._feed(row, drafts[kept - 1 :])  # the confirmed draft, the rest
+                done, further = self._accept(request, more[0], drafts[kept:], events)
+                kept += further
+                if len(self.rows) > 1:
+                    self.rates.own(request.drafting, further + 1, time.perf_counter() - started)
         if drafts:
             accepted = min(kept, len(drafts))
             request.drafting.update(len(drafts), accepted)

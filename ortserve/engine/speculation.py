@@ -93,6 +93,7 @@ class DraftLength:
     backoff: int = 0  # the next pause's length
     proposed: int = 0  # totals for the turn (metrics, tests)
     accepted: int = 0
+    gain: float | None = None  # tokens its own draft pass gives in a batch (PassRates)
 
     def wanted(self) -> int:
         """Drafts to propose this step (0: skip)."""
@@ -114,6 +115,50 @@ class DraftLength:
             self.pause = self.backoff
         else:
             self.k = max(1, self.k - 1)
+
+
+class PassRates:
+    """Whether a row's own pass over its drafts pays inside a batch.
+
+    onnxruntime's CPU GroupQueryAttention takes several tokens per row only in a one-row
+    batch, so in a batch a row whose first draft held verifies the rest in a pass of its own
+    (continuous.py). On a CPU a pass costs about the same whatever it feeds (the weights are
+    read once), so that pass pays only when the tokens it is expected to keep per second
+    beat the shared step's tokens per second: a row keeping 3 drafts a pass is worth its
+    pass beside 1 other row, not beside 7. Both rates are moving averages measured on the
+    lane; while passes do not pay, one row still tries after EXPLORE shared steps without
+    one (a few percent of the steps), so an estimate from a bad stretch does not stay
+    forever; a row new to the batch starts from what the lane's rows kept so far."""
+
+    EXPLORE = 16
+    _WEIGHT = 0.2  # of the newest measurement in the moving averages
+
+    def __init__(self) -> None:
+        self.step_rate: float | None = None  # tokens/s of the shared step (rows per second)
+        self.pass_seconds: float | None = None  # one row's own draft pass
+        self.gain: float | None = None  # tokens such a pass gives, over the lane's rows
+        self.idle_steps = 0  # shared steps since the last own pass
+
+    def shared(self, rows: int, seconds: float) -> None:
+        self.step_rate = _average(self.step_rate, rows / max(seconds, 1e-9), self._WEIGHT)
+        self.idle_steps += 1
+
+    def own(self, drafting: DraftLength, tokens: int, seconds: float) -> None:
+        """A row's own pass took `seconds` and gave `tokens` tokens."""
+        self.idle_steps = 0
+        self.pass_seconds = _average(self.pass_seconds, seconds, self._WEIGHT)
+        self.gain = _average(self.gain, float(tokens), self._WEIGHT)
+        drafting.gain = _average(drafting.gain, float(tokens), self._WEIGHT)
+
+    def pays(self, drafting: DraftLength) -> bool:
+        gain = self.gain if drafting.gain is None else drafting.gain
+        if self.step_rate is None or self.pass_seconds is None or gain is None:
+            return True  # not measured yet: try
+        return gain / self.pass_seconds >= self.step_rate or self.idle_steps >= self.EXPLORE
+
+
+def _average(old: float | None, new: float, weight: float) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
 
 
 def accept(ids: np.ndarray, probs: np.ndarray, draft: int, rng: np.random.Generator) -> int:

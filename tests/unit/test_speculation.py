@@ -109,3 +109,23 @@ def test_choose_at_a_drafted_position():
     picks = {choose(logits, sampled, None, rng, draft=3) for _ in range(200)}
     assert picks == {1, 3}  # top-k 2 keeps 1 and 3; the draft among them is kept sometimes
     assert {choose(logits, sampled, None, rng, draft=0) for _ in range(50)} <= {1, 3}
+
+
+def test_a_rows_own_draft_pass_runs_in_a_batch_only_where_it_pays():
+    """A shared step of 8 rows in 0.1 s makes 80 tokens/s; a row's own pass of 0.05 s that
+    keeps 2 tokens makes 40/s: skipped, until EXPLORE shared steps went without one. Beside
+    1 other row (20 tokens/s) the same pass pays; a new row starts from the lane's figure."""
+    rates, row = speculation.PassRates(), speculation.DraftLength()
+    assert rates.pays(row)  # nothing measured yet
+    rates.shared(8, 0.1)
+    rates.own(row, 2, 0.05)
+    tries = []
+    for _ in range(speculation.PassRates.EXPLORE):
+        rates.shared(8, 0.1)
+        tries.append(rates.pays(row))
+    assert tries == [False] * (speculation.PassRates.EXPLORE - 1) + [True]
+    assert not rates.pays(speculation.DraftLength()) or rates.idle_steps >= rates.EXPLORE
+    pair = speculation.PassRates()
+    pair.shared(2, 0.1)
+    pair.own(row, 2, 0.05)
+    assert pair.pays(row) and pair.pays(speculation.DraftLength())
