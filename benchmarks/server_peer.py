@@ -19,6 +19,11 @@ CPU flags onnxruntime's MLAS dispatches on.
 
     python benchmarks/server_peer.py [--shapes 0.5b] [--rounds 3] [--new-tokens 128]
                                      [--threads N] [--json FILE] [--prepare]
+                                     [--llama-spec ngram-simple]
+
+--llama-spec turns on llama-server's own speculation (`--spec-type`, with a 3-token lookup and
+up to 8 drafts: ortserve's prompt lookup's sizes), to compare both sides' speculation;
+ortserve's follows ORTSERVE_SPECULATION (auto by default).
 """
 
 from __future__ import annotations
@@ -175,11 +180,16 @@ def start_ortserve(library: Path, threads: int, log: Path) -> tuple[subprocess.P
     return process, f"http://127.0.0.1:{port}"
 
 
-def start_llama(gguf: Path, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start_llama(
+    gguf: Path, threads: int, log: Path, spec: str = "none"
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [str(BUILD / "bin" / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1",
                "--port", str(port), "-t", str(threads), "-tb", str(threads), "-np", str(SLOTS),
                "-c", str(SLOTS * CONTEXT), "--no-webui"]  # fmt: skip
+    if spec != "none":  # its prompt lookup sized as ortserve's: 3-token n-grams, 8 drafts
+        command += ["--spec-type", spec, f"--spec-{spec}-size-n", "3",
+                    f"--spec-{spec}-size-m", "8"]  # fmt: skip
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     return process, f"http://127.0.0.1:{port}"
 
@@ -281,7 +291,9 @@ def concurrent_streams(url: str, model: str, prompts: list[str], new_tokens: int
     return sum(r["tokens"] for r in results) / (time.perf_counter() - started)
 
 
-def measure(shape: str, rounds: int, new_tokens: int, threads: int) -> dict[str, Any]:
+def measure(
+    shape: str, rounds: int, new_tokens: int, threads: int, llama_spec: str = "none"
+) -> dict[str, Any]:
     from tokenizers import Tokenizer
 
     source = checkpoint(shape)
@@ -295,11 +307,14 @@ def measure(shape: str, rounds: int, new_tokens: int, threads: int) -> dict[str,
     # (ortserve's KV reuse, llama-server's cache_prompt) and would answer a repeat at once
     prefills = [prompt_of(1000, tokenizer, 2 + 100 * r) for r in range(rounds)]
     longs = [prompt_of(4000, tokenizer, 3 + 100 * r) for r in range(rounds)]
-    mixed = [prompt_of(n, tokenizer, 10 + n) for n in (20, 60, 120, 200, 300, 400, 500, 600)]
+    mixed = [[prompt_of(n, tokenizer, 10 + n + 100 * r) for n in (20, 60, 120, 200, 300, 400,
+                                                                 500, 600)]
+             for r in range(rounds)]  # fmt: skip
     logs = BENCH / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     ours, ours_url = start_ortserve(library, threads, logs / f"server-peer-ortserve-{shape}.log")
-    peer, peer_url = start_llama(gguf, threads, logs / f"server-peer-llama-{shape}.log")
+    peer, peer_url = start_llama(gguf, threads, logs / f"server-peer-llama-{shape}.log",
+                                 llama_spec)  # fmt: skip
     try:
         wait_up(ours_url, ours, "/api/version")
         wait_up(peer_url, peer, "/health")
@@ -308,7 +323,7 @@ def measure(shape: str, rounds: int, new_tokens: int, threads: int) -> dict[str,
             completion(url, model, short, 8)
         memory = PeakMemory({"ortserve": ours.pid, "llama": peer.pid})
         figures: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
-        for prefill, long in zip(prefills, longs):
+        for prefill, long, streams in zip(prefills, longs, mixed):
             for side, (url, model) in sides.items():
                 record = figures[side]
                 record.setdefault("decode", []).append(
@@ -318,7 +333,7 @@ def measure(shape: str, rounds: int, new_tokens: int, threads: int) -> dict[str,
                     completion(url, model, prefill, 1)["ttft"]
                 )
                 record.setdefault("aggregate_8", []).append(
-                    concurrent_streams(url, model, mixed, new_tokens)
+                    concurrent_streams(url, model, streams, new_tokens)
                 )
                 record.setdefault("ttft_4000", []).append(completion(url, model, long, 1)["ttft"])
         peaks = memory.stop()
@@ -331,6 +346,8 @@ def measure(shape: str, rounds: int, new_tokens: int, threads: int) -> dict[str,
     medians = {side: {k: statistics.median(v) for k, v in record.items()}
                for side, record in figures.items()}  # fmt: skip
     return {"shape": shape, "medians": medians, "runs": figures, "peak_rss": peaks,
+            "llama_spec": llama_spec,
+            "ortserve_speculation": os.environ.get("ORTSERVE_SPECULATION", "auto"),
             "peak_rss_largest_process": largest,
             "llama_system_info": _system_info(logs / f"server-peer-llama-{shape}.log")}  # fmt: skip
 
@@ -398,6 +415,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="0: the physical cores")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--llama-spec", default="none",
+                        help="llama-server's --spec-type (ngram-simple, ngram-map-k ...)")  # fmt: skip
     parser.add_argument(
         "--prepare",
         action="store_true",
@@ -417,10 +436,13 @@ def main() -> None:
     from ortserve.config import physical_cores
 
     threads = args.threads or physical_cores()
-    results = [measure(s, args.rounds, args.new_tokens, threads) for s in args.shapes.split(",")]
+    results = [measure(s, args.rounds, args.new_tokens, threads, args.llama_spec)
+               for s in args.shapes.split(",")]  # fmt: skip
     text = table(results)
     print(text)
     print(f"\nthreads {threads} each; llama.cpp: {results[0]['llama_system_info']}")
+    print(f"speculation: ortserve {results[0]['ortserve_speculation']}, "
+          f"llama-server {args.llama_spec}")  # fmt: skip
     print(f"onnxruntime MLAS dispatches on: {mlas_isa()}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
