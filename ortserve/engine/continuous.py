@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ortserve.engine import speculation
+from ortserve.engine import int8_compute, speculation
 from ortserve.engine.adapters import GeneratorEvent, GeneratorTurn, GeneratorUsage
 from ortserve.engine.kvcache import KVStore
 from ortserve.engine.logprobs import step_logprobs
@@ -130,9 +130,14 @@ class DecoderGraph:
     last_only: bool = False  # the LM head runs on the last position only
     logits_type: type = np.float32
     logits_width: int = 0  # the graph's logits last dimension (the vocabulary, maybe padded)
+    int8: bool = False  # projections run as int8 products (int8_compute.py)
 
     @classmethod
-    def load(cls, bundle: Path, threads: int | None = None) -> DecoderGraph:
+    def load(
+        cls, bundle: Path, threads: int | None = None, int8: Path | None = None
+    ) -> DecoderGraph:
+        """The bundle's decoder as the loop runs it; `int8`: a folder to keep int8 weights
+        in, to run its int4 projections as int8 products (int8_compute.py)."""
         import onnxruntime as ort
 
         config = genai_config(bundle)
@@ -141,11 +146,7 @@ class DecoderGraph:
         outputs = decoder["outputs"]
         graph = Path(bundle) / decoder.get("filename", "model.onnx")
         options = _session_options(decoder.get("session_options", {}), threads)
-        pruned = _last_token_logits(graph, outputs.get("logits", "logits"))
-        if pruned is not None:  # weights stay where they are: read beside the graph
-            key = "session.model_external_initializers_file_folder_path"
-            options.add_session_config_entry(key, str(graph.parent))
-        source = str(graph) if pruned is None else pruned
+        source, pruned, int8 = _prepared(graph, outputs.get("logits", "logits"), options, int8)
         session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         layers = int(decoder["num_hidden_layers"])
         past = [inputs[f"past_{kv}_names"] % i for i in range(layers) for kv in ("key", "value")]
@@ -168,9 +169,10 @@ class DecoderGraph:
             vocab_size=int(model["vocab_size"]),
             context_length=int(model["context_length"]),
             eos=frozenset(eos if isinstance(eos, list) else [eos]),
-            last_only=pruned is not None,
+            last_only=pruned,
             logits_type=_numpy_type(logits.type),
             logits_width=width if isinstance(width, int) else int(model["vocab_size"]),
+            int8=int8,
         )
 
     @property
@@ -215,28 +217,52 @@ class DecoderGraph:
         return binding
 
 
-def _last_token_logits(graph: Path, logits: str) -> bytes | None:
-    """The graph with its LM head applied to the last few positions only, or None.
+def _prepared(
+    graph: Path, logits: str, options, int8: Path | None
+) -> tuple[str | bytes, bool, bool]:
+    """The session's source (the graph's path, or the rewritten graph's bytes, its weights
+    read from the folder set in `options`), whether the LM head runs on the last positions
+    only, and whether the projections run as int8 products (their weights kept in `int8`)."""
+    try:
+        import onnx
+    except ImportError:  # a dependency; should it be missing, the graph runs as it is
+        return str(graph), False, False
+    model = onnx.load(str(graph), load_external_data=False)
+    head = _lm_head(model, logits)
+    keep = set(head.output) if head is not None else set()
+    as_int8 = int8 is not None and int8_compute.rewrite(model, graph.parent, int8, keep)
+    pruned = _last_token_logits(model, logits)
+    if not pruned and not as_int8:
+        return str(graph), False, False
+    key = "session.model_external_initializers_file_folder_path"
+    options.add_session_config_entry(key, str(int8 if as_int8 else graph.parent))
+    return model.SerializeToString(), pruned, as_int8
+
+
+def _lm_head(model, logits: str):
+    """The node computing the logits (through an fp16 graph's Cast), or None."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    head = producers.get(logits)
+    while head is not None and head.op_type == "Cast":  # an fp16 graph's logits cast
+        head = producers.get(head.input[0])
+    return head
+
+
+def _last_token_logits(model, logits: str) -> bool:
+    """Cut the model's LM head to the last few positions, in place; False where it cannot.
 
     The builder's graph computes logits for every position of a prefill, and the loop only
     ever reads the last one, or a speculating row's last few (its verified drafts): on a
     small model with a 152k vocabulary the LM head is most of a prefill's work. A Slice
     before the head's MatMul keeps the last N positions, N -1 times the extra input
-    _TAIL_INPUT. It needs the onnx package (a dependency; should it be missing, the graph
-    runs as it is, ~2.5x slower to prefill).
+    _TAIL_INPUT.
     """
-    try:
-        import onnx
-        from onnx import helper
-    except ImportError:
-        return None
-    model = onnx.load(str(graph), load_external_data=False)
-    producers = {output: node for node in model.graph.node for output in node.output}
-    head = producers.get(logits)
-    while head is not None and head.op_type == "Cast":  # an fp16 graph's logits cast
-        head = producers.get(head.input[0])
+    import onnx
+    from onnx import helper
+
+    head = _lm_head(model, logits)
     if head is None or head.op_type not in ("MatMul", "MatMulNBits"):
-        return None
+        return False
     hidden, last = head.input[0], "/ortserve/last_position/output_0"
     constants = {"/ortserve/last_position/ends": 2**62, "/ortserve/last_position/axes": 1}
     for name, value in constants.items():
@@ -252,7 +278,7 @@ def _last_token_logits(graph: Path, logits: str) -> bytes | None:
     for output in model.graph.output:
         if output.name == logits and len(output.type.tensor_type.shape.dim) == 3:
             output.type.tensor_type.shape.dim[1].dim_param = "logit_positions"
-    return model.SerializeToString()
+    return True
 
 
 def _session_options(config: dict, threads: int | None = None):

@@ -187,6 +187,15 @@ class OgBackend:
             return None
 
 
+def _int8_folder(info: ModelInfo, provider: str, settings: Settings) -> Path | None:
+    """Where a CPU model's int8 weights are kept when ORTSERVE_CPU_INT8 asks for them."""
+    from ortserve.engine import int8_compute
+
+    if provider != "cpu" or not int8_compute.wanted(settings.cpu_int8):
+        return None
+    return Path(settings.models) / "cache" / "int8" / Path(info.path).name
+
+
 def _start(info: ModelInfo, provider: str, adapters, settings: Settings) -> Scheduler:
     """The model's scheduler thread with the model loaded on `provider`."""
     scheduler = Scheduler(
@@ -200,6 +209,7 @@ def _start(info: ModelInfo, provider: str, adapters, settings: Settings) -> Sche
         adapters=adapters,
         batching=settings.batching,
         speculation=settings.speculation,
+        int8=_int8_folder(info, provider, settings),
         kv_cache_entries=settings.kv_cache_entries,
         kv_cache_bytes=settings.kv_cache_size,
         threads=settings.model_threads,

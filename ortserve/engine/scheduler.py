@@ -163,6 +163,7 @@ class Scheduler:
         kv_cache_bytes: int = 1 << 30,
         threads: int | None = None,
         speculation: str = "auto",
+        int8: Path | None = None,
     ):
         self.bundle = bundle
         self.provider = provider
@@ -177,6 +178,7 @@ class Scheduler:
         self.kv_store = KVStore(kv_cache_entries, kv_cache_bytes)
         self.threads = threads  # intra-op threads where the bundle sets none (None: og's)
         self.speculation = speculation  # "auto": prompt-lookup drafts on continuous lanes
+        self.int8 = int8  # where int8 weights are kept: continuous lanes compute in int8
         self._model: Any = None
         self._processor: Any = None  # og.MultiModalProcessor of a vision model
         self._counter: Any = None  # another one, for counting on request threads
@@ -299,7 +301,7 @@ class Scheduler:
         from ortserve.engine.continuous import ContinuousEngine, DecoderGraph
 
         engine = ContinuousEngine(
-            DecoderGraph.load(self.bundle, self.threads),
+            DecoderGraph.load(self.bundle, self.threads, self.int8),
             self.parallel,
             self.kv_store,
             self.speculation,

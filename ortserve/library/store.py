@@ -5,6 +5,8 @@ Layout under the root (ORTSERVE_MODELS, default ~/.ortserve/models):
     manifests/<namespace>/<model>/<tag>.json   one per name:tag (lower-cased path)
     bundles/sha256-<hex>/                      immutable bundle, named by its digest
     tmp/<random>/                              staging; renamed into bundles/ when complete
+    cache/int8/sha256-<hex>/                   a bundle's int8 weights (engine/int8_compute.py),
+                                               removed with the bundle
     blobs/sha256-<hex>                         uploaded files (/api/blobs), named by sha256
     verified.json                              size and mtime of bundle files that hashed right
 
@@ -277,7 +279,7 @@ class Library:
         removed = []
         for bundle in self._bundle_dirs():
             if bundle.name not in used:
-                shutil.rmtree(bundle, ignore_errors=True)
+                self._remove_bundle(bundle)
                 removed.append(bundle.name)
         leftovers = self._remove_stale_staging() + self._remove_abandoned_temp_files()
         self._verified.forget_missing(self.bundles_dir)
@@ -336,7 +338,12 @@ class Library:
 
     def _remove_bundle_if_unused(self, digest: str) -> None:
         if digest not in self._used_digests():
-            shutil.rmtree(self.bundle_path(digest), ignore_errors=True)
+            self._remove_bundle(self.bundle_path(digest))
+
+    def _remove_bundle(self, bundle: Path) -> None:
+        """A bundle and what was derived from it (its int8 weights, hard links to its data)."""
+        shutil.rmtree(bundle, ignore_errors=True)
+        shutil.rmtree(self.root / "cache" / "int8" / bundle.name, ignore_errors=True)
 
     def _prune_blobs(self) -> list[str]:
         """Blobs no manifest's adapters[].digest names, and abandoned partial uploads."""

@@ -147,7 +147,7 @@ def test_an_unpruned_graph_gives_the_same_tokens(bundles, prompts, alone, monkey
     loop reads are then the last of each chunk's."""
     from ortserve.engine import continuous
 
-    monkeypatch.setattr(continuous, "_last_token_logits", lambda graph, logits: None)
+    monkeypatch.setattr(continuous, "_last_token_logits", lambda model, logits: False)
     running = scheduler(bundles["builder"])
     try:
         assert not running._lanes[0].engine.graph.last_only

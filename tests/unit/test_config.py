@@ -149,7 +149,7 @@ def test_the_table_and_the_docs_name_the_same_variables():
     names = [variable.name for variable in VARIABLES]
     assert len(names) == len(set(names))
     docs = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
-    assert set(re.findall(r"^\| `(ORTSERVE_[A-Z_]+)`", docs, re.MULTILINE)) == set(names)
+    assert set(re.findall(r"^\| `(ORTSERVE_[A-Z0-9_]+)`", docs, re.MULTILINE)) == set(names)
 
 
 def test_a_keep_alive_too_long_to_be_a_date_is_forever():

@@ -1,0 +1,103 @@
+"""int8 products on continuous lanes (engine/int8_compute.py), on demo-chat's trained weights
+converted to int4: the accuracy cost against the int4 kernels, the weights written once
+beside hard links, a served turn, the fallback where the cache cannot be written, and the
+cache removed with its bundle."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from converters import convert
+from converters.demo_model import CHECKPOINT
+from converters.verify import cosine_rows
+from ortserve.config import Settings
+from ortserve.engine.continuous import BatchCache, DecoderGraph
+from ortserve.engine.runtime import Runtime
+from ortserve.engine.types import Finished, GenerationOptions, TextChunk
+from ortserve.library import Library
+
+pytestmark = pytest.mark.slow
+
+NAME = "demo-chat:int4"
+TEXT = (
+    "<|im_start|>user\nWhat do you know about the moon, the tides and the sea? Tell me "
+    "about them in a few sentences.<|im_end|>\n<|im_start|>assistant\nThe moon pulls on the "
+    "sea, and the water rises and falls twice a day. These are the tides. The sea is large "
+    "and deep, and the moon is far away, but its pull is strong enough to move the water."
+)
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory) -> Library:
+    library = Library(tmp_path_factory.mktemp("int8") / "models")
+    convert(CHECKPOINT, NAME, "int4", library=library, progress=False)
+    return library
+
+
+def logits(graph: DecoderGraph, ids: list[int]) -> np.ndarray:
+    """Every position's logits of one pass over `ids` (teacher forcing)."""
+    cache = BatchCache(graph, 1)
+    cache.reserve(1, len(ids))
+    mask = np.ones((1, len(ids)), dtype=np.int64)
+    out = graph.forward(np.asarray([ids]), mask, cache.view(0, 1), len(ids))
+    return out[0, :, : graph.vocab_size].astype(np.float32)
+
+
+def test_int8_products_keep_the_int4_models_predictions(library, tmp_path):
+    """The accuracy cost on trained weights: next-token agreement and logits cosine over a
+    conversation, int8 products against the int4 kernels of the same bundle. Measured on
+    demo-chat: top-1 0.80, cosine 0.993; for scale, the int4 bundle itself against fp32:
+    0.71 and 0.960 (int8 products against fp32: 0.67 and 0.946). Activations are quantized
+    per tensor (DynamicQuantizeMatMul), where MatMulNBits quantizes them per block of 32."""
+    bundle = library.get(NAME).path
+    plain = DecoderGraph.load(bundle, 1)
+    int8 = DecoderGraph.load(bundle, 1, tmp_path / "cache")
+    assert int8.int8 and not plain.int8
+    ids = _encode(bundle, TEXT)
+    assert len(ids) > 60
+    expected, got = logits(plain, ids), logits(int8, ids)
+    agreement = float((expected.argmax(-1) == got.argmax(-1)).mean())
+    cosine = float(cosine_rows(expected, got).mean())
+    print(f"int8 products vs int4 kernels: top-1 agreement {agreement:.4f}, cosine {cosine:.5f}")
+    assert agreement >= 0.75 and cosine >= 0.99
+    written = tmp_path / "cache" / "int8.data"
+    links = [p for p in (tmp_path / "cache").iterdir() if p.name != "int8.data"]
+    assert written.stat().st_size > 0 and links
+    assert all(os.path.samefile(link, bundle / link.name) for link in links)  # not copies
+    before = written.stat().st_mtime_ns
+    DecoderGraph.load(bundle, 1, tmp_path / "cache")
+    assert written.stat().st_mtime_ns == before  # written once
+
+
+def test_an_unwritable_cache_runs_the_int4_kernels(library, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    graph = DecoderGraph.load(library.get(NAME).path, 1, blocked / "cache")
+    assert not graph.int8
+
+
+def test_a_served_turn_with_int8_products_and_the_cache_goes_with_its_bundle(library):
+    settings = Settings(models=library.root, cpu_int8="on")
+    runtime = Runtime(settings, library)
+    folder = library.root / "cache" / "int8" / library.get(NAME).path.name
+    try:
+        model = runtime.acquire(NAME)
+        options = GenerationOptions(temperature=0, num_predict=16, num_ctx=512)
+        events = list(model.generate(model.encode(TEXT[:120]), options))
+        runtime.release(model)
+    finally:
+        runtime.shutdown()
+    assert isinstance(events[-1], Finished) and any(isinstance(e, TextChunk) for e in events)
+    assert (folder / "int8.data").is_file()
+    library.delete(NAME)
+    library.prune()
+    assert not folder.exists()
+
+
+def _encode(bundle, text: str) -> list[int]:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(bundle / "tokenizer.json")).encode(text).ids
