@@ -2,15 +2,18 @@
 
 A builder bundle's int4 weights run through MatMulNBits, whose CPU kernels compute with
 AVX512-VNNI at best: a 1000-row prefill chunk of the Qwen2.5-0.5B shape's MLP runs at ~285
-GOPS, no faster than fp32. MLAS's int8 QGEMM (DynamicQuantizeMatMul) runs the same product
+GOPS, no faster than fp32. MLAS's int8 QGEMM (uint8 x int8) runs the same product
 on AMX tiles where the CPU has them, ~11x faster for prefill chunks and ~2.6x for 8-row steps
 (benchmarks/matmul_paths.py). At one row the int4 kernel stays ahead: it reads half the bytes.
 
 So where it is asked for, the loop's session (the bundle stays as it is) replaces each
-MatMulNBits but the LM head with DynamicQuantizeMatMul over int8 weights derived from
-the int4 ones: each column dequantized from its 4-bit blocks and requantized with one scale
-(its largest magnitude / 127). The values are the int4 model's, up to half an int8 step per
-weight (a tenth of the int4 rounding itself or less). The LM head keeps its int4 kernel: the
+MatMulNBits but the LM head with int8 products: the weights derived from the int4 ones (each
+column dequantized from its 4-bit blocks and requantized with one scale, its largest
+magnitude / 127: the int4 model's values up to half an int8 step), each row of activations
+quantized with its own scale (per token; DynamicQuantizeMatMul's one scale per tensor cost
+20% of next tokens on demo-chat, per row 8%, about what rounding the weights alone costs),
+multiplied by MatMulInteger (uint8 x int8, offset 128: MLAS's packed QGEMM; int8 x int8 has
+no fast kernel), then scaled back by the row's and the column's scales. The LM head keeps its int4 kernel: the
 loop runs it on a few positions only. The int8 weights are written once per bundle into
 the library's cache folder (models/cache/int8/<bundle>/), beside hard links to the bundle's
 own data files, so the session memory-maps everything from one folder and frees what it
@@ -18,7 +21,7 @@ packed.
 
 ORTSERVE_CPU_INT8: `on`, `off` (the default), or `auto` (on where the CPU has AMX-INT8).
 Measured on this 2-core Xeon with AMX, Qwen2.5-0.5B shape: a 1000-token prompt's prefill
-3.24 -> 0.88 s, 8 rows decoding 170 -> 220 tok/s, one row 53 -> ~43 tok/s, +43 MB RSS.
+3.24 -> 1.11 s, 8 rows decoding 170 -> 216 tok/s, one row 53 -> 44 tok/s, +~40 MB RSS.
 """
 
 from __future__ import annotations
@@ -82,30 +85,67 @@ def rewrite(model: Any, folder: Path, cache: Path, keep: set[str] = frozenset())
     except OSError as exc:  # a read-only or full disk: the graph runs as it is
         log.warning("int8 weights could not be written to %s (%s): int4 products", cache, exc)
         return False
-    offset, replaced = 0, set()
-    for index, node, attrs in plan:
+    offset, replaced, products = 0, set(), []
+    for _, node, attrs in plan:
         k, n = attrs["K"], attrs["N"]
         weight_name, scale_name = f"{node.input[1]}/int8", f"{node.input[2]}/int8_columns"
         graph.initializer.append(_external(weight_name, "int8", (k, n), offset))
         graph.initializer.append(_external(scale_name, "float32", (n,), offset + k * n))
         offset += k * n + 4 * n
         replaced.update(node.input[1:3])
-        graph.node[index].CopyFrom(
-            helper.make_node(
-                "DynamicQuantizeMatMul",
-                [node.input[0], weight_name, scale_name, "", ""],
-                list(node.output),
-                name=f"{node.name}/int8",
-                domain="com.microsoft",
-            )
-        )
+        products.append((node, _product(node, weight_name, scale_name)))
+    for node, nodes in products:  # each node's place taken by its own subgraph, in order
+        at = list(graph.node).index(node)
+        graph.node.remove(node)
+        for offset_in, made in enumerate(nodes):
+            graph.node.insert(at + offset_in, made)
+    graph.initializer.extend(_constants())
     still_read = {name for node in graph.node for name in node.input}
     kept = [i for i in graph.initializer if i.name not in replaced or i.name in still_read]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return True
+
+
+_K = "/ortserve/int8"  # the shared constants' prefix
+
+
+def _constants() -> list:
+    from onnx import numpy_helper
+
+    values = {"axes": np.array([-1], np.int64), "127": np.array(127, np.float32),
+              "tiny": np.array(1e-12, np.float32), "128": np.array(128, np.float32),
+              "zero_point": np.array(128, np.uint8)}  # fmt: skip
+    return [numpy_helper.from_array(value, f"{_K}/{name}") for name, value in values.items()]
+
+
+def _product(node: Any, weight: str, column_scale: str) -> list:
+    """x @ W as int8 products: x quantized per row (one scale per token: its largest
+    magnitude / 127, offset 128 into uint8, the form MLAS's fast QGEMM takes), multiplied by
+    the int8 weight (MatMulInteger), then scaled back by the row's and the column's scales."""
+    from onnx import TensorProto, helper
+
+    x, (y,), p = node.input[0], node.output, f"{node.name}/int8"
+
+    def op(kind: str, inputs: list[str], output: str, **attrs: Any):
+        return helper.make_node(
+            kind, inputs, [output], name=f"{p}/{kind}_{output.rsplit('/', 1)[-1]}", **attrs
+        )
+
+    return [
+        op("Abs", [x], f"{p}/abs"),
+        op("ReduceMax", [f"{p}/abs", f"{_K}/axes"], f"{p}/largest", keepdims=1),
+        op("Div", [f"{p}/largest", f"{_K}/127"], f"{p}/raw_scale"),
+        op("Max", [f"{p}/raw_scale", f"{_K}/tiny"], f"{p}/row_scale"),  # an all-zero row
+        op("Div", [x, f"{p}/row_scale"], f"{p}/scaled"),
+        op("Round", [f"{p}/scaled"], f"{p}/rounded"),
+        op("Add", [f"{p}/rounded", f"{_K}/128"], f"{p}/shifted"),
+        op("Cast", [f"{p}/shifted"], f"{p}/quantized", to=TensorProto.UINT8),
+        op("MatMulInteger", [f"{p}/quantized", weight, f"{_K}/zero_point"], f"{p}/sums"),
+        op("Cast", [f"{p}/sums"], f"{p}/float_sums", to=TensorProto.FLOAT),
+        op("Mul", [f"{p}/float_sums", f"{p}/row_scale"], f"{p}/row_scaled"),
+        helper.make_node("Mul", [f"{p}/row_scaled", column_scale], [y], name=f"{p}/Mul_out"),
+    ]
 
 
 def _linked(graph: Any, folder: Path, cache: Path) -> bool:

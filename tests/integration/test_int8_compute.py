@@ -49,9 +49,9 @@ def logits(graph: DecoderGraph, ids: list[int]) -> np.ndarray:
 def test_int8_products_keep_the_int4_models_predictions(library, tmp_path):
     """The accuracy cost on trained weights: next-token agreement and logits cosine over a
     conversation, int8 products against the int4 kernels of the same bundle. Measured on
-    demo-chat: top-1 0.80, cosine 0.993; for scale, the int4 bundle itself against fp32:
-    0.71 and 0.960 (int8 products against fp32: 0.67 and 0.946). Activations are quantized
-    per tensor (DynamicQuantizeMatMul), where MatMulNBits quantizes them per block of 32."""
+    demo-chat: top-1 0.92, cosine 0.9994; rounding the weights alone to int8 gives 0.93 and
+    0.9998, and quantizing activations per tensor (DynamicQuantizeMatMul) instead of per row
+    0.80 and 0.993. Against fp32 the int4 kernels agree on 0.71, int8 products on 0.73."""
     bundle = library.get(NAME).path
     plain = DecoderGraph.load(bundle, 1)
     int8 = DecoderGraph.load(bundle, 1, tmp_path / "cache")
@@ -62,7 +62,7 @@ def test_int8_products_keep_the_int4_models_predictions(library, tmp_path):
     agreement = float((expected.argmax(-1) == got.argmax(-1)).mean())
     cosine = float(cosine_rows(expected, got).mean())
     print(f"int8 products vs int4 kernels: top-1 agreement {agreement:.4f}, cosine {cosine:.5f}")
-    assert agreement >= 0.75 and cosine >= 0.99
+    assert agreement >= 0.9 and cosine >= 0.999
     written = tmp_path / "cache" / "int8.data"
     links = [p for p in (tmp_path / "cache").iterdir() if p.name != "int8.data"]
     assert written.stat().st_size > 0 and links
