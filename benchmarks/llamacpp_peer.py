@@ -383,15 +383,18 @@ def write_gguf(checkpoint: Path, out: Path) -> Path:
     vocab.add_to_gguf(writer)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, layers)
-    with safe_open(str(checkpoint / "model.safetensors"), framework="np") as weights:
-        for key in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            if key == "lm_head.weight" and config.get("tie_word_embeddings"):
-                continue
-            name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-            if name is None:
-                raise ValueError(f"no GGUF name for {key}")
-            data = weights.get_tensor(key)
-            writer.add_tensor(name, data.astype(np.float16 if data.ndim == 2 else np.float32))
+    # one file, or shards listed by model.safetensors.index.json (checkpoints over 5 GB)
+    shards = sorted(checkpoint.glob("model*.safetensors"))
+    for shard in shards:
+        with safe_open(str(shard), framework="np") as weights:
+            for key in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if key == "lm_head.weight" and config.get("tie_word_embeddings"):
+                    continue
+                name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+                if name is None:
+                    raise ValueError(f"no GGUF name for {key}")
+                data = weights.get_tensor(key)
+                writer.add_tensor(name, data.astype(np.float16 if data.ndim == 2 else np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
