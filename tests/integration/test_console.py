@@ -265,12 +265,18 @@ def test_a_foreign_origin_cannot_use_the_api_through_the_console(server, browser
         ("OPTIONS", f"{server.url}/api/copy", 403),  # the preflight: its POST never went
         ("POST", f"{server.url}/api/copy", 403),
     }
-    for _ in range(50):  # DevTools events arrive on their own schedule
+    for _ in range(100):  # DevTools events arrive on their own schedule
         if len([a for a in answers if a[1].startswith(server.url)]) >= len(expected):
             break
         page.wait_for_timeout(100)
-    assert {a for a in answers if a[1].startswith(server.url)} == expected
-    assert len([a for a in answers if a[1].startswith(server.url)]) == len(expected)
+    seen = {a for a in answers if a[1].startswith(server.url)}
+    # DevTools may drop an event under load (a CI run missed the GET's): whatever was seen
+    # was refused, the POST sent without preflight is seen, and the server refuses the
+    # foreign Origin's GET when asked directly too
+    assert seen <= expected and ("POST", f"{server.url}/api/copy", 403) in seen
+    assert len([a for a in answers if a[1].startswith(server.url)]) == len(seen)
+    foreign = {"Origin": f"http://{FOREIGN}:{foreign_site}"}
+    assert requests.get(server.url + "/api/tags", headers=foreign, timeout=10).status_code == 403
     names = [m["name"] for m in requests.get(server.url + "/api/tags", timeout=10).json()["models"]]
     assert not any(name.startswith("stolen") for name in names)
 
