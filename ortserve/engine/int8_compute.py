@@ -65,8 +65,8 @@ def rewrite(model: Any, folder: Path, cache: Path, keep: set[str] = frozenset())
 
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
-    plan = []  # (node index, node, attrs)
-    for index, node in enumerate(graph.node):
+    plan = []  # (node, attrs)
+    for node in graph.node:
         if node.op_type != "MatMulNBits" or set(node.output) & keep:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -74,8 +74,8 @@ def rewrite(model: Any, folder: Path, cache: Path, keep: set[str] = frozenset())
             continue  # zero points, bias or g_idx: left to MatMulNBits
         if not all(name in initializers for name in node.input[1:3]):
             continue
-        plan.append((index, node, attrs))
-    sizes = [attrs["K"] * attrs["N"] + 4 * attrs["N"] for _, _, attrs in plan]
+        plan.append((node, attrs))
+    sizes = [attrs["K"] * attrs["N"] + 4 * attrs["N"] for _, attrs in plan]
     data = cache / "int8.data"
     try:
         if not plan or not _linked(graph, folder, cache):
@@ -86,7 +86,7 @@ def rewrite(model: Any, folder: Path, cache: Path, keep: set[str] = frozenset())
         log.warning("int8 weights could not be written to %s (%s): int4 products", cache, exc)
         return False
     offset, replaced, products = 0, set(), []
-    for _, node, attrs in plan:
+    for node, attrs in plan:
         k, n = attrs["K"], attrs["N"]
         weight_name, scale_name = f"{node.input[1]}/int8", f"{node.input[2]}/int8_columns"
         graph.initializer.append(_external(weight_name, "int8", (k, n), offset))
@@ -179,7 +179,7 @@ def _write(data: Path, plan: list, initializers: dict, folder: Path) -> None:
     temporary = data.with_name(f".{data.name}.{os.getpid()}.partial")
     try:
         with open(temporary, "wb") as out:
-            for _, node, attrs in plan:
+            for node, attrs in plan:
                 blocks, scales = (_array(initializers[name], folder) for name in node.input[1:3])
                 weight, column_scale = _int8_columns(blocks, scales, attrs["K"], attrs["N"])
                 out.write(weight.tobytes())

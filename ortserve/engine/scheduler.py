@@ -182,6 +182,7 @@ class Scheduler:
         self._model: Any = None
         self._processor: Any = None  # og.MultiModalProcessor of a vision model
         self._counter: Any = None  # another one, for counting on request threads
+        self._image_token: int | None = None
         self._counter_lock = threading.Lock()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: collections.deque[Job] = collections.deque()
@@ -222,11 +223,11 @@ class Scheduler:
         thread), one count at a time."""
         from ortserve.engine.adapters import processed
 
-        image_token = genai_config(self.bundle)["model"].get("image_token_id")
         with self._counter_lock:
-            if self._counter is None:
+            if self._counter is None:  # made once, with the image token it expands
                 self._counter = self._og_model().create_multimodal_processor()
-            return len(processed(self._counter, tokens, images, image_token)[1])
+                self._image_token = genai_config(self.bundle)["model"].get("image_token_id")
+            return len(processed(self._counter, tokens, images, self._image_token)[1])
 
     def cancel(self, job: Job) -> None:
         self._inbox.put(("cancel", job))
