@@ -91,6 +91,7 @@ def spec_from_body(body: dict[str, Any], library: Library) -> ModelSpec:
         messages=body.get("messages"),
         license=[license_] if isinstance(license_, str) else list(license_ or []),
         files=dict(body.get("files") or {}),
+        draft=body.get("draft"),
     )
 
 

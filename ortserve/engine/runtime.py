@@ -249,8 +249,10 @@ def planned_provider(info: ModelInfo, requested: str) -> str | None:
 
 
 def _same_model(loaded: ModelInfo, current: ModelInfo) -> bool:
-    """Still what the library names: same bundle and same adapters (re-created otherwise)."""
-    return loaded.digest == current.digest and _adapters(loaded) == _adapters(current)
+    """Still what the library names: same bundle, adapters and draft model (re-created
+    otherwise)."""
+    return (loaded.digest == current.digest and _adapters(loaded) == _adapters(current)
+            and loaded.manifest.get("draft") == current.manifest.get("draft"))  # fmt: skip
 
 
 def _adapters(info: ModelInfo) -> list:

@@ -16,9 +16,10 @@ from typing import Any
 from ortserve.errors import InvalidRequest
 from ortserve.library.store import Library, ModelInfo
 
-INSTRUCTIONS = ("from", "parameter", "template", "system", "adapter", "license", "message")
+INSTRUCTIONS = ("from", "parameter", "template", "system", "adapter", "license", "message",
+                "draft")  # fmt: skip
 # Ollama instructions that ortserve has no counterpart for: refused, never ignored.
-_NOT_SUPPORTED = ("draft", "renderer", "parser", "requires")
+_NOT_SUPPORTED = ("renderer", "parser", "requires")
 MESSAGE_ROLES = ("system", "user", "assistant")
 _WORD = re.compile(r"^([A-Za-z]+)(?:[ \t]+(.*))?$", re.DOTALL)
 _PARAMETER = re.compile(r"^([A-Za-z0-9_]+)(?:[ \t]+(.*))?$", re.DOTALL)
@@ -47,6 +48,7 @@ class ModelSpec:
     adapters: list[tuple[str, Path]] = field(default_factory=list)  # (filename, path)
     messages: list[dict[str, str]] | None = None
     license: list[str] = field(default_factory=list)
+    draft: str | None = None  # a library model's name: speculative decoding's draft model
     files: dict[str, str] = field(default_factory=dict)  # /api/create: filename -> blob digest
     lines: dict[str, int] = field(default_factory=dict)  # "from", "template", ... -> line
 
@@ -141,7 +143,10 @@ def _apply(spec: ModelSpec, line: int, word: str, value: Any, base_dir: Path) ->
         raise ModelfileError(line, f'unknown instruction "{word.upper()}"')
     if word == "parameter":
         name, text = value
-        _set_parameter(spec, line, name.lower(), _unquote(text))
+        if name.lower() == "draft":  # llama.cpp's --model-draft: a model field, not an option
+            _apply(spec, line, "draft", text, base_dir)
+        else:
+            _set_parameter(spec, line, name.lower(), _unquote(text))
         return
     if word == "message":
         role, text = value
@@ -161,6 +166,8 @@ def _apply(spec: ModelSpec, line: int, word: str, value: Any, base_dir: Path) ->
     elif word == "license":
         spec.license.append(text)
         spec.lines.setdefault("license", line)
+    elif word == "draft":  # a name, checked against the library by create (never a path)
+        spec.draft, spec.lines["draft"] = text, line
     else:  # template, system: a later line replaces an earlier one, as in Ollama
         setattr(spec, word, text)
         spec.lines[word] = line
@@ -273,6 +280,8 @@ def render_modelfile(model: ModelInfo) -> str:
             lines += _value_lines(f"PARAMETER {key}", _parameter_text(item))
     for adapter in m.get("adapters") or []:
         lines.append(f"ADAPTER {quote(str(_adapter_path(model, adapter)))}")
+    if m.get("draft"):
+        lines.append(f"DRAFT {quote(str(m['draft']))}")
     for message in m.get("messages") or []:
         lines += _value_lines(f"MESSAGE {message['role']}", message["content"])
     license_ = m.get("license")

@@ -23,7 +23,7 @@ from ortserve.library.store import INDEX_FILE, Library, ModelInfo
 
 Progress = Callable[[str], None]
 # Fields a Modelfile sets; the rest of a manifest describes the bundle.
-MODEL_FIELDS = ("template", "system", "parameters", "messages", "license", "adapters")
+MODEL_FIELDS = ("template", "system", "parameters", "messages", "license", "adapters", "draft")
 # Fields Library.save writes itself: never inherited from the base.
 _RECORD_FIELDS = ("name", "size", "created", "modified", "schema_version", "bundle")
 QUANTIZE = {"int4": "int4", "int8": "int8", "q4_k_m": "int4", "q4_k_s": "int4", "q4_0": "int4",
@@ -62,6 +62,7 @@ class CreatePlan:
         """Make the model (the name is replaced if it exists); report status lines."""
         report = progress or (lambda _status: None)
         base = _realise(self, report)
+        check_draft(self.library, self.spec, base.path)  # the bundle's tokenizer, now at hand
         manifest = merge(base.manifest, self.spec)
         if self.spec.adapters:
             manifest.update(_attach(self.library, base, self.spec, report))
@@ -93,6 +94,7 @@ def prepare_create(
     spec.parameters = check_parameters(spec.parameters)
     base = locate_base(library, spec)
     _check_quantize(library, base, precision)
+    check_draft(library, spec, base.info.path if base.info else base.path)
     return CreatePlan(library, model_name, spec, precision, base)
 
 
@@ -134,6 +136,32 @@ def check_template(spec: ModelSpec) -> None:
         ) from None
 
 
+def check_draft(library: Library, spec: ModelSpec, bundle: Path | None) -> None:
+    """DRAFT must name a library model (a name, never a path) whose graph the continuous
+    loop runs and, where the new model's tokenizer.json is at hand in `bundle` (a bundle or
+    a checkpoint), with the same tokenizer (engine/draft_model.py)."""
+    if not spec.draft:
+        return
+    from ortserve.engine.continuous import supports
+    from ortserve.engine.draft_model import same_tokenizer
+
+    where, name = spec.where("draft"), spec.draft
+    try:
+        draft = library.get(name)
+    except InvalidName as exc:
+        raise InvalidRequest(f"{where}draft: {exc.message}", param="draft") from None
+    except ModelNotFound:
+        raise InvalidRequest(f'{where}draft: no library model named "{name}"',
+                             param="draft") from None  # fmt: skip
+    if not supports(draft.path):
+        raise InvalidRequest(f'{where}draft: "{name}" is not a model builder text decoder, '
+                             "which a draft model must be", param="draft")  # fmt: skip
+    tokenizer = bundle / "tokenizer.json" if bundle is not None else None
+    if tokenizer is not None and tokenizer.is_file() and not same_tokenizer(bundle, draft.path):
+        raise InvalidRequest(f'{where}draft: "{name}" has another tokenizer than the model; '
+                             "a draft model must share its vocabulary", param="draft")  # fmt: skip
+
+
 def merge(base: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:
     """The new manifest: the base's, with the spec's values over it."""
     manifest = {k: v for k, v in base.items() if k not in _RECORD_FIELDS or k == "bundle"}
@@ -151,6 +179,8 @@ def merge(base: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:
     manifest["parameters"] = {**(manifest.get("parameters") or {}), **spec.parameters}
     if spec.messages is not None:
         manifest["messages"] = [dict(m) for m in spec.messages]
+    if spec.draft is not None:
+        manifest["draft"] = spec.draft or None
     return manifest
 
 
