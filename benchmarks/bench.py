@@ -16,11 +16,15 @@ the machine (CPU, cores, load average at the start and the end):
   spec     benchmarks/spec_bench.py: ortserve's loop with speculative decoding (prompt-lookup
            drafts) vs without, same bundle, alternated: copy-heavy greedy decode, sampled
            decode, 4 streams
+  server   benchmarks/server_peer.py: `ortserve serve` vs llama.cpp's llama-server (built
+           once under .cache/bench/), the same random Qwen2.5-0.5B- and 1.5B-shaped weights
+           (int4 / Q4_0), one HTTP client: issue 26's table (decode, 1000- and 4000-token
+           TTFT, 8 mixed streams, peak RSS), with ortserve's defaults
   convert, adapter   (only with --with): benchmarks/convert_bench.py, adapter_bench.py
 
 A missing or failing benchmark prints "n/a: <why>" on its lines; the rest still run.
 
-    python benchmarks/bench.py [--quick] [--only serve,graph,peer,engine,spec]
+    python benchmarks/bench.py [--quick] [--only serve,graph,peer,engine,spec,server]
                                [--with convert,adapter]
                                [--keep .cache/bench] [--json F] [--update-docs]
 """
@@ -45,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-SECTIONS = ("serve", "graph", "peer", "engine", "spec")
+SECTIONS = ("serve", "graph", "peer", "engine", "spec", "server")
 EXTRAS = ("convert", "adapter")
 DOCS = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -58,6 +62,8 @@ ARGS: dict[str, tuple[list[str], list[str]]] = {
     "engine": (["--configs", "after"],
                ["--configs", "after", "--new-tokens", "16", "--no-http"]),
     "spec": (["--rounds", "5", "--new-tokens", "256"], ["--rounds", "1", "--new-tokens", "16"]),
+    "server": (["--shapes", "0.5b,1.5b", "--rounds", "3"],
+               ["--shapes", "0.5b", "--rounds", "1", "--new-tokens", "16"]),
     "convert": ([], ["--no-verify"]),
     "adapter": ([], []),
 }  # fmt: skip
@@ -66,7 +72,7 @@ PEER = (
     {"rounds": 1, "new_tokens": 16, "pure": False},
 )
 TIMEOUT = {"serve": 900, "graph": 1800, "peer": 1200, "engine": 1800, "spec": 1200,
-           "convert": 3600, "adapter": 3600}  # fmt: skip
+           "server": 5400, "convert": 3600, "adapter": 3600}  # fmt: skip
 
 
 # -- the table -----------------------------------------------------------------------------
@@ -513,6 +519,47 @@ def spec_rows(result: dict) -> list[Row]:
     return rows
 
 
+# issue 26's table: (figure key, what it compares, goal, lower is better)
+SERVER_LINES = (
+    ("decode", "single-stream decode tok/s", ">= 1.2", False),
+    ("ttft_1000", "TTFT of a 1000-token prompt (llama-server / ortserve)", ">= 1.2", True),
+    ("aggregate_8", "8 concurrent mixed streams, aggregate tok/s", ">= 1.5", False),
+    ("ttft_4000", "TTFT of a 4000-token prompt (llama-server / ortserve)", ">= 1.0", True),
+)
+
+
+def server_rows(result: dict) -> list[Row]:
+    """ortserve serve / llama-server per shape, each figure ortserve-ahead-when-above-1, and
+    the peak RSS of both process trees (lower is better)."""
+    data = (last_json(result) if "na" not in result else None) or {}
+    shapes = data.get("results") or [{"shape": "0.5b"}]
+    rows = []
+    for shape in shapes:
+        name = f"Qwen2.5-{shape['shape'].upper()} shape"
+        medians = shape.get("medians") or {}
+        ours, peer = medians.get("ortserve", {}), medians.get("llama", {})
+        for key, compared, goal, lower in SERVER_LINES:
+            a, b = ours.get(key), peer.get(key)
+            row = Row("server", f"{compared}: ortserve / llama-server, {name}",
+                      ratio(b, a) if lower else ratio(a, b), goal)  # fmt: skip
+            if a is not None and b is not None:
+                row.figures = [f"{name} {key}: ortserve {a:.2f}, llama-server {b:.2f}"]
+            rows.append(row)
+        rss = shape.get("peak_rss") or {}
+        row = Row("server", f"peak RSS of the process trees: ortserve / llama-server, {name}",
+                  ratio(rss.get("ortserve"), rss.get("llama")), "<= 1.0")  # fmt: skip
+        if rss:
+            row.figures = [f"{name} peak RSS: ortserve {mb(rss['ortserve'])}, "
+                           f"llama-server {mb(rss['llama'])}"]  # fmt: skip
+        rows.append(row)
+    for row in rows:
+        row.na = "" if row.value is not None else result.get("na", "no figures")
+    if data.get("mlas_isa"):
+        rows[-1].figures.append(f"ISA: onnxruntime MLAS {data['mlas_isa']}; llama.cpp "
+                                f"{shapes[0].get('llama_system_info', 'n/a')}")  # fmt: skip
+    return rows
+
+
 def extra_rows(name: str, result: dict) -> list[Row]:
     data = last_json(result) if "na" not in result else None
     if name == "convert":
@@ -613,6 +660,9 @@ def main() -> None:
     if "spec" in only:
         results["spec"] = run_script("spec", HERE / "spec_bench.py",
                                      [*ARGS["spec"][pick], "--keep", str(keep)], logs)  # fmt: skip
+    if "server" in only:
+        results["server"] = run_script("server", HERE / "server_peer.py",
+                                       [*ARGS["server"][pick]], logs)  # fmt: skip
     for name in extras:
         script = HERE / f"{name}_bench.py"
         results[name] = run_script(name, script, [*ARGS[name][pick], "--keep", str(keep)], logs)
@@ -623,6 +673,7 @@ def main() -> None:
         *peer_rows(results.get("peer", skipped), results.get("serve", skipped)),
         *engine_rows(results.get("engine", skipped)),
         *spec_rows(results.get("spec", skipped)),
+        *server_rows(results.get("server", skipped)),
     ]
     for name in extras:
         rows += extra_rows(name, results[name])

@@ -351,6 +351,7 @@ def measure(
     return {"shape": shape, "medians": medians, "runs": figures, "peak_rss": peaks,
             "llama_spec": llama_spec,
             "ortserve_speculation": os.environ.get("ORTSERVE_SPECULATION", "auto"),
+            "ortserve_cpu_int8": os.environ.get("ORTSERVE_CPU_INT8", "auto"),
             "peak_rss_largest_process": largest,
             "llama_system_info": _system_info(logs / f"server-peer-llama-{shape}.log")}  # fmt: skip
 
@@ -446,6 +447,7 @@ def main() -> None:
     print(f"\nthreads {threads} each; llama.cpp: {results[0]['llama_system_info']}")
     print(f"speculation: ortserve {results[0]['ortserve_speculation']}, "
           f"llama-server {args.llama_spec}")  # fmt: skip
+    print(f"ortserve's int8 products (ORTSERVE_CPU_INT8): {results[0]['ortserve_cpu_int8']}")
     print(f"onnxruntime MLAS dispatches on: {mlas_isa()}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -113,11 +113,17 @@ class Settings:
     batching: str = "auto"
     # "auto": continuous lanes verify prompt-lookup drafts (engine/speculation.py); "off": never
     speculation: str = "auto"
+    # a library model whose drafts continuous lanes verify instead of prompt lookup's, for
+    # every model of the same tokenizer (engine/draft_model.py); "": none
+    draft_model: str = ""
     # "on": continuous lanes run int4 projections as int8 products (engine/int8_compute.py),
     # "auto": where the CPU has AMX-INT8; "off": as the bundle is
-    cpu_int8: str = "off"
+    cpu_int8: str = "auto"
     kv_cache_entries: int = 16  # finished turns kept per model for KV reuse (0: none)
     kv_cache_size: int = 1 << 30  # bytes those kept turns may hold per model
+    # the type kept turns' keys and values are stored in: "auto" (float16 for a model whose
+    # weights are quantized, as they are computed otherwise), "f32" or "f16"
+    kv_keep_type: str = "auto"
     compute_threads: int = 0  # threads one model's forward passes use (0: the physical cores)
     context_length: int = DEFAULT_CONTEXT_LENGTH  # num_ctx of a request that sets none
     nohistory: bool = False  # `ortserve run` writes no history file
@@ -391,6 +397,13 @@ def _cpu_int8(value: str) -> str:
     return value
 
 
+def _kv_keep_type(value: str) -> str:
+    value = value.strip().lower()
+    if value not in ("auto", "f32", "f16"):
+        raise ValueError("must be auto, f32 or f16")
+    return value
+
+
 def _batching(value: str) -> str:
     value = value.strip().lower()
     if value not in ("auto", "static"):
@@ -474,13 +487,18 @@ VARIABLES: tuple[Variable, ...] = (
              "batching", _batching),
     Variable("ORTSERVE_SPECULATION", "auto", "auto (prompt-lookup speculative decoding on "
              "continuous lanes) or off", "speculation", _speculation),
-    Variable("ORTSERVE_CPU_INT8", "off", "on: int4 projections run as int8 products on "
-             "continuous lanes (faster prompts on AMX CPUs); auto: where the CPU has AMX",
+    Variable("ORTSERVE_DRAFT_MODEL", "", "A library model that drafts for every model of "
+             "the same tokenizer (speculative decoding)", "draft_model", str.strip),
+    Variable("ORTSERVE_CPU_INT8", "auto", "on: int4 projections run as int8 products on "
+             "continuous lanes (faster prompts on AMX CPUs); auto: where the CPU has AMX; off",
              "cpu_int8", _cpu_int8),
     Variable("ORTSERVE_KV_CACHE_ENTRIES", "16", "Finished turns kept per model for KV reuse",
              "kv_cache_entries", _non_negative_int),
     Variable("ORTSERVE_KV_CACHE_SIZE", "1GiB", "Bytes those kept turns may hold per model",
              "kv_cache_size", _size),
+    Variable("ORTSERVE_KV_KEEP_TYPE", "auto", "The type kept turns' keys and values are "
+             "stored in: auto (f16 for quantized models), f32 or f16", "kv_keep_type",
+             _kv_keep_type),
     Variable("ORTSERVE_COMPUTE_THREADS", "physical cores", "Threads one model's forward "
              "passes use", "compute_threads", _non_negative_int),
     Variable("ORTSERVE_LOG_FORMAT", "text", "text, or json (one object per line)",

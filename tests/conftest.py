@@ -13,6 +13,12 @@ import pytest
 from ortserve.library import Library
 
 ROOT = Path(__file__).resolve().parent.parent
+# The suite's answers must not depend on the CPU it runs on: ORTSERVE_CPU_INT8's default
+# (`auto`) turns int8 products on where the CPU has AMX, which changes a random int4 model's
+# logits (and so what a seeded stream draws). Servers the tests start and in-process
+# runtimes use the int4 kernels unless a test asks for int8 products
+# (tests/integration/test_int8_compute.py, with `on`).
+os.environ.setdefault("ORTSERVE_CPU_INT8", "off")
 _FIXTURE_CODE = [ROOT / "converters" / "tiny.py", ROOT / "converters" / "data" / "corpus.txt"]
 
 
@@ -21,6 +27,14 @@ def _code_hash() -> str:
     for path in _FIXTURE_CODE:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+@pytest.fixture(autouse=True)
+def _int4_kernels_on_every_cpu(monkeypatch):
+    """`auto` as on a CPU without AMX, for Settings made in-process (see above)."""
+    from ortserve.engine import int8_compute
+
+    monkeypatch.setattr(int8_compute, "amx_available", lambda: False)
 
 
 @pytest.fixture(scope="session")

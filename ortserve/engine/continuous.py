@@ -20,8 +20,9 @@ steps:
 - a finished row leaves at once (the last row moves into its place) and its keys and values
   are kept for the conversation's next turn;
 - with speculation on (ORTSERVE_SPECULATION=auto), a row may take several tokens in a step:
-  drafts looked up in its own prompt and output (speculation.py) are verified in one forward
-  pass with the logits of every fed position, and the tokens the model agrees with are kept.
+  drafts looked up in its own prompt and output (speculation.py), or proposed by a small
+  draft model of the same tokenizer (draft_model.py), are verified in one forward pass with
+  the logits of every fed position, and the tokens the model agrees with are kept.
 
 The interface is og.Engine's (create_request, run; Request.begin_turn / cancel_turn / close;
 events with flags, token, finish_reason, usage), as engine/adapters.py's GeneratorEngine, so
@@ -41,6 +42,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -131,13 +133,16 @@ class DecoderGraph:
     logits_type: type = np.float32
     logits_width: int = 0  # the graph's logits last dimension (the vocabulary, maybe padded)
     int8: bool = False  # projections run as int8 products (int8_compute.py)
+    kept_type: type = np.float32  # the type finished turns' keys and values are kept in
 
     @classmethod
     def load(
-        cls, bundle: Path, threads: int | None = None, int8: Path | None = None
-    ) -> DecoderGraph:
+        cls, bundle: Path, threads: int | None = None, int8: Path | None = None,
+        keep: str = "auto",
+    ) -> DecoderGraph:  # fmt: skip
         """The bundle's decoder as the loop runs it; `int8`: a folder to keep int8 weights
-        in, to run its int4 projections as int8 products (int8_compute.py)."""
+        in, to run its int4 projections as int8 products (int8_compute.py); `keep`: the
+        type kept turns' keys and values are stored in (auto, f32, f16: _kept_type)."""
         import onnxruntime as ort
 
         config = genai_config(bundle)
@@ -173,6 +178,7 @@ class DecoderGraph:
             logits_type=_numpy_type(logits.type),
             logits_width=width if isinstance(width, int) else int(model["vocab_size"]),
             int8=int8,
+            kept_type=_kept_type(keep, types[past[0]], graph),
         )
 
     @property
@@ -281,6 +287,20 @@ def _last_token_logits(model, logits: str) -> bool:
     return True
 
 
+def _kept_type(keep: str, kv_type: type, graph: Path) -> type:
+    """The type finished turns' keys and values are kept in (kvcache.py): float16 for a
+    float32 cache of a model whose projections are quantized ("auto"), else the cache's own.
+
+    Kept turns are most of a busy worker's memory (24 KB a token on Qwen2.5-0.5B's shape
+    in float32); halving them keeps twice the conversations in ORTSERVE_KV_CACHE_SIZE. The
+    rounding (a relative 2^-11, llama.cpp's own f16 cache) is far below what 4-bit weights
+    change; an fp32 model keeps exact keys and values, so a continued turn of it answers
+    exactly as a fresh prefill would."""
+    if keep == "f16" or (keep == "auto" and _mentions(graph, b"MatMulNBits")):
+        return np.float16 if kv_type == np.float32 else kv_type
+    return kv_type
+
+
 def _session_options(config: dict, threads: int | None = None):
     """The bundle's session options; where it sets no thread count, `threads`, else og's
     own default (half the logical cores, at most 16), so that both paths compare."""
@@ -374,8 +394,9 @@ class BatchCache:
 
     def save(self, row: int, tokens: int) -> list[np.ndarray]:
         """A row's first `tokens` keys and values, copied into one allocation (as the buffer,
-        so that a dropped entry goes back to the system whole)."""
-        return list(self.buffer[:, row, :, :tokens].copy())
+        so that a dropped entry goes back to the system whole), in the graph's kept type
+        (load() casts them back)."""
+        return list(self.buffer[:, row, :, :tokens].astype(self._graph.kept_type))
 
     def release(self) -> None:
         self.buffer, self.arrays = None, []
@@ -411,6 +432,8 @@ class ContinuousRequest:
         self.rng: np.random.Generator | None = None
         self.lookup: speculation.PromptLookup | None = None  # drafts' source, when speculating
         self.drafting: speculation.DraftLength | None = None
+        self.draft_state: Any = None  # its row of the draft model (draft_model.DraftState)
+        self.draft_seconds = 0.0  # what drafting with the draft model took this step
 
     def begin_turn(self, tokens: np.ndarray, turn: ContinuousTurn) -> int:
         self.prompt = np.asarray(tokens, dtype=np.int32).reshape(-1)
@@ -430,10 +453,15 @@ class ContinuousEngine:
     """og.Engine's interface over a builder graph; turns join and leave at any step."""
 
     def __init__(
-        self, graph: DecoderGraph, capacity: int, store: KVStore, speculative: str = "auto"
-    ):
+        self, graph: DecoderGraph, capacity: int, store: KVStore, speculative: str = "auto",
+        draft: Any = None,  # a draft_model.DraftModel (which imports this module)
+    ):  # fmt: skip
         self.graph = graph
         self.speculate = speculative != "off"  # prompt-lookup drafts (speculation.py)
+        # drafts from a small model of the same tokenizer instead (draft_model.py)
+        self.draft = draft if self.speculate else None
+        if self.draft is not None:
+            self.draft.target(graph)
         self.drafted = self.accepted = 0  # draft tokens proposed and kept, since the start
         self.rates = speculation.PassRates()  # when a row's own draft pass pays in a batch
         self.capacity = capacity
@@ -476,9 +504,12 @@ class ContinuousEngine:
             self._leave(request, keep=False)
         elif request in self.queue:
             self.queue.remove(request)
+        self._release_draft(request)
 
     def reset(self) -> None:
         """After a failed step: no rows, nothing queued, the buffer freed; kept turns stay."""
+        for request in (*self.rows, *self.queue):
+            self._release_draft(request)
         self.rows.clear()
         self.queue.clear()
         self.cache.release()
@@ -493,6 +524,7 @@ class ContinuousEngine:
                 self._leave(request, keep=True)  # what it computed is still a valid prefix
             else:
                 self.queue.remove(request)
+            self._release_draft(request)
             events.append(self._finish(request, og.FinishReason.CANCELLED, None))
 
     def _prefill(self, events: list[GeneratorEvent]) -> None:
@@ -592,16 +624,21 @@ class ContinuousEngine:
         beyond what those logits reach, from a pass of its own over the drafts. True when
         the turn ended."""
         done, kept = self._accept(request, logits, drafts, events)
+        wasted = bool(drafts) and len(self.rows) > 1 and request.draft_seconds > 0
         if not done and kept == len(logits) <= len(drafts):
             if len(self.rows) > 1 and not self.rates.pays(request.drafting):
                 drafts = drafts[:kept]  # the shared pass verified these; no pass of its own
             else:
+                wasted = False
                 started = time.perf_counter()
                 more = self._feed(row, drafts[kept - 1 :])  # the confirmed draft, the rest
                 done, further = self._accept(request, more[0], drafts[kept:], events)
                 kept += further
-                if len(self.rows) > 1:
-                    self.rates.own(request.drafting, further + 1, time.perf_counter() - started)
+                if len(self.rows) > 1:  # the draft model's passes are part of its cost
+                    seconds = time.perf_counter() - started + request.draft_seconds
+                    self.rates.own(request.drafting, further + 1, seconds)
+        if wasted and not done:  # the draft model's passes gave no token beyond the shared one
+            self.rates.own(request.drafting, 0, request.draft_seconds)
         if drafts:
             accepted = min(kept, len(drafts))
             request.drafting.update(len(drafts), accepted)
@@ -656,9 +693,31 @@ class ContinuousEngine:
         k = min(request.drafting.wanted(), room)
         if k <= 0:
             return []
+        if self.draft is not None:
+            return self._model_drafts(request, k)
         lookup = request.lookup
         lookup.extend(request.context[len(lookup.tokens) :])
         return lookup.draft(request.next_token, k)
+
+    def _model_drafts(self, request: ContinuousRequest, k: int) -> list[int]:
+        """k drafts from the draft model. They cost k of its passes, so in a batch a row
+        drafts only where its own verification pass pays (PassRates, which counts them)."""
+        request.draft_seconds = 0.0
+        if len(self.rows) > 1 and not self.rates.pays(request.drafting):
+            return []
+        started = time.perf_counter()
+        if request.draft_state is None:
+            request.draft_state = self.draft.start()
+        sequence = [*request.context, request.next_token]
+        drafts = self.draft.propose(request.draft_state, sequence, k)
+        request.draft_seconds = time.perf_counter() - started
+        return drafts
+
+    def _release_draft(self, request: ContinuousRequest) -> None:
+        """Free a turn's draft-model row (when it leaves the batch, ends or fails)."""
+        if request.draft_state is not None:
+            self.draft.release(request.draft_state)
+            request.draft_state = None
 
     def _advance(
         self, request: ContinuousRequest, logits: np.ndarray, draft: int | None = None
@@ -690,6 +749,7 @@ class ContinuousEngine:
     def _leave(self, request: ContinuousRequest, *, keep: bool) -> None:
         """Take a decoding turn out of the batch; the last row moves into its place."""
         row = self.rows.index(request)
+        self._release_draft(request)
         if keep:
             self._keep(request, row)
         last = len(self.rows) - 1

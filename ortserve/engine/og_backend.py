@@ -159,13 +159,15 @@ class OgBackend:
             template = ChatTemplate.from_bundle(bundle)
             adapters = library.adapter_files(info)
             placeholder = image_placeholder(bundle)
+            draft = _draft_bundle(info, settings, library)
         except OrtServeError:
             raise
         except Exception as exc:
             raise ModelLoadError(f'failed to load model "{info.name}": {exc}') from exc
         scheduler, provider = load_on_best(
-            info.name, candidates, lambda provider: _start(info, provider, adapters, settings)
-        )
+            info.name, candidates,
+            lambda provider: _start(info, provider, adapters, settings, draft),
+        )  # fmt: skip
         duration = int((time.perf_counter() - started) * 1e9)
         log.info("loaded %s on %s in %.2fs", info.name, provider, duration / 1e9)
         metrics.LOAD_SECONDS.labels(info.name).observe(duration / 1e9)
@@ -196,7 +198,40 @@ def _int8_folder(info: ModelInfo, provider: str, settings: Settings) -> Path | N
     return Path(settings.models) / "cache" / "int8" / Path(info.path).name
 
 
-def _start(info: ModelInfo, provider: str, adapters, settings: Settings) -> Scheduler:
+_WARNED: set[tuple[str, str]] = set()  # (model, draft) pairs already warned about
+
+
+def _draft_bundle(info: ModelInfo, settings: Settings, library: Library) -> Path | None:
+    """The bundle of the model's draft model: its manifest's `draft`, else
+    ORTSERVE_DRAFT_MODEL. None (prompt lookup) with speculation off, for the draft model
+    itself, and, with a warning once, for one missing or of another tokenizer."""
+    from ortserve.engine.draft_model import same_tokenizer
+
+    name = info.manifest.get("draft") or settings.draft_model
+    if not name or settings.speculation == "off":
+        return None
+    try:
+        draft = library.get(name)
+    except OrtServeError as exc:
+        _warn_once(info.name, name, f"not in the library ({exc.message})")
+        return None
+    if Path(draft.path) == Path(info.path):
+        return None  # drafting with itself costs what it saves
+    if not same_tokenizer(Path(info.path), Path(draft.path)):
+        _warn_once(info.name, name, "its tokenizer differs")
+        return None
+    return Path(draft.path)
+
+
+def _warn_once(model: str, draft: str, why: str) -> None:
+    if (model, draft) not in _WARNED:
+        _WARNED.add((model, draft))
+        log.warning("%s: draft model %s not used: %s; prompt lookup instead", model, draft, why)
+
+
+def _start(
+    info: ModelInfo, provider: str, adapters, settings: Settings, draft: Path | None = None
+) -> Scheduler:
     """The model's scheduler thread with the model loaded on `provider`."""
     scheduler = Scheduler(
         Path(info.path),
@@ -210,8 +245,10 @@ def _start(info: ModelInfo, provider: str, adapters, settings: Settings) -> Sche
         batching=settings.batching,
         speculation=settings.speculation,
         int8=_int8_folder(info, provider, settings),
+        draft=draft,
         kv_cache_entries=settings.kv_cache_entries,
         kv_cache_bytes=settings.kv_cache_size,
+        kv_keep_type=settings.kv_keep_type,
         threads=settings.model_threads,
     )
     scheduler.start()

@@ -161,9 +161,11 @@ class Scheduler:
         batching: str = "auto",
         kv_cache_entries: int = 16,
         kv_cache_bytes: int = 1 << 30,
+        kv_keep_type: str = "auto",
         threads: int | None = None,
         speculation: str = "auto",
         int8: Path | None = None,
+        draft: Path | None = None,
     ):
         self.bundle = bundle
         self.provider = provider
@@ -176,9 +178,11 @@ class Scheduler:
         self.batching = batching  # "auto": continuous where the graph allows; "static": never
         self.graph = "optimum"  # or "builder": read from the bundle when it loads
         self.kv_store = KVStore(kv_cache_entries, kv_cache_bytes)
+        self.kv_keep_type = kv_keep_type  # what kept turns are stored in (continuous.py)
         self.threads = threads  # intra-op threads where the bundle sets none (None: og's)
         self.speculation = speculation  # "auto": prompt-lookup drafts on continuous lanes
         self.int8 = int8  # where int8 weights are kept: continuous lanes compute in int8
+        self.draft = draft  # a draft model's bundle: continuous lanes draft with it
         self._model: Any = None
         self._processor: Any = None  # og.MultiModalProcessor of a vision model
         self._counter: Any = None  # another one, for counting on request threads
@@ -302,14 +306,31 @@ class Scheduler:
         from ortserve.engine.continuous import ContinuousEngine, DecoderGraph
 
         engine = ContinuousEngine(
-            DecoderGraph.load(self.bundle, self.threads, self.int8),
+            DecoderGraph.load(self.bundle, self.threads, self.int8, self.kv_keep_type),
             self.parallel,
             self.kv_store,
             self.speculation,
+            draft=self._draft_model(),
         )
         self._lanes.append(Lane(engine, None, self.parallel, kind="continuous"))
         log.info("%s: continuous batching (builder graph), up to %d turns", self.name,
                  self.parallel)  # fmt: skip
+
+    def _draft_model(self):
+        """The draft model (draft_model.py), or None: speculation off, none set, or one that
+        fails to load (the model runs with prompt lookup then)."""
+        if self.draft is None or self.speculation == "off":
+            return None
+        from ortserve.engine.draft_model import DraftModel
+
+        try:
+            model = DraftModel.load(self.draft, self.threads)
+        except Exception as exc:
+            log.warning("%s: draft model %s not loaded (%s); prompt lookup instead", self.name,
+                        self.draft, _first_line(exc))  # fmt: skip
+            return None
+        log.info("%s: speculative decoding with draft model %s", self.name, self.draft)
+        return model
 
     def _og_model(self):
         """The og.Model, loaded on first use (a continuous model needs it for guided turns)."""

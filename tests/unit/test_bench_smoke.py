@@ -173,3 +173,23 @@ def test_speculation_rows_read_spec_bench_figures(bench):
     assert sampled.value == 0.978 and not sampled.goal
     assert streams.value is None and streams.na
     assert all(r.na for r in bench.spec_rows({"na": "spec_bench.py failed: boom"}))
+
+
+def test_server_rows_read_server_peer_figures(bench):
+    """issue 26's table from server_peer.py's JSON: ratios with ortserve ahead above 1 (times
+    and memory inverted), the goals, and n/a when it did not run."""
+    shape = {
+        "shape": "0.5b",
+        "medians": {"ortserve": {"decode": 60.0, "ttft_1000": 1.0, "aggregate_8": 150.0,
+                                 "ttft_4000": 8.0},
+                    "llama": {"decode": 30.0, "ttft_1000": 3.0, "aggregate_8": 100.0,
+                              "ttft_4000": 16.0}},
+        "peak_rss": {"ortserve": 1100 << 20, "llama": 1250 << 20},
+        "llama_system_info": "CPU : AVX512 = 1",
+    }  # fmt: skip
+    rows = bench.server_rows({"json": {"results": [shape], "mlas_isa": "amx_int8"}})
+    assert [round(r.value, 2) for r in rows] == [2.0, 3.0, 1.5, 2.0, 0.88]
+    assert [r.met() for r in rows] == ["yes"] * 5
+    assert "amx_int8" in rows[-1].figures[-1]
+    missing = bench.server_rows({"na": "cmake is not installed"})
+    assert all(r.value is None and "cmake" in r.na for r in missing)
