@@ -124,6 +124,9 @@ class Settings:
     # the type kept turns' keys and values are stored in: "auto" (float16 for a model whose
     # weights are quantized, as they are computed otherwise), "f32" or "f16"
     kv_keep_type: str = "auto"
+    # the continuous loop's cache: "f32" (as the bundle is) or "q8" (int8 keys and values,
+    # per-channel scales calibrated once per bundle: engine/kv_int8.py)
+    kv_cache_type: str = "f32"
     compute_threads: int = 0  # threads one model's forward passes use (0: the physical cores)
     context_length: int = DEFAULT_CONTEXT_LENGTH  # num_ctx of a request that sets none
     nohistory: bool = False  # `ortserve run` writes no history file
@@ -404,6 +407,13 @@ def _kv_keep_type(value: str) -> str:
     return value
 
 
+def _kv_cache_type(value: str) -> str:
+    value = value.strip().lower()
+    if value not in ("f32", "q8"):
+        raise ValueError("must be f32 or q8")
+    return value
+
+
 def _batching(value: str) -> str:
     value = value.strip().lower()
     if value not in ("auto", "static"):
@@ -499,6 +509,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("ORTSERVE_KV_KEEP_TYPE", "auto", "The type kept turns' keys and values are "
              "stored in: auto (f16 for quantized models), f32 or f16", "kv_keep_type",
              _kv_keep_type),
+    Variable("ORTSERVE_KV_CACHE_TYPE", "f32", "The continuous loop's KV cache: f32 (as the "
+             "bundle is) or q8 (int8, 4x smaller; Ollama's OLLAMA_KV_CACHE_TYPE=q8_0)",
+             "kv_cache_type", _kv_cache_type),
     Variable("ORTSERVE_COMPUTE_THREADS", "physical cores", "Threads one model's forward "
              "passes use", "compute_threads", _non_negative_int),
     Variable("ORTSERVE_LOG_FORMAT", "text", "text, or json (one object per line)",

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from ortserve.engine import int8_compute, speculation
+from ortserve.engine import int8_compute, kv_int8, speculation
 from ortserve.engine.adapters import GeneratorEvent, GeneratorTurn, GeneratorUsage
 from ortserve.engine.kvcache import KVStore
 from ortserve.engine.logprobs import step_logprobs
@@ -138,11 +138,13 @@ class DecoderGraph:
     @classmethod
     def load(
         cls, bundle: Path, threads: int | None = None, int8: Path | None = None,
-        keep: str = "auto",
+        keep: str = "auto", kv_cache: Path | None = None,
     ) -> DecoderGraph:  # fmt: skip
         """The bundle's decoder as the loop runs it; `int8`: a folder to keep int8 weights
         in, to run its int4 projections as int8 products (int8_compute.py); `keep`: the
-        type kept turns' keys and values are stored in (auto, f32, f16: _kept_type)."""
+        type kept turns' keys and values are stored in (auto, f32, f16: _kept_type);
+        `kv_cache`: a folder to keep int8 cache scales in, to hold keys and values in int8
+        (kv_int8.py; kept turns are then int8 too)."""
         import onnxruntime as ort
 
         config = genai_config(bundle)
@@ -151,7 +153,13 @@ class DecoderGraph:
         outputs = decoder["outputs"]
         graph = Path(bundle) / decoder.get("filename", "model.onnx")
         options = _session_options(decoder.get("session_options", {}), threads)
-        source, pruned, int8 = _prepared(graph, outputs.get("logits", "logits"), options, int8)
+        scales = None  # where an int8 cache's scales are kept, and what calibrating feeds
+        if kv_cache is not None:
+            names = (inputs["input_ids"], inputs["attention_mask"])
+            scales = kv_int8.Target(kv_cache, *names, int(decoder["head_size"]), Path(bundle),
+                                    int(model["context_length"]))  # fmt: skip
+        logits_name = outputs.get("logits", "logits")
+        source, pruned, int8 = _prepared(graph, logits_name, options, int8, scales)
         session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         layers = int(decoder["num_hidden_layers"])
         past = [inputs[f"past_{kv}_names"] % i for i in range(layers) for kv in ("key", "value")]
@@ -224,11 +232,12 @@ class DecoderGraph:
 
 
 def _prepared(
-    graph: Path, logits: str, options, int8: Path | None
+    graph: Path, logits: str, options, int8: Path | None, kv: kv_int8.Target | None = None
 ) -> tuple[str | bytes, bool, bool]:
     """The session's source (the graph's path, or the rewritten graph's bytes, its weights
     read from the folder set in `options`), whether the LM head runs on the last positions
-    only, and whether the projections run as int8 products (their weights kept in `int8`)."""
+    only, and whether the projections run as int8 products (their weights kept in `int8`).
+    With `kv`, the cache is int8 (kv_int8.py) where it can be."""
     try:
         import onnx
     except ImportError:  # a dependency; should it be missing, the graph runs as it is
@@ -237,8 +246,10 @@ def _prepared(
     head = _lm_head(model, logits)
     keep = set(head.output) if head is not None else set()
     as_int8 = int8 is not None and int8_compute.rewrite(model, graph.parent, int8, keep)
+    # calibrated on the graph as it is, before `options` points at another weights folder
+    kv_as_int8 = kv is not None and kv_int8.rewrite(model, graph, options, kv)
     pruned = _last_token_logits(model, logits)
-    if not pruned and not as_int8:
+    if not pruned and not as_int8 and not kv_as_int8:
         return str(graph), False, False
     key = "session.model_external_initializers_file_folder_path"
     options.add_session_config_entry(key, str(int8 if as_int8 else graph.parent))
@@ -318,7 +329,7 @@ def _session_options(config: dict, threads: int | None = None):
 
 def _numpy_type(onnx_type: str) -> type:
     return {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
-            "tensor(float16)": np.float16}[onnx_type]  # fmt: skip
+            "tensor(float16)": np.float16, "tensor(int8)": np.int8}[onnx_type]  # fmt: skip
 
 
 @dataclass

@@ -10,18 +10,20 @@ So where it is asked for, the loop's session (the bundle stays as it is) replace
 MatMulNBits but the LM head with int8 products: the weights derived from the int4 ones (each
 column dequantized from its 4-bit blocks and requantized with one scale, its largest
 magnitude / 127: the int4 model's values up to half an int8 step), each row of activations
-quantized with its own scale (per token; DynamicQuantizeMatMul's one scale per tensor cost
-20% of next tokens on demo-chat, per row 8%, about what rounding the weights alone costs),
-multiplied by MatMulInteger (uint8 x int8, offset 128: MLAS's packed QGEMM; int8 x int8 has
-no fast kernel), then scaled back by the row's and the column's scales. The LM head keeps its int4 kernel: the
-loop runs it on a few positions only. The int8 weights are written once per bundle into
-the library's cache folder (models/cache/int8/<bundle>/), beside hard links to the bundle's
-own data files, so the session memory-maps everything from one folder and frees what it
-packed.
+divided by its largest magnitude, then DynamicQuantizeMatMul (uint8 activations with one
+scale for the tensor, which after that division is one scale per row: per token; MLAS's
+packed QGEMM against the int8 weight, and the column scales), then each row multiplied back.
+Per token matters: one scale per tensor without the division cost 20% of next tokens on
+demo-chat, per row 7-8%, about what rounding the weights alone costs. The LM head keeps its
+int4 kernel: the loop runs it on a few positions only. The int8 weights are written once per
+bundle into the library's cache folder (models/cache/int8/<bundle>/), beside hard links to
+the bundle's own data files, so the session memory-maps everything from one folder and frees
+what it packed.
 
-ORTSERVE_CPU_INT8: `on`, `off` (the default), or `auto` (on where the CPU has AMX-INT8).
-Measured on this 2-core Xeon with AMX, Qwen2.5-0.5B shape: a 1000-token prompt's prefill
-3.24 -> 1.11 s, 8 rows decoding 170 -> 216 tok/s, one row 53 -> 44 tok/s, +~40 MB RSS.
+ORTSERVE_CPU_INT8: `auto` (the default: on where the CPU has AMX-INT8), `on` or `off`.
+Measured on this 2-core Xeon with AMX, Qwen2.5-0.5B shape: a 1024-token prompt's prefill
+~3.3 -> ~1.2 s, 8 rows decoding 170 -> 216 tok/s, one row 46 -> 38 tok/s in-process (int8
+weights are twice the bytes a token reads), +~40 MB RSS.
 """
 
 from __future__ import annotations
@@ -113,38 +115,39 @@ _K = "/ortserve/int8"  # the shared constants' prefix
 def _constants() -> list:
     from onnx import numpy_helper
 
-    values = {"axes": np.array([-1], np.int64), "127": np.array(127, np.float32),
-              "tiny": np.array(1e-12, np.float32), "128": np.array(128, np.float32),
-              "zero_point": np.array(128, np.uint8)}  # fmt: skip
+    values = {"axes": np.array([-1], np.int64), "tiny": np.array(1e-12, np.float32)}
     return [numpy_helper.from_array(value, f"{_K}/{name}") for name, value in values.items()]
 
 
 def _product(node: Any, weight: str, column_scale: str) -> list:
-    """x @ W as int8 products: x quantized per row (one scale per token: its largest
-    magnitude / 127, offset 128 into uint8, the form MLAS's fast QGEMM takes), multiplied by
-    the int8 weight (MatMulInteger), then scaled back by the row's and the column's scales."""
-    from onnx import TensorProto, helper
+    """x @ W as int8 products, activations quantized per row: each row divided by its
+    largest magnitude (so that every row spans [-1, 1]), then DynamicQuantizeMatMul (one
+    uint8 scale for the tensor, which is then one per row; MLAS's packed QGEMM against the
+    int8 weight, scaled by the column scales), then each row multiplied back.
+
+    Six nodes. The first version quantized each row itself (Div, Round, Add, Cast,
+    MatMulInteger, Cast, two Muls: twelve nodes): as exact, but a decode step of one row
+    ran ~1300 small nodes, ~15% of a Qwen2.5-1.5B-shaped step (benchmarks: docs)."""
+    from onnx import helper
 
     x, (y,), p = node.input[0], node.output, f"{node.name}/int8"
 
-    def op(kind: str, inputs: list[str], output: str, **attrs: Any):
-        return helper.make_node(
-            kind, inputs, [output], name=f"{p}/{kind}_{output.rsplit('/', 1)[-1]}", **attrs
-        )
+    def op(kind: str, inputs: list[str], output: str, domain: str = "", **attrs: Any):
+        return helper.make_node(kind, inputs, [output], domain=domain or None,
+                                name=f"{p}/{kind}_{output.rsplit('/', 1)[-1]}", **attrs)  # fmt: skip
 
     return [
         op("Abs", [x], f"{p}/abs"),
-        op("ReduceMax", [f"{p}/abs", f"{_K}/axes"], f"{p}/largest", keepdims=1),
-        op("Div", [f"{p}/largest", f"{_K}/127"], f"{p}/raw_scale"),
-        op("Max", [f"{p}/raw_scale", f"{_K}/tiny"], f"{p}/row_scale"),  # an all-zero row
-        op("Div", [x, f"{p}/row_scale"], f"{p}/scaled"),
-        op("Round", [f"{p}/scaled"], f"{p}/rounded"),
-        op("Add", [f"{p}/rounded", f"{_K}/128"], f"{p}/shifted"),
-        op("Cast", [f"{p}/shifted"], f"{p}/quantized", to=TensorProto.UINT8),
-        op("MatMulInteger", [f"{p}/quantized", weight, f"{_K}/zero_point"], f"{p}/sums"),
-        op("Cast", [f"{p}/sums"], f"{p}/float_sums", to=TensorProto.FLOAT),
-        op("Mul", [f"{p}/float_sums", f"{p}/row_scale"], f"{p}/row_scaled"),
-        helper.make_node("Mul", [f"{p}/row_scaled", column_scale], [y], name=f"{p}/Mul_out"),
+        op("ReduceMax", [f"{p}/abs", f"{_K}/axes"], f"{p}/raw_largest", keepdims=1),
+        op("Max", [f"{p}/raw_largest", f"{_K}/tiny"], f"{p}/largest"),  # an all-zero row
+        op("Div", [x, f"{p}/largest"], f"{p}/normalized"),
+        op(
+            "DynamicQuantizeMatMul",
+            [f"{p}/normalized", weight, column_scale],
+            f"{p}/product",
+            domain="com.microsoft",
+        ),  # fmt: skip
+        helper.make_node("Mul", [f"{p}/product", f"{p}/largest"], [y], name=f"{p}/Mul_out"),
     ]
 
 

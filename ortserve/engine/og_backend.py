@@ -198,6 +198,13 @@ def _int8_folder(info: ModelInfo, provider: str, settings: Settings) -> Path | N
     return Path(settings.models) / "cache" / "int8" / Path(info.path).name
 
 
+def _kv_cache_folder(info: ModelInfo, provider: str, settings: Settings) -> Path | None:
+    """Where a CPU model's int8 cache scales are kept when ORTSERVE_KV_CACHE_TYPE=q8."""
+    if provider != "cpu" or settings.kv_cache_type != "q8":
+        return None
+    return Path(settings.models) / "cache" / "kv_int8" / Path(info.path).name
+
+
 _WARNED: set[tuple[str, str]] = set()  # (model, draft) pairs already warned about
 
 
@@ -249,6 +256,7 @@ def _start(
         kv_cache_entries=settings.kv_cache_entries,
         kv_cache_bytes=settings.kv_cache_size,
         kv_keep_type=settings.kv_keep_type,
+        kv_cache=_kv_cache_folder(info, provider, settings),
         threads=settings.model_threads,
     )
     scheduler.start()

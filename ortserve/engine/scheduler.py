@@ -162,6 +162,7 @@ class Scheduler:
         kv_cache_entries: int = 16,
         kv_cache_bytes: int = 1 << 30,
         kv_keep_type: str = "auto",
+        kv_cache: Path | None = None,
         threads: int | None = None,
         speculation: str = "auto",
         int8: Path | None = None,
@@ -179,6 +180,7 @@ class Scheduler:
         self.graph = "optimum"  # or "builder": read from the bundle when it loads
         self.kv_store = KVStore(kv_cache_entries, kv_cache_bytes)
         self.kv_keep_type = kv_keep_type  # what kept turns are stored in (continuous.py)
+        self.kv_cache = kv_cache  # where int8 cache scales are kept: an int8 cache (kv_int8.py)
         self.threads = threads  # intra-op threads where the bundle sets none (None: og's)
         self.speculation = speculation  # "auto": prompt-lookup drafts on continuous lanes
         self.int8 = int8  # where int8 weights are kept: continuous lanes compute in int8
@@ -306,7 +308,9 @@ class Scheduler:
         from ortserve.engine.continuous import ContinuousEngine, DecoderGraph
 
         engine = ContinuousEngine(
-            DecoderGraph.load(self.bundle, self.threads, self.int8, self.kv_keep_type),
+            DecoderGraph.load(
+                self.bundle, self.threads, self.int8, self.kv_keep_type, kv_cache=self.kv_cache
+            ),
             self.parallel,
             self.kv_store,
             self.speculation,

@@ -7,6 +7,8 @@ Layout under the root (ORTSERVE_MODELS, default ~/.ortserve/models):
     tmp/<random>/                              staging; renamed into bundles/ when complete
     cache/int8/sha256-<hex>/                   a bundle's int8 weights (engine/int8_compute.py),
                                                removed with the bundle
+    cache/kv_int8/sha256-<hex>/                its int8 KV cache scales (engine/kv_int8.py),
+                                               removed with the bundle
     blobs/sha256-<hex>                         uploaded files (/api/blobs), named by sha256
     verified.json                              size and mtime of bundle files that hashed right
 
@@ -341,9 +343,11 @@ class Library:
             self._remove_bundle(self.bundle_path(digest))
 
     def _remove_bundle(self, bundle: Path) -> None:
-        """A bundle and what was derived from it (its int8 weights, hard links to its data)."""
+        """A bundle and what was derived from it (its int8 weights, hard links to its data,
+        its int8 KV cache scales)."""
         shutil.rmtree(bundle, ignore_errors=True)
-        shutil.rmtree(self.root / "cache" / "int8" / bundle.name, ignore_errors=True)
+        for derived in ("int8", "kv_int8"):
+            shutil.rmtree(self.root / "cache" / derived / bundle.name, ignore_errors=True)
 
     def _prune_blobs(self) -> list[str]:
         """Blobs no manifest's adapters[].digest names, and abandoned partial uploads."""
