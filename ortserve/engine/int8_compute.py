@@ -11,8 +11,9 @@ MatMulNBits but the LM head with int8 products: the weights derived from the int
 column dequantized from its 4-bit blocks and requantized with one scale, its largest
 magnitude / 127: the int4 model's values up to half an int8 step), each row of activations
 divided by its largest magnitude, then DynamicQuantizeMatMul (uint8 activations with one
-scale for the tensor, which after that division is one scale per row: per token; MLAS's
-packed QGEMM against the int8 weight, and the column scales), then each row multiplied back.
+scale for the tensor, which after that division, and a column of 1 and one of -1, is one
+scale per row whatever rows share the pass: per token; MLAS's packed QGEMM against the int8
+weight, and the column scales), then each row multiplied back.
 Per token matters: one scale per tensor without the division cost 20% of next tokens on
 demo-chat, per row 7-8%, about what rounding the weights alone costs. The LM head keeps its
 int4 kernel: the loop runs it on a few positions only. The int8 weights are written once per
@@ -77,7 +78,7 @@ def rewrite(model: Any, folder: Path, cache: Path, keep: set[str] = frozenset())
         if not all(name in initializers for name in node.input[1:3]):
             continue
         plan.append((node, attrs))
-    sizes = [attrs["K"] * attrs["N"] + 4 * attrs["N"] for _, attrs in plan]
+    sizes = [(attrs["K"] + 2) * attrs["N"] + 4 * attrs["N"] for _, attrs in plan]
     data = cache / "int8.data"
     try:
         if not plan or not _linked(graph, folder, cache):
@@ -91,9 +92,10 @@ def rewrite(model: Any, folder: Path, cache: Path, keep: set[str] = frozenset())
     for node, attrs in plan:
         k, n = attrs["K"], attrs["N"]
         weight_name, scale_name = f"{node.input[1]}/int8", f"{node.input[2]}/int8_columns"
-        graph.initializer.append(_external(weight_name, "int8", (k, n), offset))
-        graph.initializer.append(_external(scale_name, "float32", (n,), offset + k * n))
-        offset += k * n + 4 * n
+        rows = k + 2  # the two zero rows under the range columns (_product)
+        graph.initializer.append(_external(weight_name, "int8", (rows, n), offset))
+        graph.initializer.append(_external(scale_name, "float32", (n,), offset + rows * n))
+        offset += rows * n + 4 * n
         replaced.update(node.input[1:3])
         products.append((node, _product(node, weight_name, scale_name)))
     for node, nodes in products:  # each node's place taken by its own subgraph, in order
@@ -115,19 +117,28 @@ _K = "/ortserve/int8"  # the shared constants' prefix
 def _constants() -> list:
     from onnx import numpy_helper
 
-    values = {"axes": np.array([-1], np.int64), "tiny": np.array(1e-12, np.float32)}
+    values = {"axes": np.array([-1], np.int64), "tiny": np.array(1e-12, np.float32),
+              "one_more": np.array([0, 1], np.int64), "1": np.array(1, np.float32),
+              "-1": np.array(-1, np.float32)}  # fmt: skip
     return [numpy_helper.from_array(value, f"{_K}/{name}") for name, value in values.items()]
 
 
 def _product(node: Any, weight: str, column_scale: str) -> list:
     """x @ W as int8 products, activations quantized per row: each row divided by its
-    largest magnitude (so that every row spans [-1, 1]), then DynamicQuantizeMatMul (one
-    uint8 scale for the tensor, which is then one per row; MLAS's packed QGEMM against the
-    int8 weight, scaled by the column scales), then each row multiplied back.
+    largest magnitude (so that every row spans [-1, 1]), a column of 1 and one of -1 added
+    (the weight has two zero rows under them: the product is unchanged), then
+    DynamicQuantizeMatMul, then each row multiplied back.
 
-    Six nodes. The first version quantized each row itself (Div, Round, Add, Cast,
-    MatMulInteger, Cast, two Muls: twelve nodes): as exact, but a decode step of one row
-    ran ~1300 small nodes, ~15% of a Qwen2.5-1.5B-shaped step (benchmarks: docs)."""
+    DynamicQuantizeMatMul quantizes its input with one uint8 scale for the whole tensor, from
+    its least and largest values; after the division and the two columns these are -1 and 1
+    for every tensor, so each row is quantized alike whatever rows share the pass: a row's
+    products do not depend on the other turns in the batch, nor on how many positions a
+    speculating row verifies. (Without the columns, an all-positive row alone got a finer
+    scale than in a batch.) MLAS's packed QGEMM (uint8 x int8) runs the product, scaled by
+    the column scales.
+
+    Eight nodes. The first version quantized each row itself (Div, Round, Add, Cast,
+    MatMulInteger, Cast, two Muls: twelve nodes), as exact and ~12% slower for a prefill."""
     from onnx import helper
 
     x, (y,), p = node.input[0], node.output, f"{node.name}/int8"
@@ -141,9 +152,11 @@ def _product(node: Any, weight: str, column_scale: str) -> list:
         op("ReduceMax", [f"{p}/abs", f"{_K}/axes"], f"{p}/raw_largest", keepdims=1),
         op("Max", [f"{p}/raw_largest", f"{_K}/tiny"], f"{p}/largest"),  # an all-zero row
         op("Div", [x, f"{p}/largest"], f"{p}/normalized"),
+        op("Pad", [f"{p}/normalized", f"{_K}/one_more", f"{_K}/1", f"{_K}/axes"], f"{p}/up_to_1"),
+        op("Pad", [f"{p}/up_to_1", f"{_K}/one_more", f"{_K}/-1", f"{_K}/axes"], f"{p}/ranged"),
         op(
             "DynamicQuantizeMatMul",
-            [f"{p}/normalized", weight, column_scale],
+            [f"{p}/ranged", weight, column_scale],
             f"{p}/product",
             domain="com.microsoft",
         ),  # fmt: skip
@@ -196,7 +209,7 @@ def _int8_columns(
     blocks: np.ndarray, scales: np.ndarray, k: int, n: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """MatMulNBits' [N, blocks, block/2] nibbles (low first, offset 8) and [N, blocks] scales
-    -> int8 weight [K, N] and one scale per column [N] (float32)."""
+    -> int8 weight [K + 2, N] (two zero rows last) and one scale per column [N] (float32)."""
     blocks = blocks.reshape(n, -1, blocks.shape[-1])
     low = (blocks & 0x0F).astype(np.int8) - 8
     high = (blocks >> 4).astype(np.int8) - 8
@@ -206,7 +219,8 @@ def _int8_columns(
     column_scale = np.abs(values).max(axis=1) / 127.0
     column_scale[column_scale == 0] = 1.0
     weight = np.clip(np.rint(values / column_scale[:, None]), -127, 127).astype(np.int8)
-    return np.ascontiguousarray(weight.T), column_scale.astype(np.float32)
+    zero_rows = np.zeros((2, n), dtype=np.int8)  # under _product's two range columns
+    return np.concatenate([weight.T, zero_rows]), column_scale.astype(np.float32)
 
 
 def _array(tensor: Any, folder: Path) -> np.ndarray:

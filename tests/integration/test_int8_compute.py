@@ -19,6 +19,7 @@ from ortserve.engine.continuous import BatchCache, DecoderGraph, _kept_type
 from ortserve.engine.runtime import Runtime
 from ortserve.engine.types import Finished, GenerationOptions, TextChunk
 from ortserve.library import Library
+from tests.support.decoding import teacher_forced_logits
 
 pytestmark = pytest.mark.slow
 
@@ -38,15 +39,6 @@ def library(tmp_path_factory) -> Library:
     return library
 
 
-def logits(graph: DecoderGraph, ids: list[int]) -> np.ndarray:
-    """Every position's logits of one pass over `ids` (teacher forcing)."""
-    cache = BatchCache(graph, 1)
-    cache.reserve(1, len(ids))
-    mask = np.ones((1, len(ids)), dtype=np.int64)
-    out = graph.forward(np.asarray([ids]), mask, cache.view(0, 1), len(ids))
-    return out[0, :, : graph.vocab_size].astype(np.float32)
-
-
 def test_int8_products_keep_the_int4_models_predictions(library, tmp_path):
     """The accuracy cost on trained weights: next-token agreement and logits cosine over a
     conversation, int8 products against the int4 kernels of the same bundle. Measured on
@@ -59,7 +51,7 @@ def test_int8_products_keep_the_int4_models_predictions(library, tmp_path):
     assert int8.int8 and not plain.int8
     ids = _encode(bundle, TEXT)
     assert len(ids) > 60
-    expected, got = logits(plain, ids), logits(int8, ids)
+    expected, got = teacher_forced_logits(plain, ids), teacher_forced_logits(int8, ids)
     agreement = float((expected.argmax(-1) == got.argmax(-1)).mean())
     cosine = float(cosine_rows(expected, got).mean())
     print(f"int8 products vs int4 kernels: top-1 agreement {agreement:.4f}, cosine {cosine:.5f}")
@@ -106,7 +98,7 @@ def test_kept_turns_of_a_quantized_model_are_float16(library):
     assert half.kept_type is np.float16 and exact.kept_type is np.float32
     ids = _encode(bundle, TEXT)
     split = len(ids) // 2
-    fresh = logits(exact, ids)[split:]
+    fresh = teacher_forced_logits(exact, ids)[split:]
     assert np.array_equal(continued(exact, ids, split), fresh)
     got = continued(half, ids, split)
     agreement = float((fresh.argmax(-1) == got.argmax(-1)).mean())
@@ -160,3 +152,45 @@ def test_auto_turns_int8_products_on_where_the_cpu_has_amx(monkeypatch):
     assert not int8_compute.wanted("off")
     monkeypatch.setattr(int8_compute, "amx_available", lambda: False)
     assert not int8_compute.wanted("auto") and int8_compute.wanted("on")
+
+
+def test_a_rows_int8_products_do_not_depend_on_the_other_rows(tmp_path):
+    """One MatMulNBits (random 4-bit blocks) rewritten into int8 products: rows computed
+    together equal each row computed alone, bit for bit (an all-positive row among them:
+    quantized alone it would get a finer scale, were it not for the range columns), and they
+    stay close to the int4 product."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ortserve.engine import int8_compute
+
+    k, n, block = 64, 48, 32
+    rng = np.random.default_rng(1)
+    blocks = rng.integers(0, 256, (n, k // block, block // 2), dtype=np.uint8)
+    scales = (rng.random((n, k // block)) * 0.1 + 0.01).astype(np.float32)
+    node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], name="proj", domain="com.microsoft",
+                            K=k, N=n, bits=4, block_size=block, accuracy_level=4)  # fmt: skip
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", n])],
+        [numpy_helper.from_array(blocks, "w"), numpy_helper.from_array(scales, "s")],
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 22), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    int4 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert int8_compute.rewrite(model, tmp_path, tmp_path / "cache")
+    options = ort.SessionOptions()
+    key = "session.model_external_initializers_file_folder_path"
+    options.add_session_config_entry(key, str(tmp_path / "cache"))
+    int8 = ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])  # fmt: skip
+    x = (
+        rng.standard_normal((1, 6, k)).astype(np.float32)
+        * np.arange(1, 7, dtype=np.float32)[:, None]
+    )
+    x[0, 2] = np.abs(x[0, 2])
+    together = int8.run(None, {"x": x})[0]
+    alone = np.concatenate([int8.run(None, {"x": x[:, i : i + 1]})[0] for i in range(6)], axis=1)
+    assert np.array_equal(together, alone)
+    reference = int4.run(None, {"x": x})[0]
+    assert float(cosine_rows(reference[0], together[0]).min()) > 0.999

@@ -14,11 +14,12 @@ from converters import convert
 from converters.demo_model import CHECKPOINT
 from converters.verify import cosine_rows
 from ortserve.config import Settings
-from ortserve.engine.continuous import BatchCache, ContinuousEngine, ContinuousTurn, DecoderGraph
+from ortserve.engine.continuous import BatchCache, ContinuousEngine, DecoderGraph
 from ortserve.engine.kvcache import KVStore
 from ortserve.engine.runtime import Runtime
 from ortserve.engine.types import Finished, GenerationOptions, TextChunk
 from ortserve.library import Library
+from tests.support.decoding import run_turns, teacher_forced_logits
 
 pytestmark = pytest.mark.slow
 
@@ -60,15 +61,6 @@ def graphs(library, tmp_path_factory) -> tuple[DecoderGraph, DecoderGraph]:
     return DecoderGraph.load(bundle, 1), DecoderGraph.load(bundle, 1, kv_cache=folder)
 
 
-def logits(graph: DecoderGraph, ids: list[int]) -> np.ndarray:
-    """Every position's logits of one pass over `ids` (teacher forcing)."""
-    cache = BatchCache(graph, 1)
-    cache.reserve(1, len(ids))
-    mask = np.ones((1, len(ids)), dtype=np.int64)
-    out = graph.forward(np.asarray([ids]), mask, cache.view(0, 1), len(ids))
-    return out[0, :, : graph.vocab_size].astype(np.float32)
-
-
 def test_an_int8_cache_keeps_the_models_predictions(library, graphs):
     """The accuracy cost on trained weights, teacher-forced over a conversation (295 tokens):
     measured on demo-chat int4, next tokens agree on 0.959 of positions, logits cosine
@@ -79,7 +71,7 @@ def test_an_int8_cache_keeps_the_models_predictions(library, graphs):
     assert q8.token_bytes * 4 == plain.token_bytes and q8.kept_type is np.int8
     ids = _encode(library, TEXT)
     assert len(ids) > 250
-    expected, got = logits(plain, ids), logits(q8, ids)
+    expected, got = teacher_forced_logits(plain, ids), teacher_forced_logits(q8, ids)
     agreement = float((expected.argmax(-1) == got.argmax(-1)).mean())
     cosines = cosine_rows(expected, got)
     print(f"int8 vs float32 cache: top-1 {agreement:.4f}, cosine {cosines.mean():.6f}")
@@ -121,7 +113,7 @@ def test_a_kept_turn_continues_exactly(library, graphs):
     cache.load(1, kept, split)
     mask = np.ones((1, len(ids)), np.int64)
     rest = q8.forward(np.asarray([ids[split:]]), mask, cache.view(1, 2), len(ids) - split)
-    assert np.array_equal(rest[0, :, : q8.vocab_size], logits(q8, ids)[split:])
+    assert np.array_equal(rest[0, :, : q8.vocab_size], teacher_forced_logits(q8, ids)[split:])
 
 
 def test_the_scales_are_calibrated_once(library, tmp_path):
@@ -171,20 +163,7 @@ def test_a_served_turn_with_q8_and_the_scales_go_with_their_bundle(library):
 
 def run(graph: DecoderGraph, prompts: list[list[int]], n: int = 48) -> list[list[int]]:
     """Greedy tokens of turns started together on one continuous engine."""
-    engine = ContinuousEngine(graph, 8, KVStore(0, 0), "off")
-    requests = []
-    for prompt in prompts:
-        turn = ContinuousTurn()
-        turn.set_max_generated_tokens(n)
-        request = engine.create_request()
-        request.begin_turn(np.asarray(prompt), turn)
-        requests.append(request)
-    tokens: dict = {request: [] for request in requests}
-    while engine.has_pending_requests():
-        for event in engine.run():
-            if event.token is not None:
-                tokens[event.request].append(event.token)
-    return [tokens[request] for request in requests]
+    return run_turns(ContinuousEngine(graph, 8, KVStore(0, 0), "off"), prompts, n)
 
 
 def _asked(question: str) -> str:
