@@ -228,13 +228,6 @@ def parse_api_keys(value: str) -> tuple[tuple[str, str], ...]:
     return tuple(keys)
 
 
-def _log_format(value: str) -> str:
-    value = value.strip().lower()
-    if value not in ("text", "json"):
-        raise ValueError("must be text or json")
-    return value
-
-
 def _list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
@@ -298,6 +291,19 @@ def _non_negative_int(value: str) -> int:
     if number < 0:
         raise ValueError("must be a whole number of 0 or more")
     return number
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    """A reader of a variable that takes one of `allowed` words (any case)."""
+    words = f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+
+    def read(value: str) -> str:
+        value = value.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"must be {words}")
+        return value
+
+    return read
 
 
 def _duration(value: str, parse: Callable[[str], float] = parse_duration) -> float:
@@ -379,48 +385,6 @@ def parse_size(value: str) -> int:
     return int(float(match[1]) * 1024 ** " kmgt".index(unit or " "))
 
 
-def _responses_store(value: str) -> str:
-    value = value.strip().lower()
-    if value not in ("memory", "library"):
-        raise ValueError("must be memory or library")
-    return value
-
-
-def _speculation(value: str) -> str:
-    value = value.strip().lower()
-    if value not in ("auto", "off"):
-        raise ValueError("must be auto or off")
-    return value
-
-
-def _cpu_int8(value: str) -> str:
-    value = value.strip().lower()
-    if value not in ("auto", "on", "off"):
-        raise ValueError("must be auto, on or off")
-    return value
-
-
-def _kv_keep_type(value: str) -> str:
-    value = value.strip().lower()
-    if value not in ("auto", "f32", "f16"):
-        raise ValueError("must be auto, f32 or f16")
-    return value
-
-
-def _kv_cache_type(value: str) -> str:
-    value = value.strip().lower()
-    if value not in ("f32", "q8"):
-        raise ValueError("must be f32 or q8")
-    return value
-
-
-def _batching(value: str) -> str:
-    value = value.strip().lower()
-    if value not in ("auto", "static"):
-        raise ValueError("must be auto or static")
-    return value
-
-
 # ---- the variables: one table read by Settings.from_env, listed by `ortserve serve --help` ----
 
 
@@ -494,28 +458,28 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("ORTSERVE_MAX_TOKENS", "", "The most tokens one turn may generate",
              "max_tokens", _positive_int),
     Variable("ORTSERVE_BATCHING", "auto", "auto (continuous where it can) or static",
-             "batching", _batching),
+             "batching", _choice("auto", "static")),
     Variable("ORTSERVE_SPECULATION", "auto", "auto (prompt-lookup speculative decoding on "
-             "continuous lanes) or off", "speculation", _speculation),
+             "continuous lanes) or off", "speculation", _choice("auto", "off")),
     Variable("ORTSERVE_DRAFT_MODEL", "", "A library model that drafts for every model of "
              "the same tokenizer (speculative decoding)", "draft_model", str.strip),
     Variable("ORTSERVE_CPU_INT8", "auto", "on: int4 projections run as int8 products on "
              "continuous lanes (faster prompts on AMX CPUs); auto: where the CPU has AMX; off",
-             "cpu_int8", _cpu_int8),
+             "cpu_int8", _choice("auto", "on", "off")),
     Variable("ORTSERVE_KV_CACHE_ENTRIES", "16", "Finished turns kept per model for KV reuse",
              "kv_cache_entries", _non_negative_int),
     Variable("ORTSERVE_KV_CACHE_SIZE", "1GiB", "Bytes those kept turns may hold per model",
              "kv_cache_size", _size),
     Variable("ORTSERVE_KV_KEEP_TYPE", "auto", "The type kept turns' keys and values are "
              "stored in: auto (f16 for quantized models), f32 or f16", "kv_keep_type",
-             _kv_keep_type),
+             _choice("auto", "f32", "f16")),
     Variable("ORTSERVE_KV_CACHE_TYPE", "f32", "The continuous loop's KV cache: f32 (as the "
              "bundle is) or q8 (int8, 4x smaller; Ollama's OLLAMA_KV_CACHE_TYPE=q8_0)",
-             "kv_cache_type", _kv_cache_type),
+             "kv_cache_type", _choice("f32", "q8")),
     Variable("ORTSERVE_COMPUTE_THREADS", "physical cores", "Threads one model's forward "
              "passes use", "compute_threads", _non_negative_int),
     Variable("ORTSERVE_LOG_FORMAT", "text", "text, or json (one object per line)",
-             "log_format", _log_format),
+             "log_format", _choice("text", "json")),
     Variable("ORTSERVE_NOHISTORY", "", "`ortserve run` keeps no history file",
              "nohistory", _flag, "OLLAMA_NOHISTORY"),
     Variable("ORTSERVE_DEBUG", "", "Show the traceback of an unexpected CLI error"),
@@ -529,7 +493,7 @@ VARIABLES: tuple[Variable, ...] = (
              "queue (serve --ray)", "max_replicas", _positive_int),
     Variable("ORTSERVE_RESPONSES_STORE", "memory", "Where stored Responses API answers live: "
              "memory (this process) or library (files under ORTSERVE_MODELS, shared by "
-             "processes; serve --ray's default)", "responses_store", _responses_store),
+             "processes; serve --ray's default)", "responses_store", _choice("memory", "library")),
     Variable("ORTSERVE_FETCH_IMAGES", "", "Fetch http(s) image URLs in requests "
              "(ORTSERVE_MAX_IMAGE_BYTES, 10 s each); off: only images sent in the request",
              "fetch_images", _flag),
