@@ -1,4 +1,4 @@
-"""serve(): waitress in a thread, gunicorn in a subprocess, both over real HTTP and sockets."""
+"""serve(): waitress and gunicorn, each in a subprocess, over real HTTP and sockets."""
 
 from __future__ import annotations
 
@@ -7,20 +7,16 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-import waitress
-from waitress import wasyncore
 
 from ortserve import __version__
 from ortserve.config import Settings
-from ortserve.engine.types import Finished, TextChunk
 from ortserve.serve import gunicorn_options, serve
-from tests.support.fakes import FakeRuntime, FakeTurn, add_model
+from tests.support.fakes import add_model
 from tests.support.http import free_port
 from tests.support.wait import wait_until_up
 
@@ -32,68 +28,25 @@ def post(url: str, body: dict):
     return urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST"), timeout=10)
 
 
-class GatedTurn(FakeTurn):
-    """Yields its first chunk, then waits for `gate` before the rest."""
-
-    def __init__(self, gate: threading.Event):
-        super().__init__(["first", "second"])
-        self.gate = gate
-
-    def __iter__(self):
-        yield TextChunk("first")
-        assert self.gate.wait(10)
-        yield TextChunk("second")
-        yield Finished("stop")
-
-
 # ---- waitress --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def waitress_servers(monkeypatch):
-    """The waitress servers serve() creates, so that the test can stop them."""
-    created = []
-    create = waitress.create_server
-
-    def capture(app, **kwargs):
-        created.append(create(app, **kwargs))
-        return created[-1]
-
-    monkeypatch.setattr(waitress, "create_server", capture)
-    return created
-
-
-def test_waitress_serves_and_streams_over_http(library, waitress_servers, capsys):
+def test_waitress_serves_and_streams_over_http(serve_in_subprocess, library):
+    """waitress in its own process, as on Windows: it answers, sends each chunk as it comes, and
+    on SIGTERM stops and cancels the turn still running. (In a thread of the test process its
+    trigger pipe shared the process's descriptors with every other test's leftovers.)"""
     add_model(library, "tiny")
-    runtime = FakeRuntime(library)
-    port = free_port()
-    settings = Settings(models=library.root, port=port, threads=4)
-    thread = threading.Thread(
-        target=serve, args=(settings,), kwargs={"server": "waitress", "runtime": runtime}
-    )
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        assert wait_until_up(url + "/") == b"ortserve is running"
-        assert f"ortserve listening on {url} (models: {library.root})" in capsys.readouterr().out
-
-        gate = threading.Event()
-        runtime.next_turn = GatedTurn(gate)
-        with post(url + "/api/generate", {"model": "tiny", "prompt": "x"}) as response:
-            assert response.headers["Content-Type"] == "application/x-ndjson"
-            # the first line arrives while the turn is still waiting: chunks are not buffered
-            assert json.loads(response.readline())["response"] == "first"
-            gate.set()
-            rest = [json.loads(line) for line in response]
-        assert rest[0]["response"] == "second"
-        assert rest[-1]["done"] is True and rest[-1]["done_reason"] == "stop"
-    finally:
-        server = waitress_servers[0]
-        # close every channel from inside waitress's own loop, which then returns
-        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
-        thread.join(10)
-    assert not thread.is_alive()
-    assert runtime.shutdowns == [0]  # what was left is cancelled when the server stops
+    process, url = serve_in_subprocess(grace=0, server="waitress", fake_runtime=True)
+    assert wait_until_up(url + "/", process) == b"ortserve is running"
+    with post(url + "/api/generate", {"model": "tiny", "prompt": "x"}) as response:
+        assert response.headers["Content-Type"] == "application/x-ndjson"
+        # the turn never ends by itself: its first line arrives, so chunks are not buffered
+        assert json.loads(response.readline())["response"] == "t0"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    output = process.stdout.read()
+    assert f"ortserve listening on {url} (models: {library.root})" in output
+    assert "Traceback" not in output
 
 
 def test_unknown_server_is_refused(tmp_path):
@@ -140,7 +93,7 @@ def _start_server(home: Path, port: int, *, grace: float, server: str = "gunicor
 
 
 @pytest.fixture
-def gunicorn(tmp_path):
+def serve_in_subprocess(tmp_path):
     """Start serve() in a subprocess (gunicorn by default); kill whatever is left at the end."""
     (tmp_path / "fake_runtime.py").write_text(SLOW_RUNTIME)
     started = []
@@ -159,8 +112,8 @@ def gunicorn(tmp_path):
 
 
 @pytest.mark.parametrize("server", ["gunicorn", "waitress"])
-def test_serves_and_exits_0_on_sigterm(gunicorn, server):
-    process, url = gunicorn(grace=1, server=server)
+def test_serves_and_exits_0_on_sigterm(serve_in_subprocess, server):
+    process, url = serve_in_subprocess(grace=1, server=server)
     body = wait_until_up(url + "/api/version", process)
     assert json.loads(body) == {"version": __version__}
     process.send_signal(signal.SIGTERM)
@@ -170,9 +123,9 @@ def test_serves_and_exits_0_on_sigterm(gunicorn, server):
     assert "Traceback" not in output
 
 
-def test_sigterm_gives_a_running_stream_the_grace_period(gunicorn, library):
+def test_sigterm_gives_a_running_stream_the_grace_period(serve_in_subprocess, library):
     add_model(library, "tiny")
-    process, url = gunicorn(grace=8, fake_runtime=True)
+    process, url = serve_in_subprocess(grace=8, fake_runtime=True)
     wait_until_up(url + "/", process)
     with post(url + "/api/generate", {"model": "tiny", "prompt": "x", "options": {
             "num_predict": 10}}) as response:  # fmt: skip
@@ -184,9 +137,9 @@ def test_sigterm_gives_a_running_stream_the_grace_period(gunicorn, library):
     assert process.wait(timeout=10) == 0
 
 
-def test_sigterm_cancels_what_outlives_the_grace_period(gunicorn, library):
+def test_sigterm_cancels_what_outlives_the_grace_period(serve_in_subprocess, library):
     add_model(library, "tiny")
-    process, url = gunicorn(grace=1, fake_runtime=True)
+    process, url = serve_in_subprocess(grace=1, fake_runtime=True)
     wait_until_up(url + "/", process)
     started = time.monotonic()
     with post(url + "/api/generate", {"model": "tiny", "prompt": "x"}) as response:
