@@ -193,3 +193,19 @@ def test_server_rows_read_server_peer_figures(bench):
     assert "amx_int8" in rows[-1].figures[-1]
     missing = bench.server_rows({"na": "cmake is not installed"})
     assert all(r.value is None and "cmake" in r.na for r in missing)
+
+
+def test_decode_bound_reads_llama_batched_bench_decode_rate():
+    sys.path.insert(0, str(BENCH.parents[1]))
+    try:
+        from benchmarks.decode_bound import decode_rate
+    finally:
+        sys.path.remove(str(BENCH.parents[1]))
+    output = """
+main: n_kv_max = 1024, n_batch = 512, n_ubatch = 512, flash_attn = auto, is_pp_shared = 0
+
+|    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s |      T s |    S t/s |
+|-------|--------|------|--------|----------|----------|----------|----------|----------|----------|
+|    20 |      8 |    1 |     28 |    0.077 |   260.64 |    0.226 |    35.35 |    0.303 |    92.40 |
+"""
+    assert decode_rate(output) == 35.35
