@@ -26,6 +26,7 @@ from ortserve.engine.types import GenerationOptions
 from ortserve.errors import InvalidRequest, ModelLoadError, OrtServeError
 from ortserve.library import Library, ModelInfo
 from ortserve.library.bundle import image_placeholder
+from ortserve.library.store import derived_folder
 
 log = logging.getLogger("ortserve.engine")
 
@@ -195,14 +196,14 @@ def _int8_folder(info: ModelInfo, provider: str, settings: Settings) -> Path | N
 
     if provider != "cpu" or not int8_compute.wanted(settings.cpu_int8):
         return None
-    return Path(settings.models) / "cache" / "int8" / Path(info.path).name
+    return derived_folder(settings.models, "int8", info.path)
 
 
 def _kv_cache_folder(info: ModelInfo, provider: str, settings: Settings) -> Path | None:
     """Where a CPU model's int8 cache scales are kept when ORTSERVE_KV_CACHE_TYPE=q8."""
     if provider != "cpu" or settings.kv_cache_type != "q8":
         return None
-    return Path(settings.models) / "cache" / "kv_int8" / Path(info.path).name
+    return derived_folder(settings.models, "kv_int8", info.path)
 
 
 _WARNED: set[tuple[str, str]] = set()  # (model, draft) pairs already warned about

@@ -55,6 +55,9 @@ _BLOB_DIGEST = re.compile(r"^sha256[:-]([0-9a-fA-F]{64})$")
 _PARTIAL_BLOB = ".partial-"
 # A temporary file of an atomic JSON write lives milliseconds; one this old was abandoned.
 _TEMP_FILE_GRACE_S = 600
+# What the engine derives from a bundle and keeps under cache/<kind>/<bundle>/, removed with it:
+# int8 weights (engine/int8_compute.py), int8 KV cache scales (engine/kv_int8.py).
+DERIVED_KINDS = ("int8", "kv_int8")
 
 
 @dataclass
@@ -346,8 +349,8 @@ class Library:
         """A bundle and what was derived from it (its int8 weights, hard links to its data,
         its int8 KV cache scales)."""
         shutil.rmtree(bundle, ignore_errors=True)
-        for derived in ("int8", "kv_int8"):
-            shutil.rmtree(self.root / "cache" / derived / bundle.name, ignore_errors=True)
+        for kind in DERIVED_KINDS:
+            shutil.rmtree(derived_folder(self.root, kind, bundle), ignore_errors=True)
 
     def _prune_blobs(self) -> list[str]:
         """Blobs no manifest's adapters[].digest names, and abandoned partial uploads."""
@@ -403,6 +406,13 @@ class Library:
 
 
 # ---- helpers (module level: also used by the converter and tests) -----------------------------
+
+
+def derived_folder(root: Path | str, kind: str, bundle: Path | str) -> Path:
+    """Where what the engine derives from `bundle` (a DERIVED_KINDS kind) is kept."""
+    if kind not in DERIVED_KINDS:
+        raise ValueError(f"unknown derived kind {kind!r}")
+    return Path(root) / "cache" / kind / Path(bundle).name
 
 
 def index_files(directory: Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import pytest
 from ortserve.engine.scheduler import Job, Scheduler
 from ortserve.engine.types import GenerationOptions
 from ortserve.library import Library
+from tests.support.decoding import run_turns
 
 pytestmark = pytest.mark.slow
 LENGTHS = (17, 40, 95, 230, 3, 600)  # ragged on purpose, one longer than a prefill chunk
@@ -111,7 +112,7 @@ def test_mixed_lengths_in_one_batch_equal_each_alone(bundles, prompts, alone):
 def test_the_cache_is_sized_once_for_a_burst_and_freed_when_idle(bundles, prompts, alone):
     """Turns arriving together get one allocation sized to their rows and prompts (not rows
     doubled, not regrown chunk by chunk), every layer a view of it, gone when idle."""
-    from ortserve.engine.continuous import ContinuousEngine, ContinuousTurn, DecoderGraph
+    from ortserve.engine.continuous import ContinuousEngine, DecoderGraph
     from ortserve.engine.kvcache import KVStore
 
     engine = ContinuousEngine(DecoderGraph.load(bundles["builder"], 1), 8, KVStore(0, 0), "off")
@@ -123,20 +124,11 @@ def test_the_cache_is_sized_once_for_a_burst_and_freed_when_idle(bundles, prompt
             buffers.append(engine.cache.buffer)
 
     engine.cache.reserve = recording
-    requests = []
-    for prompt in prompts:
-        turn = ContinuousTurn()
-        turn.set_max_generated_tokens(24)
-        request = engine.create_request()
-        request.begin_turn(np.asarray(prompt), turn)
-        requests.append(request)
-    tokens: dict = {request: [] for request in requests}
-    while engine.has_pending_requests():
-        for event in engine.run():
-            if event.token is not None:
-                tokens[event.request].append(event.token)
+
+    def arrays_are_views_of_the_buffer() -> None:
         assert all(np.shares_memory(a, engine.cache.buffer) for a in engine.cache.arrays)
-    assert [tokens[r] for r in requests] == alone
+
+    assert run_turns(engine, prompts, 24, arrays_are_views_of_the_buffer) == alone
     room = -(-(max(LENGTHS) + 1) // 256) * 256  # the longest prompt and its first token
     assert [(b.shape[1], b.shape[3]) for b in buffers] == [(len(prompts), room)]
     assert engine.cache.buffer is None and engine.cache.nbytes == 0

@@ -16,10 +16,9 @@ from converters.demo_model import CHECKPOINT
 from converters.verify import cosine_rows
 from ortserve.config import Settings
 from ortserve.engine.continuous import BatchCache, DecoderGraph, _kept_type
-from ortserve.engine.runtime import Runtime
-from ortserve.engine.types import Finished, GenerationOptions, TextChunk
+from ortserve.engine.types import Finished, TextChunk
 from ortserve.library import Library
-from tests.support.decoding import teacher_forced_logits
+from tests.support.decoding import served_turn, teacher_forced_logits
 
 pytestmark = pytest.mark.slow
 
@@ -109,15 +108,8 @@ def test_kept_turns_of_a_quantized_model_are_float16(library):
 
 def test_a_served_turn_with_int8_products_and_the_cache_goes_with_its_bundle(library):
     settings = Settings(models=library.root, cpu_int8="on")
-    runtime = Runtime(settings, library)
     folder = library.root / "cache" / "int8" / library.get(NAME).path.name
-    try:
-        model = runtime.acquire(NAME)
-        options = GenerationOptions(temperature=0, num_predict=16, num_ctx=512)
-        events = list(model.generate(model.encode(TEXT[:120]), options))
-        runtime.release(model)
-    finally:
-        runtime.shutdown()
+    events = served_turn(settings, library, NAME, TEXT[:120])
     assert isinstance(events[-1], Finished) and any(isinstance(e, TextChunk) for e in events)
     assert (folder / "int8.data").is_file()
     library.delete(NAME)

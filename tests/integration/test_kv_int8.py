@@ -16,10 +16,9 @@ from converters.verify import cosine_rows
 from ortserve.config import Settings
 from ortserve.engine.continuous import BatchCache, ContinuousEngine, DecoderGraph
 from ortserve.engine.kvcache import KVStore
-from ortserve.engine.runtime import Runtime
-from ortserve.engine.types import Finished, GenerationOptions, TextChunk
+from ortserve.engine.types import Finished, TextChunk
 from ortserve.library import Library
-from tests.support.decoding import run_turns, teacher_forced_logits
+from tests.support.decoding import run_turns, served_turn, teacher_forced_logits
 
 pytestmark = pytest.mark.slow
 
@@ -145,15 +144,8 @@ def test_an_unwritable_folder_keeps_the_float32_cache(library, tmp_path, caplog)
 
 def test_a_served_turn_with_q8_and_the_scales_go_with_their_bundle(library):
     settings = Settings(models=library.root, kv_cache_type="q8", cpu_int8="off")
-    runtime = Runtime(settings, library)
     folder = library.root / "cache" / "kv_int8" / library.get(NAME).path.name
-    try:
-        model = runtime.acquire(NAME)
-        options = GenerationOptions(temperature=0, num_predict=16, num_ctx=512)
-        events = list(model.generate(model.encode(_asked(QUESTIONS[0])), options))
-        runtime.release(model)
-    finally:
-        runtime.shutdown()
+    events = served_turn(settings, library, NAME, _asked(QUESTIONS[0]))
     assert isinstance(events[-1], Finished) and any(isinstance(e, TextChunk) for e in events)
     assert (folder / "scales.npz").is_file()
     library.delete(NAME)

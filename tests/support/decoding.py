@@ -16,8 +16,11 @@ def teacher_forced_logits(graph: DecoderGraph, ids: list[int]) -> np.ndarray:
     return out[0, :, : graph.vocab_size].astype(np.float32)
 
 
-def run_turns(engine, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    """The greedy tokens of `prompts`, all begun at once on a ContinuousEngine."""
+def run_turns(
+    engine, prompts: list[list[int]], new_tokens: int, after_step=None
+) -> list[list[int]]:
+    """The greedy tokens of `prompts`, all begun at once on a ContinuousEngine;
+    `after_step()` is called after each of its steps."""
     requests = []
     for prompt in prompts:
         turn = ContinuousTurn()
@@ -30,4 +33,22 @@ def run_turns(engine, prompts: list[list[int]], new_tokens: int) -> list[list[in
         for event in engine.run():
             if event.token is not None:
                 tokens[event.request].append(event.token)
+        if after_step is not None:
+            after_step()
     return [tokens[request] for request in requests]
+
+
+def served_turn(settings, library, name: str, text: str) -> list:
+    """The events of one short greedy turn of `name` through a Runtime, shut down after."""
+    from ortserve.engine.runtime import Runtime
+    from ortserve.engine.types import GenerationOptions
+
+    runtime = Runtime(settings, library)
+    try:
+        model = runtime.acquire(name)
+        options = GenerationOptions(temperature=0, num_predict=16, num_ctx=512)
+        events = list(model.generate(model.encode(text), options))
+        runtime.release(model)
+    finally:
+        runtime.shutdown()
+    return events
